@@ -1,0 +1,36 @@
+# The two commands of the README, and the helpers behind them.
+PY ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup quickstart test lock clean-state
+
+$(STAMP): requirements.lock pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --disable-pip-version-check -r requirements.lock
+	$(BIN)/python -m pip install -q --disable-pip-version-check --no-deps -e .
+	touch $@
+
+setup: $(STAMP)
+
+# Command 1: set up, generate the phantom, version it with DVC, run the flow to a champion.
+quickstart: setup
+	$(BIN)/nerveseg quickstart
+
+# Command 2: set up and run the whole test suite (what .ci/run runs).
+test: setup
+	$(BIN)/python -m pip check
+	$(BIN)/python -m pytest -q
+
+# Re-resolve the lock from pyproject.toml's pins in a throw-away venv.
+lock:
+	rm -rf /tmp/nerveseg-lock && $(PY) -m venv /tmp/nerveseg-lock
+	/tmp/nerveseg-lock/bin/python -m pip install -q ".[test]"
+	{ sed -n '1,3p' requirements.lock; /tmp/nerveseg-lock/bin/python -m pip freeze --exclude-editable \
+	  | grep -v '^nerveseg' | sed 's/^torch==\([0-9.]*\)+cpu$$/torch==\1/'; } > requirements.lock.new
+	mv requirements.lock.new requirements.lock
+
+# Forget local runs (MLflow store, Prefect home, DVC remote); data/raw and git history stay.
+clean-state:
+	rm -rf .prefect mlflow/mlflow.db mlflow/artifacts dvc-remote

@@ -1,0 +1,162 @@
+"""Typed settings read once from ``params.yaml``.
+
+Every stage receives a :class:`Params` object; nothing reads the YAML file again.
+Unknown keys are errors, so a typo in ``params.yaml`` cannot silently fall back
+to a default.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SynthParams(_Section):
+    subjects: int = Field(12, ge=3)
+    frames_per_subject: int = Field(30, ge=1)
+    seed: int = 2016
+
+
+class DataParams(_Section):
+    raw_dir: str = "data/raw"
+    synth: SynthParams = SynthParams()
+
+
+class ValidationParams(_Section):
+    frame_height: int = 420
+    frame_width: int = 580
+    mask_area_min: int = Field(1500, ge=0)
+    mask_area_max: int = Field(30000, ge=1)
+    blank_std_max: float = 2.0
+    saturated_mean_min: float = 250.0
+    min_frames: int = Field(10, ge=1)
+    min_subjects: int = Field(3, ge=1)
+
+
+class PreprocessParams(_Section):
+    out_dir: str = "data/prepared"
+    height: int = Field(96, ge=16)
+    width: int = Field(128, ge=16)
+
+
+class SplitParams(_Section):
+    seed: int = 42
+    validation_fraction: float = Field(0.17, gt=0, lt=1)
+    holdout_fraction: float = Field(0.25, gt=0, lt=1)
+
+
+class ModelParams(_Section):
+    depth: int = Field(4, ge=1, le=6)
+    base_width: int = Field(16, ge=2)
+    dropout: float = Field(0.1, ge=0, lt=1)
+
+
+class LossParams(_Section):
+    dice_weight: float = Field(1.0, ge=0)
+    bce_weight: float = Field(1.0, ge=0)
+    presence_weight: float = Field(0.5, ge=0)
+
+
+class AugmentParams(_Section):
+    hflip_p: float = Field(0.5, ge=0, le=1)
+    affine_p: float = Field(0.7, ge=0, le=1)
+    shift_limit: float = Field(0.06, ge=0)
+    scale_limit: float = Field(0.1, ge=0)
+    rotate_limit: float = Field(10, ge=0)
+    brightness_contrast_p: float = Field(0.5, ge=0, le=1)
+
+
+class TrainParams(_Section):
+    out_dir: str = "models"
+    seed: int = 0
+    epochs: int = Field(24, ge=1)
+    batch_size: int = Field(16, ge=1)
+    learning_rate: float = Field(0.003, ge=0)
+    weight_decay: float = Field(0.0001, ge=0)
+    early_stopping_patience: int = Field(8, ge=1)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    amp: bool = True
+    threads: int = Field(0, ge=0)
+    loss: LossParams = LossParams()
+    augment: AugmentParams = AugmentParams()
+
+
+class PostprocessParams(_Section):
+    tune: bool = True
+    mask_threshold: float = Field(0.5, gt=0, lt=1)
+    presence_threshold: float = Field(0.5, ge=0, le=1)
+    min_area: int = Field(0, ge=0)
+
+
+class EvaluateParams(_Section):
+    out_dir: str = "reports"
+    overlays: int = Field(8, ge=0)
+
+
+class RegistryParams(_Section):
+    model_name: str = "nerve-segmentation"
+    experiment: str = "nerve-segmentation"
+
+
+class PromotionParams(_Section):
+    metric: Literal["dice", "iou", "presence_accuracy"] = "dice"
+    min_improvement: float = 0.0
+
+
+class Params(_Section):
+    data: DataParams = DataParams()
+    validation: ValidationParams = ValidationParams()
+    preprocess: PreprocessParams = PreprocessParams()
+    split: SplitParams = SplitParams()
+    model: ModelParams = ModelParams()
+    train: TrainParams = TrainParams()
+    postprocess: PostprocessParams = PostprocessParams()
+    evaluate: EvaluateParams = EvaluateParams()
+    registry: RegistryParams = RegistryParams()
+    promotion: PromotionParams = PromotionParams()
+
+    def digest(self) -> str:
+        """A stable hash of every setting: two runs with the same digest used the same numbers."""
+        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+class ParamsError(ValueError):
+    """``params.yaml`` is missing, unreadable or breaks a rule."""
+
+
+def load_params(path: Path | str) -> Params:
+    """Read and check ``params.yaml``; raise :class:`ParamsError` naming the file and the bad key."""
+    path = Path(path)
+    if not path.is_file():
+        raise ParamsError(f"{path}: no such file; run from the project folder or pass --params")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{path}: expected a mapping of sections at the top level")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
+        )
+        raise ParamsError(f"{path}: {problems}. Fix these keys in {path.name}.") from exc
+
+
+def write_params(params: Params, path: Path | str) -> None:
+    """Write settings back as YAML (used by tests and tools that derive a variant)."""
+    path = Path(path)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False))
+    tmp.replace(path)
