@@ -1,0 +1,52 @@
+"""Reading and writing frames and masks (8-bit grayscale), with atomic writes."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+
+class ImageReadError(ValueError):
+    """A file that should be a frame or mask could not be decoded."""
+
+
+def read_gray(path: Path | str) -> np.ndarray:
+    """Read an 8-bit single-channel image; colour images are converted to gray."""
+    path = Path(path)
+    data = np.fromfile(path, dtype=np.uint8) if path.is_file() else None
+    if data is None:
+        raise ImageReadError(f"{path}: no such file")
+    image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
+    if image is None:
+        raise ImageReadError(f"{path}: not a readable image (PNG, JPEG or TIFF expected)")
+    if image.ndim == 3:
+        image = cv2.cvtColor(image, cv2.COLOR_BGR2GRAY if image.shape[2] == 3 else cv2.COLOR_BGRA2GRAY)
+    if image.dtype != np.uint8:
+        raise ImageReadError(f"{path}: expected 8-bit pixels, found {image.dtype}")
+    return image
+
+
+def write_image(path: Path | str, image: np.ndarray) -> None:
+    """Write PNG/TIFF/JPEG by suffix, to a temporary name first so no reader sees half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ok, encoded = cv2.imencode(path.suffix or ".png", image)
+    if not ok:
+        raise OSError(f"{path}: could not encode image")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(encoded.tobytes())
+    os.replace(tmp, path)
+
+
+def atomic_write_text(path: Path | str, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text)
+    os.replace(tmp, path)

@@ -1,0 +1,230 @@
+"""One row per scan: what is on disk under ``<data_dir>/train`` and what each file looks like.
+
+The manifest is the table that :mod:`pipeline.validation` checks with Great Expectations. It is
+built by reading every frame and mask once (a thread pool; OpenCV releases the GIL while it
+decodes) and never raises on a bad file: a file that cannot be read or decoded is recorded as
+such, so the validation report can name it.
+
+Layout: ``train/{subject}_{n}.tif`` (8-bit grayscale frame) and ``train/{subject}_{n}_mask.tif``
+(same size, values 0/255). Any other file in ``train/`` gets a row with ``name_ok`` False.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+
+TRAIN_SUBDIR = "train"
+# No leading zeros, so that one frame id cannot come from two files ("3_7.tif", "03_7.tif").
+NAME_PATTERN = re.compile(r"^(?P<subject>0|[1-9]\d*)_(?P<n>0|[1-9]\d*)(?P<mask>_mask)?\.tif$")
+
+# Column name -> pandas dtype, in output order. ``mask_channels`` and ``mask_sha1`` go beyond
+# the minimum: a colour mask must be caught too, and lineage wants the masks' hashes as well.
+COLUMNS: dict[str, str] = {
+    "frame_id": "str",
+    "subject": "Int64",
+    "n": "Int64",
+    "image_path": "str",
+    "mask_path": "str",
+    "image_exists": "bool",
+    "mask_exists": "bool",
+    "name_ok": "bool",
+    "image_decodes": "bool",
+    "mask_decodes": "bool",
+    "height": "Int64",
+    "width": "Int64",
+    "channels": "Int64",
+    "dtype": "str",
+    "mask_height": "Int64",
+    "mask_width": "Int64",
+    "mask_channels": "Int64",
+    "mask_binary": "boolean",
+    "mask_area": "Int64",
+    "intensity_mean": "float64",
+    "intensity_std": "float64",
+    "content_sha1": "str",
+    "mask_sha1": "str",
+}
+
+
+@dataclass
+class _Entry:
+    frame_id: str
+    subject: int | None = None
+    n: int | None = None
+    name_ok: bool = True
+    image_path: str = ""
+    mask_path: str = ""
+    fields: dict = field(default_factory=dict)
+
+
+def _read_bytes(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except OSError:
+        return None
+
+
+def _decode(data: bytes | None) -> np.ndarray | None:
+    if not data:
+        return None
+    try:
+        arr = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
+    except cv2.error:
+        return None
+    if arr is None or arr.ndim not in (2, 3) or arr.size == 0:
+        return None
+    return arr
+
+
+def _image_fields(path: Path) -> dict:
+    data = _read_bytes(path)
+    out: dict = {"content_sha1": hashlib.sha1(data).hexdigest() if data is not None else ""}
+    arr = _decode(data)
+    out["image_decodes"] = arr is not None
+    if arr is None:
+        return out
+    out["height"], out["width"] = int(arr.shape[0]), int(arr.shape[1])
+    out["channels"] = 1 if arr.ndim == 2 else int(arr.shape[2])
+    out["dtype"] = str(arr.dtype)
+    if arr.ndim == 2 and arr.dtype in (np.uint8, np.uint16, np.float32):
+        mean, std = cv2.meanStdDev(arr)  # several times faster than numpy on a frame
+        out["intensity_mean"], out["intensity_std"] = float(mean[0, 0]), float(std[0, 0])
+    else:  # over all channels together
+        values = arr.astype(np.float64, copy=False)
+        out["intensity_mean"], out["intensity_std"] = float(values.mean()), float(values.std())
+    return out
+
+
+def _mask_fields(path: Path) -> dict:
+    data = _read_bytes(path)
+    out: dict = {"mask_sha1": hashlib.sha1(data).hexdigest() if data is not None else ""}
+    arr = _decode(data)
+    out["mask_decodes"] = arr is not None
+    if arr is None:
+        return out
+    out["mask_height"], out["mask_width"] = int(arr.shape[0]), int(arr.shape[1])
+    out["mask_channels"] = 1 if arr.ndim == 2 else int(arr.shape[2])
+    if arr.ndim == 2 and arr.dtype == np.uint8:  # one histogram gives both answers, fast
+        counts = cv2.calcHist([arr], [0], None, [256], [0, 256]).ravel()
+        present = set(np.flatnonzero(counts).tolist())
+        area = arr.size - int(counts[0])
+    else:
+        present = set(np.unique(arr).tolist())
+        nonzero = arr != 0 if arr.ndim == 2 else (arr != 0).any(axis=2)
+        area = int(np.count_nonzero(nonzero))
+    out["mask_binary"] = present <= {0, 255} or present <= {0, 1}
+    out["mask_area"] = area
+    return out
+
+
+def _scan(train: Path, data_dir: Path) -> list[_Entry]:
+    entries: dict[str, _Entry] = {}
+    odd: list[_Entry] = []
+    try:
+        names = sorted(os.listdir(train))
+    except OSError:
+        return []
+    for name in names:
+        path = train / name
+        if not path.is_file():
+            continue
+        rel = path.relative_to(data_dir).as_posix()
+        m = NAME_PATTERN.match(name)
+        if m is None:
+            odd.append(_Entry(frame_id=Path(name).stem, name_ok=False, image_path=rel))
+            continue
+        frame_id = f"{int(m['subject'])}_{int(m['n'])}"
+        entry = entries.get(frame_id)
+        if entry is None:
+            entry = entries[frame_id] = _Entry(frame_id, int(m["subject"]), int(m["n"]))
+        if m["mask"]:
+            entry.mask_path = rel
+        else:
+            entry.image_path = rel
+    return list(entries.values()) + odd
+
+
+def empty_manifest() -> pd.DataFrame:
+    """A manifest with no rows and the right columns and dtypes."""
+    return pd.DataFrame({c: pd.Series(dtype=t) for c, t in COLUMNS.items()})
+
+
+def build_manifest(data_dir: Path, workers: int | None = None) -> pd.DataFrame:
+    """Read every frame and mask under ``data_dir/train`` into a table, one row per frame id.
+
+    Frames and masks are paired by name; a frame without mask (or mask without frame) still
+    gets a row, with the missing side's path ``""`` and ``*_exists`` False. A file whose name
+    does not follow ``{subject}_{n}.tif`` / ``{subject}_{n}_mask.tif`` gets a row with
+    ``name_ok`` False and ``frame_id`` its stem. Files that cannot be read or decoded give
+    ``*_decodes`` False and nulls in the figures. Sorted by subject, then n; odd names last.
+
+    Raises ``FileNotFoundError`` only when ``data_dir`` itself does not exist. A missing
+    ``train/`` folder gives an empty manifest (which then fails validation on the row count).
+    """
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise FileNotFoundError(f"{data_dir}: no such data folder")
+    entries = _scan(data_dir / TRAIN_SUBDIR, data_dir)
+    if not entries:
+        return empty_manifest()
+
+    jobs: list[tuple[_Entry, Path, bool]] = []
+    for e in entries:
+        if e.image_path:
+            jobs.append((e, data_dir / e.image_path, False))
+        if e.mask_path:
+            jobs.append((e, data_dir / e.mask_path, True))
+
+    def run(job: tuple[_Entry, Path, bool]) -> dict:
+        _, path, is_mask = job
+        try:
+            return _mask_fields(path) if is_mask else _image_fields(path)
+        except Exception:  # never let one odd file stop the scan
+            return {"mask_decodes": False} if is_mask else {"image_decodes": False}
+
+    workers = workers or min(16, (os.cpu_count() or 2) * 2)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for (entry, _, _), result in zip(jobs, pool.map(run, jobs, chunksize=16)):
+            entry.fields.update(result)
+
+    rows = []
+    for e in entries:
+        row = {
+            "frame_id": e.frame_id,
+            "subject": e.subject,
+            "n": e.n,
+            "image_path": e.image_path,
+            "mask_path": e.mask_path,
+            "image_exists": bool(e.image_path),
+            "mask_exists": bool(e.mask_path),
+            "name_ok": e.name_ok,
+            "image_decodes": False,
+            "mask_decodes": False,
+            "content_sha1": "",
+            "mask_sha1": "",
+        }
+        row.update(e.fields)
+        rows.append(row)
+
+    df = pd.DataFrame.from_records(rows)
+    for col, dtype in COLUMNS.items():
+        if col not in df:
+            df[col] = None
+        df[col] = df[col].astype(dtype)
+    df = df[list(COLUMNS)]
+    df = df.sort_values(
+        ["name_ok", "subject", "n", "frame_id"],
+        ascending=[False, True, True, True],
+        na_position="last",
+        kind="stable",
+    )
+    return df.reset_index(drop=True)
