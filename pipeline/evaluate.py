@@ -1,0 +1,117 @@
+"""Evaluate stage: tune post-processing on the validation subjects, freeze it, and score
+the holdout subjects at native resolution through the same path the registered model uses.
+
+Outputs (``reports/``): ``postprocess.json`` (frozen thresholds), ``holdout_metrics.json``,
+``holdout_frames.csv`` (one row per frame), ``overlays.png`` (true and predicted outlines),
+``training_curves.png``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from pipeline.config import Params
+from pipeline.imageio import atomic_write_text, read_gray
+from pipeline.inference import Postprocess, Predictor
+from pipeline.metrics import dice_per_frame, iou_per_frame, summarise
+from pipeline.preprocess import FRAMES
+from pipeline.train import HISTORY, load_trained
+
+POSTPROCESS = "postprocess.json"
+METRICS = "holdout_metrics.json"
+PER_FRAME = "holdout_frames.csv"
+OVERLAYS = "overlays.png"
+CURVES = "training_curves.png"
+
+PRESENCE_GRID = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
+MIN_AREA_GRID = (0, 1000, 2000, 3000, 4000)
+
+MaskFunction = Callable[[np.ndarray], np.ndarray]
+
+
+@dataclass(frozen=True)
+class EvaluationResult:
+    metrics: dict[str, float]
+    postprocess: Postprocess
+    per_frame: pd.DataFrame
+
+
+def load_native(data_dir: Path, frames: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """Native frames and binary masks (N,H,W) for the rows of a frame table."""
+    images = np.stack([read_gray(Path(data_dir) / p) for p in frames["image_path"]])
+    masks = np.stack([(read_gray(Path(data_dir) / p) > 0).astype(np.uint8) for p in frames["mask_path"]])
+    return images, masks
+
+
+def tune_postprocess(predictor: Predictor, images: np.ndarray, masks: np.ndarray, base: Postprocess) -> Postprocess:
+    """Grid-search the presence threshold and minimum area for the best mean Dice."""
+    probs, presence = predictor.probabilities(images)
+    best, best_score = base, -1.0
+    for p_thr, min_area in itertools.product(PRESENCE_GRID, MIN_AREA_GRID):
+        candidate = Postprocess(base.mask_threshold, p_thr, min_area)
+        pred = predictor.masks_from_probabilities(probs, presence, masks.shape[1:], candidate)
+        score = float(dice_per_frame(pred, masks).mean())
+        if score > best_score + 1e-9:
+            best, best_score = candidate, score
+    return best
+
+
+def score_frames(predict: MaskFunction, images: np.ndarray, masks: np.ndarray, frames: pd.DataFrame) -> pd.DataFrame:
+    """Per-frame Dice/IoU/areas for any model that maps (N,H,W) frames to (N,H,W) masks."""
+    pred = (np.asarray(predict(images)) > 0).astype(np.uint8)
+    if pred.shape != masks.shape:
+        raise ValueError(f"model returned masks of shape {pred.shape}, expected {masks.shape}")
+    table = frames[["frame_id", "subject"]].copy()
+    table["dice"] = dice_per_frame(pred, masks)
+    table["iou"] = iou_per_frame(pred, masks)
+    table["true_area"] = masks.reshape(len(masks), -1).sum(1)
+    table["pred_area"] = pred.reshape(len(pred), -1).sum(1)
+    table.attrs["pred"] = pred
+    return table
+
+
+def evaluate(data_dir: Path, prepared_dir: Path, models_dir: Path, out_dir: Path, params: Params) -> EvaluationResult:
+    data_dir, out_dir = Path(data_dir), Path(out_dir)
+    frames = pd.read_csv(Path(prepared_dir) / FRAMES)
+    model, config = load_trained(models_dir)
+    base = Postprocess(
+        params.postprocess.mask_threshold, params.postprocess.presence_threshold, params.postprocess.min_area
+    )
+    predictor = Predictor(model, config, base)
+
+    validation = frames[frames.split == "validation"].reset_index(drop=True)
+    holdout = frames[frames.split == "holdout"].reset_index(drop=True)
+    if holdout.empty:
+        raise ValueError(f"{prepared_dir / FRAMES}: no holdout frames")
+    if params.postprocess.tune and not validation.empty:
+        val_images, val_masks = load_native(data_dir, validation)
+        predictor.post = tune_postprocess(predictor, val_images, val_masks, base)
+
+    images, masks = load_native(data_dir, holdout)
+    table = score_frames(predictor.predict, images, masks, holdout)
+    pred = table.attrs.pop("pred")
+    metrics = summarise(pred, masks)
+    metrics["n_subjects"] = int(holdout["subject"].nunique())
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out_dir / POSTPROCESS, json.dumps(predictor.post.to_dict(), indent=2))
+    atomic_write_text(out_dir / METRICS, json.dumps({k: round(v, 6) for k, v in metrics.items()}, indent=2))
+    atomic_write_text(out_dir / PER_FRAME, table.to_csv(index=False))
+    from pipeline.figures import draw_overlays, draw_training_curves
+
+    draw_overlays(images, masks, pred, table, out_dir / OVERLAYS, params.evaluate.overlays)
+    history = Path(models_dir) / HISTORY
+    if history.is_file():
+        draw_training_curves(pd.read_csv(history), out_dir / CURVES)
+    return EvaluationResult(metrics, predictor.post, table)
+
+
+def load_postprocess(reports_dir: Path) -> Postprocess:
+    return Postprocess(**json.loads((Path(reports_dir) / POSTPROCESS).read_text()))

@@ -1,0 +1,75 @@
+"""Pictures people would rather look at: outlines of true and predicted nerves, training curves."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+
+TRUE_COLOUR = (0, 200, 0)      # BGR: green, the annotator's outline
+PRED_COLOUR = (0, 0, 230)      # BGR: red, the model's outline
+
+
+def outline_overlay(frame: np.ndarray, true_mask: np.ndarray | None, pred_mask: np.ndarray) -> np.ndarray:
+    """A BGR picture of the frame with the true (green) and predicted (red) nerve outlines."""
+    canvas = cv2.cvtColor(frame, cv2.COLOR_GRAY2BGR)
+    for mask, colour in ((true_mask, TRUE_COLOUR), (pred_mask, PRED_COLOUR)):
+        if mask is None:
+            continue
+        contours, _ = cv2.findContours((mask > 0).astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+        cv2.drawContours(canvas, contours, -1, colour, 2)
+    return canvas
+
+
+def _matplotlib():
+    os.environ.setdefault("MPLBACKEND", "Agg")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def draw_overlays(images, masks, preds, table: pd.DataFrame, path: Path, count: int) -> None:
+    """The worst and best holdout frames (half each) among those with a true or predicted nerve."""
+    plt = _matplotlib()
+    interesting = table[(table.true_area > 0) | (table.pred_area > 0)].sort_values("dice")
+    if interesting.empty:
+        interesting = table.sort_values("dice")
+    count = max(1, min(count, len(interesting)))
+    worst = interesting.head((count + 1) // 2)
+    best = interesting.tail(count // 2)
+    chosen = pd.concat([worst, best]).drop_duplicates("frame_id")
+    cols = min(4, len(chosen))
+    rows = int(np.ceil(len(chosen) / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.1 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, (i, row) in zip(axes.flat, chosen.iterrows()):
+        picture = outline_overlay(images[i], masks[i], preds[i])
+        ax.imshow(cv2.cvtColor(picture, cv2.COLOR_BGR2RGB))
+        ax.set_title(f"{row.frame_id}  Dice {row.dice:.2f}", fontsize=9)
+    fig.suptitle("holdout frames, worst and best: green = true nerve, red = predicted", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def draw_training_curves(history: pd.DataFrame, path: Path) -> None:
+    plt = _matplotlib()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.2))
+    left.plot(history["epoch"], history["loss"], label="train loss")
+    left.set_xlabel("epoch")
+    left.legend()
+    right.plot(history["epoch"], history["val_dice"], label="validation Dice")
+    right.plot(history["epoch"], history["val_presence_accuracy"], label="validation presence accuracy")
+    right.set_xlabel("epoch")
+    right.set_ylim(0, 1)
+    right.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)

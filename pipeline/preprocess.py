@@ -1,0 +1,125 @@
+"""Preprocess stage: resize frames and masks to the working size, split by subject,
+and record the normalisation statistics of the training part.
+
+Outputs (``data/prepared``, a DVC stage output):
+- ``arrays.npz``: ``images`` (N, h, w) uint8 and ``masks`` (N, h, w) uint8 in {0, 1};
+- ``frames.csv``: one row per frame with its split, native paths and native mask area;
+- ``summary.json``: subjects per part, seed, working size, intensity mean/std of train.
+"""
+
+from __future__ import annotations
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+from tqdm import tqdm
+
+from pipeline.config import Params
+from pipeline.imageio import atomic_write_text, read_gray
+from pipeline.layout import list_frame_pairs
+from pipeline.split import PARTS, split_frames
+
+ARRAYS = "arrays.npz"
+FRAMES = "frames.csv"
+SUMMARY = "summary.json"
+
+
+@dataclass(frozen=True)
+class PreparedSummary:
+    n_frames: int
+    height: int
+    width: int
+    split_seed: int
+    subjects: dict[str, list[int]]
+    frames_per_part: dict[str, int]
+    empty_share: dict[str, float]
+    intensity_mean: float      # of train frames, on the 0-1 scale
+    intensity_std: float
+
+
+def resize_frame(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    # INTER_AREA averages speckle instead of aliasing it when shrinking.
+    return cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA)
+
+
+def resize_mask(mask: np.ndarray, height: int, width: int) -> np.ndarray:
+    small = cv2.resize((mask > 0).astype(np.float32), (width, height), interpolation=cv2.INTER_AREA)
+    return (small >= 0.5).astype(np.uint8)
+
+
+def _load_pair(data_dir: Path, row: pd.Series, height: int, width: int):
+    image = read_gray(data_dir / row.image_path)
+    mask = read_gray(data_dir / row.mask_path)
+    return resize_frame(image, height, width), resize_mask(mask, height, width), int((mask > 0).sum())
+
+
+def preprocess(data_dir: Path, out_dir: Path, params: Params, progress: bool = True) -> PreparedSummary:
+    data_dir, out_dir = Path(data_dir), Path(out_dir)
+    frames = list_frame_pairs(data_dir)
+    if frames.empty:
+        raise ValueError(f"{data_dir}: no frame/mask pairs in train/; expected train/{{subject}}_{{n}}.tif")
+    frames = split_frames(frames, params.split)
+    h, w = params.preprocess.height, params.preprocess.width
+
+    with ThreadPoolExecutor(max_workers=4) as pool:  # decoding releases the GIL
+        loaded = list(
+            tqdm(
+                pool.map(lambda r: _load_pair(data_dir, r, h, w), frames.itertuples(index=False)),
+                total=len(frames),
+                desc="preprocess",
+                disable=not progress,
+            )
+        )
+    images = np.stack([item[0] for item in loaded])
+    masks = np.stack([item[1] for item in loaded])
+    frames["mask_area"] = [item[2] for item in loaded]
+    frames["has_nerve"] = frames["mask_area"] > 0
+
+    train = images[frames["split"].to_numpy() == "train"].astype(np.float32) / 255.0
+    summary = PreparedSummary(
+        n_frames=len(frames),
+        height=h,
+        width=w,
+        split_seed=params.split.seed,
+        subjects={p: sorted(int(s) for s in frames.loc[frames.split == p, "subject"].unique()) for p in PARTS},
+        frames_per_part={p: int((frames.split == p).sum()) for p in PARTS},
+        empty_share={p: round(float((~frames.loc[frames.split == p, "has_nerve"]).mean()), 4) for p in PARTS},
+        intensity_mean=round(float(train.mean()), 6),
+        intensity_std=round(float(train.std()) or 1.0, 6),
+    )
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir / (ARRAYS + ".tmp.npz")
+    np.savez_compressed(tmp, images=images, masks=masks)
+    tmp.replace(out_dir / ARRAYS)
+    atomic_write_text(out_dir / FRAMES, frames.to_csv(index=False))
+    atomic_write_text(out_dir / SUMMARY, json.dumps(asdict(summary), indent=2))
+    return summary
+
+
+@dataclass
+class PreparedData:
+    images: np.ndarray
+    masks: np.ndarray
+    frames: pd.DataFrame
+    summary: PreparedSummary
+
+    def part(self, name: str) -> tuple[np.ndarray, np.ndarray, pd.DataFrame]:
+        keep = self.frames["split"].to_numpy() == name
+        return self.images[keep], self.masks[keep], self.frames[keep].reset_index(drop=True)
+
+
+def load_prepared(out_dir: Path) -> PreparedData:
+    out_dir = Path(out_dir)
+    if not (out_dir / ARRAYS).is_file():
+        raise FileNotFoundError(f"{out_dir / ARRAYS}: missing; run the preprocess stage first")
+    with np.load(out_dir / ARRAYS) as arrays:
+        images, masks = arrays["images"], arrays["masks"]
+    frames = pd.read_csv(out_dir / FRAMES)
+    summary = PreparedSummary(**json.loads((out_dir / SUMMARY).read_text()))
+    return PreparedData(images, masks, frames, summary)

@@ -1,0 +1,48 @@
+"""One definition of each DVC stage. ``dvc.yaml`` runs them through ``nerveseg stage NAME``;
+the Prefect flow calls the same functions in-process and then records them with ``dvc commit``."""
+
+from __future__ import annotations
+
+import json
+
+from pipeline.config import Params
+from pipeline.evaluate import EvaluationResult, evaluate
+from pipeline.imageio import atomic_write_text
+from pipeline.paths import ProjectPaths
+from pipeline.preprocess import PreparedSummary, preprocess
+from pipeline.train import EpochCallback, TrainResult, train
+
+VALIDATION_REPORT = "validation.json"
+STAGES = ("validate", "preprocess", "train", "evaluate")
+
+
+def validate(paths: ProjectPaths, params: Params, build_docs: bool = True):
+    """Check ``data/raw`` with the GX suite; write ``reports/validation.json``.
+
+    Returns ``(manifest, report)``; raises ``DataValidationError`` on a blocking failure,
+    after writing the report so the failure is on disk too.
+    """
+    from pipeline.validation import DataValidationError, validate_data_dir
+
+    manifest, report = validate_data_dir(paths.raw_dir, params.validation, paths.gx_dir, build_docs=build_docs)
+    summary = report.to_dict()
+    for volatile in ("data_docs", "data_docs_page", "result_path", "seconds"):
+        summary.pop(volatile, None)  # per-run values: keep the stage output deterministic
+    atomic_write_text(paths.reports_dir / VALIDATION_REPORT, json.dumps(summary, indent=2, default=str))
+    if not report.success:
+        raise DataValidationError(report)
+    return manifest, report
+
+
+def prepare(paths: ProjectPaths, params: Params, progress: bool = True) -> PreparedSummary:
+    return preprocess(paths.raw_dir, paths.prepared_dir, params, progress=progress)
+
+
+def fit(paths: ProjectPaths, params: Params, on_epoch: EpochCallback | None = None, progress: bool = True,
+        max_epochs_this_call: int | None = None) -> TrainResult:
+    return train(paths.prepared_dir, paths.models_dir, params, on_epoch=on_epoch, progress=progress,
+                 max_epochs_this_call=max_epochs_this_call)
+
+
+def score(paths: ProjectPaths, params: Params) -> EvaluationResult:
+    return evaluate(paths.raw_dir, paths.prepared_dir, paths.models_dir, paths.reports_dir, params)
