@@ -1,0 +1,1 @@
+"""Prefect flows that compose ``pipeline`` into tasks, and the ``nerveseg`` command line."""

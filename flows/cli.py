@@ -1,0 +1,282 @@
+"""``nerveseg``: the operator's command line.
+
+Exit codes: 0 done; 1 the job failed (data validation, a flow step, a model that cannot
+load); 2 bad usage or settings (a wrong option, ``params.yaml`` breaking a rule, a missing file).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from flows.environment import configure_environment
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n\n")[0])
+stage_app = typer.Typer(no_args_is_help=True, help="Run one DVC stage (what dvc.yaml calls).")
+data_app = typer.Typer(no_args_is_help=True, help="The embedded default dataset.")
+app.add_typer(stage_app, name="stage")
+app.add_typer(data_app, name="data")
+
+ProjectOpt = Annotated[Path, typer.Option("--project", "-C", help="Project folder (holds params.yaml).")]
+ParamsOpt = Annotated[str, typer.Option("--params", help="Settings file, relative to the project folder.")]
+
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+
+def _fail(message: str, code: int = EXIT_FAILED) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code)
+
+
+def _load(project: Path, params_file: str):
+    from pipeline.config import ParamsError, load_params
+    from pipeline.paths import ProjectPaths
+
+    configure_environment(project)
+    try:
+        params = load_params(project / params_file)
+    except ParamsError as exc:
+        _fail(str(exc), EXIT_USAGE)
+    return params, ProjectPaths.of(project, params)
+
+
+def _run_flow(project: Path, params_file: str) -> dict:
+    from flows.retrain import retrain
+    from pipeline.validation import DataValidationError
+    from pipeline.versioning import CommandError, DataVersionError
+
+    try:
+        return retrain(project_dir=str(project.resolve()), params_file=params_file)
+    except DataValidationError as exc:
+        _fail(f"data validation failed; nothing was trained or registered.\n{exc}")
+    except (DataVersionError, CommandError, FileNotFoundError, ValueError) as exc:
+        _fail(str(exc))
+
+
+def _print_result(result: dict, paths, elapsed: float | None = None) -> None:
+    decision, holdout = result["decision"], result["holdout"]
+    typer.echo("")
+    typer.secho(
+        f"model {decision['challenger_version']} "
+        + ("is the new champion" if decision["promote"] else "is the challenger; the champion stays"),
+        fg=typer.colors.GREEN, bold=True,
+    )
+    typer.echo(f"  reason:        {decision['reason']}")
+    typer.echo(f"  holdout:       Dice {holdout['dice']:.4f}, IoU {holdout['iou']:.4f}, "
+               f"presence accuracy {holdout['presence_accuracy']:.4f} on {holdout['n_frames']} frames")
+    typer.echo(f"  data version:  {result['data']['dvc_hash']} ({result['data']['dvc_file']} "
+               f"at {result['data']['git_revision'][:12]})")
+    if elapsed is not None:
+        typer.echo(f"  took:          {elapsed:.0f} s")
+    typer.echo("\nwhere to look next:")
+    typer.echo(f"  overlays:        {paths.reports_dir / 'overlays.png'}")
+    typer.echo(f"  training curves: {paths.reports_dir / 'training_curves.png'}")
+    typer.echo(f"  MLflow UI:       mlflow ui --backend-store-uri {result['tracking_uri']} --port 5000"
+               "   then open http://127.0.0.1:5000")
+    typer.echo("  models:          nerveseg models --json")
+    typer.echo(f"  predict:         nerveseg predict {paths.rel(paths.raw_dir)}/train/1_1.tif --out predictions")
+
+
+@app.command()
+def quickstart(project: ProjectOpt = Path("."), params_file: ParamsOpt = "params.yaml") -> None:
+    """The main job: generate the phantom, version it with DVC, run the flow to a promoted model."""
+    params, paths = _load(project, params_file)
+    from flows.quickstart import ensure_versioned_phantom
+    from pipeline.versioning import CommandError, DataVersionError
+
+    began = time.perf_counter()
+    try:
+        ensure_versioned_phantom(paths.root, params_file, echo=typer.echo)
+    except (DataVersionError, CommandError) as exc:
+        _fail(str(exc))
+    result = _run_flow(paths.root, params_file)
+    _print_result(result, paths, time.perf_counter() - began)
+
+
+@app.command()
+def run(project: ProjectOpt = Path("."), params_file: ParamsOpt = "params.yaml",
+        as_json: Annotated[bool, typer.Option("--json", help="Print the flow's result as JSON.")] = False) -> None:
+    """Run the retraining flow on the current data version."""
+    params, paths = _load(project, params_file)
+    began = time.perf_counter()
+    result = _run_flow(paths.root, params_file)
+    if as_json:
+        typer.echo(json.dumps(result, indent=2, default=str))
+    else:
+        _print_result(result, paths, time.perf_counter() - began)
+
+
+@app.command()
+def validate(
+    data_dir: Annotated[Optional[Path], typer.Argument(help="Dataset folder (default: data.raw_dir).")] = None,
+    project: ProjectOpt = Path("."),
+    params_file: ParamsOpt = "params.yaml",
+) -> None:
+    """Check a dataset with the Great Expectations suite; exit 1 on a failure."""
+    params, paths = _load(project, params_file)
+    from pipeline.validation import validate_data_dir
+
+    data_dir = data_dir or paths.raw_dir
+    if not data_dir.is_dir():
+        _fail(f"{data_dir}: no such folder", EXIT_USAGE)
+    manifest, report = validate_data_dir(data_dir, params.validation, paths.gx_dir)
+    typer.echo(f"{data_dir}: {report.n_frames} frames of {report.n_subjects} subjects, "
+               f"{report.empty_share:.1%} without a nerve, {report.evaluated} expectations")
+    if report.data_docs:
+        typer.echo(f"Data Docs: {report.data_docs}")
+    if report.success:
+        typer.secho("validation passed", fg=typer.colors.GREEN)
+        return
+    typer.echo(report.format_failures())
+    _fail("validation failed")
+
+
+@app.command()
+def predict(
+    inputs: Annotated[list[Path], typer.Argument(help="Frames (PNG, JPEG, TIFF) or folders of them.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for masks and overlays.")] = Path("predictions"),
+    model: Annotated[str, typer.Option("--model", "-m", help="MLflow model URI.")] =
+        "models:/nerve-segmentation@champion",
+    project: ProjectOpt = Path("."),
+    params_file: ParamsOpt = "params.yaml",
+) -> None:
+    """Segment frames with a registered model: writes NAME_mask.png and NAME_overlay.png."""
+    params, paths = _load(project, params_file)
+    from tqdm import tqdm
+
+    from pipeline import registry
+    from pipeline.figures import outline_overlay
+    from pipeline.imageio import ImageReadError, read_gray, write_image
+
+    files = []
+    for item in inputs:
+        if item.is_dir():
+            files += sorted(p for p in item.rglob("*") if p.suffix.lower() in {".tif", ".tiff", ".png", ".jpg", ".jpeg"}
+                            and not p.stem.endswith("_mask"))
+        elif item.is_file():
+            files.append(item)
+        else:
+            _fail(f"{item}: no such file or folder", EXIT_USAGE)
+    if not files:
+        _fail("no frames found in the given inputs", EXIT_USAGE)
+    registry.configure(paths.mlflow_dir, params.registry.experiment)
+    try:
+        loaded = registry.load_model(model)
+    except Exception as exc:  # MLflow raises several types for a missing model or alias
+        _fail(f"cannot load model {model}: {exc}. List the registered versions with `nerveseg models`.")
+    out.mkdir(parents=True, exist_ok=True)
+    for path in tqdm(files, desc="predict"):
+        try:
+            frame = read_gray(path)
+        except ImageReadError as exc:
+            _fail(str(exc))
+        mask = loaded.predict(frame[None])[0]
+        write_image(out / f"{path.stem}_mask.png", (mask > 0).astype("uint8") * 255)
+        write_image(out / f"{path.stem}_overlay.png", outline_overlay(frame, None, mask))
+    typer.echo(f"wrote {len(files)} masks and overlays to {out}")
+
+
+@app.command()
+def models(
+    as_json: Annotated[bool, typer.Option("--json", help="JSON on stdout.")] = False,
+    project: ProjectOpt = Path("."),
+    params_file: ParamsOpt = "params.yaml",
+) -> None:
+    """Every registered version with its aliases, holdout metrics and data hash."""
+    params, paths = _load(project, params_file)
+    from pipeline import registry
+
+    registry.configure(paths.mlflow_dir, params.registry.experiment)
+    versions = [v.to_dict() for v in registry.list_versions(params.registry.model_name)]
+    if as_json:
+        typer.echo(json.dumps({"model": params.registry.model_name, "versions": versions}, indent=2))
+        return
+    if not versions:
+        typer.echo(f"no versions of {params.registry.model_name} yet; run `nerveseg quickstart` or `nerveseg run`")
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=params.registry.model_name)
+    for column in ("version", "aliases", "holdout Dice", "presence acc.", "data hash", "decision"):
+        table.add_column(column)
+    for v in versions:
+        m = v["holdout_metrics"]
+        table.add_row(v["version"], ", ".join(v["aliases"]), f"{m.get('dice', float('nan')):.4f}",
+                      f"{m.get('presence_accuracy', float('nan')):.4f}", (v["data_hash"] or "")[:12],
+                      v["promotion"].get("decision", ""))
+    Console().print(table)
+
+
+@stage_app.command("validate")
+def stage_validate(project: ProjectOpt = Path("."), params_file: ParamsOpt = "params.yaml") -> None:
+    """Validate data/raw; writes reports/validation.json; exit 1 on a blocking failure."""
+    params, paths = _load(project, params_file)
+    from pipeline import stages
+    from pipeline.validation import DataValidationError
+
+    try:
+        stages.validate(paths, params)
+    except DataValidationError as exc:
+        _fail(str(exc))
+
+
+@stage_app.command("preprocess")
+def stage_preprocess(project: ProjectOpt = Path("."), params_file: ParamsOpt = "params.yaml") -> None:
+    """Resize, normalise and split by subject into data/prepared."""
+    params, paths = _load(project, params_file)
+    from pipeline import stages
+
+    stages.prepare(paths, params)
+
+
+@stage_app.command("train")
+def stage_train(project: ProjectOpt = Path("."), params_file: ParamsOpt = "params.yaml") -> None:
+    """Train the U-Net into models/ (resumes an interrupted run of the same settings)."""
+    params, paths = _load(project, params_file)
+    from pipeline import stages
+
+    result = stages.fit(paths, params)
+    typer.echo(json.dumps(result.__dict__))
+
+
+@stage_app.command("evaluate")
+def stage_evaluate(project: ProjectOpt = Path("."), params_file: ParamsOpt = "params.yaml") -> None:
+    """Tune post-processing on validation subjects and score the holdout into reports/."""
+    params, paths = _load(project, params_file)
+    from pipeline import stages
+
+    result = stages.score(paths, params)
+    typer.echo(json.dumps(result.metrics))
+
+
+@data_app.command("synth")
+def data_synth(
+    out: Annotated[Path, typer.Option("--out", help="Dataset folder; frames go to OUT/train.")],
+    subjects: Annotated[int, typer.Option(min=1)] = 12,
+    frames_per_subject: Annotated[int, typer.Option(min=1)] = 30,
+    seed: int = 2016,
+) -> None:
+    """Write a synthetic ultrasound phantom in the competition's layout."""
+    from pipeline.phantom import PhantomSpec, generate_phantom
+
+    table = generate_phantom(out, PhantomSpec(subjects, frames_per_subject, seed), progress=True)
+    typer.echo(f"wrote {len(table)} frames of {table.subject.nunique()} subjects to {out / 'train'} "
+               f"({(~table.has_nerve).mean():.1%} without a nerve)")
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

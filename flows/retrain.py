@@ -1,0 +1,206 @@
+"""The retraining flow: data version → validate → preprocess → train → evaluate → register → promote.
+
+Each step is a Prefect task that calls the same ``pipeline`` function as its ``dvc.yaml`` stage
+and then records it with ``dvc commit``, so ``dvc status`` agrees with what the flow did.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.runtime import flow_run
+
+from pipeline import registry, release, stages, versioning
+from pipeline.config import Params, load_params
+from pipeline.paths import ProjectPaths
+from pipeline.validation import DataValidationError
+
+# Decide "nothing changed" from DVC and explicit hashes, never from Prefect's task cache
+# (see docs/architecture.md): every task here opts out of it.
+TASK = dict(cache_policy=NO_CACHE, persist_result=False)
+
+
+@task(name="data-version", **TASK)
+def data_version_task(paths: ProjectPaths) -> versioning.DataVersion:
+    version = versioning.current_data_version(paths.root, paths.raw_dir)
+    get_run_logger().info(
+        "data %s: DVC hash %s, git revision %s%s", version.dvc_file, version.dvc_hash, version.git_revision[:12],
+        "" if version.committed else " (the .dvc file has uncommitted changes)",
+    )
+    return version
+
+
+@task(name="start-mlflow-run", retries=2, retry_delay_seconds=3, **TASK)
+def start_run_task(paths: ProjectPaths, params: Params, tags: dict[str, str]) -> str:
+    import mlflow
+
+    experiment_id = registry.configure(paths.mlflow_dir, params.registry.experiment)
+    run = mlflow.MlflowClient().create_run(experiment_id, tags=tags, run_name=f"retrain-{flow_run.name or 'local'}")
+    client = mlflow.MlflowClient()
+    for section, values in params.model_dump(mode="json").items():
+        for key, value in _flatten(values, section).items():
+            client.log_param(run.info.run_id, key, value)
+    params_file = paths.root / "params.yaml"
+    if params_file.is_file():
+        client.log_artifact(run.info.run_id, str(params_file), "config")
+    return run.info.run_id
+
+
+def _flatten(value, prefix: str) -> dict[str, str]:
+    if isinstance(value, dict):
+        out = {}
+        for key, inner in value.items():
+            out.update(_flatten(inner, f"{prefix}.{key}"))
+        return out
+    return {prefix: str(value)}
+
+
+@task(name="validate", **TASK)
+def validate_task(paths: ProjectPaths, params: Params, run_id: str) -> dict:
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    try:
+        manifest, report = stages.validate(paths, params)
+    except DataValidationError as exc:
+        client.set_tag(run_id, registry.TAG_VALIDATION, "false")
+        client.log_text(run_id, exc.report.to_markdown(), "validation/summary.md")
+        create_markdown_artifact(exc.report.to_markdown(), key="data-validation", description="data validation failed")
+        raise
+    client.set_tag(run_id, registry.TAG_VALIDATION, "true")
+    client.log_text(run_id, report.to_markdown(), "validation/summary.md")
+    client.log_text(run_id, manifest.to_csv(index=False), "validation/manifest.csv")
+    if report.data_docs_page and Path(report.data_docs_page).is_file():
+        client.log_artifact(run_id, report.data_docs_page, "validation/data_docs")
+    create_markdown_artifact(report.to_markdown(), key="data-validation", description="data validation passed")
+    _commit("validate", paths)
+    return report.to_dict()
+
+
+def _commit(stage: str, paths: ProjectPaths) -> None:
+    if not versioning.stage_is_current(paths.root, stage):
+        versioning.commit_stage(paths.root, stage)
+
+
+@task(name="preprocess", **TASK)
+def preprocess_task(paths: ProjectPaths, params: Params) -> dict:
+    logger = get_run_logger()
+    if versioning.stage_is_current(paths.root, "preprocess"):
+        logger.info("preprocess: data, parameters and code unchanged; reusing the DVC-cached output")
+    else:
+        summary = stages.prepare(paths, params)
+        logger.info("preprocess: %d frames, subjects %s", summary.n_frames, summary.subjects)
+        versioning.commit_stage(paths.root, "preprocess")
+    return json.loads((paths.prepared_dir / "summary.json").read_text())
+
+
+@task(name="train", **TASK)
+def train_task(paths: ProjectPaths, params: Params, run_id: str) -> dict:
+    import mlflow
+
+    client = mlflow.MlflowClient()
+
+    def log_epoch(epoch: int, row: dict[str, float]) -> None:
+        for key, value in row.items():
+            if key != "epoch":
+                client.log_metric(run_id, key, float(value), step=epoch)
+
+    result = stages.fit(paths, params, on_epoch=log_epoch)
+    for key, value in result.__dict__.items():
+        if isinstance(value, (int, float)) and value is not None:
+            client.log_metric(run_id, f"train.{key}", float(value))
+    client.set_tag(run_id, "train.device", result.device)
+    client.log_artifact(run_id, str(paths.models_dir / "history.csv"), "training")
+    versioning.commit_stage(paths.root, "train")
+    get_run_logger().info(
+        "train: best validation Dice %.4f at epoch %d on %s (%.1f frames/s)",
+        result.best_val_dice, result.best_epoch, result.device, result.train_frames_per_second,
+    )
+    return result.__dict__
+
+
+@task(name="evaluate", **TASK)
+def evaluate_task(paths: ProjectPaths, params: Params, run_id: str) -> dict:
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    result = stages.score(paths, params)
+    for key, value in result.metrics.items():
+        client.log_metric(run_id, f"holdout.{key}", float(value))
+    for name in ("overlays.png", "training_curves.png", "holdout_frames.csv", "postprocess.json"):
+        if (paths.reports_dir / name).is_file():
+            client.log_artifact(run_id, str(paths.reports_dir / name), "evaluation")
+    versioning.commit_stage(paths.root, "evaluate")
+    m = result.metrics
+    create_markdown_artifact(
+        "### Holdout evaluation\n\n| metric | value |\n|---|---|\n"
+        + "".join(f"| {k} | {v:.4f} |\n" for k, v in m.items() if isinstance(v, float))
+        + f"\nPost-processing frozen into the model: `{json.dumps(result.postprocess.to_dict())}`\n\n"
+        f"Overlays: `{paths.reports_dir / 'overlays.png'}` (MLflow run `{run_id}`, artifacts `evaluation/`)\n",
+        key="holdout-evaluation",
+    )
+    return result.metrics
+
+
+@task(name="register", retries=2, retry_delay_seconds=5, **TASK)
+def register_task(paths: ProjectPaths, params: Params, run_id: str, tags: dict[str, str], metrics: dict) -> str:
+    version = release.register_model(paths, params, run_id, tags, metrics)
+    get_run_logger().info("registered %s version %s", params.registry.model_name, version)
+    return version
+
+
+@task(name="promote", **TASK)
+def promote_task(paths: ProjectPaths, params: Params, version: str) -> dict:
+    decision = release.promote(paths, params, version)
+    get_run_logger().info("promotion: %s", decision.reason)
+    create_markdown_artifact(decision.to_markdown(), key="promotion-decision")
+    return decision.to_dict()
+
+
+@flow(name="retrain", log_prints=True)
+def retrain(project_dir: str = ".", params_file: str = "params.yaml") -> dict:
+    """Validate, preprocess, train, evaluate, register and promote on the current data version."""
+    import mlflow
+
+    root = Path(project_dir).resolve()
+    params = load_params(root / params_file)
+    paths = ProjectPaths.of(root, params)
+
+    data = data_version_task(paths)
+    code_commit, code_dirty = versioning.code_revision(root)
+    tags = {
+        registry.TAG_DATA_HASH: data.dvc_hash,
+        registry.TAG_DATA_REV: data.git_revision,
+        registry.TAG_DATA_FILE: data.dvc_file,
+        registry.TAG_CODE_REV: code_commit,
+        registry.TAG_CODE_DIRTY: str(code_dirty).lower(),
+        registry.TAG_PARAMS_HASH: params.digest(),
+        registry.TAG_FLOW_RUN: str(flow_run.id or ""),
+    }
+    run_id = start_run_task(paths, params, tags)
+    try:
+        validation = validate_task(paths, params, run_id)
+        prepared = preprocess_task(paths, params)
+        trained = train_task(paths, params, run_id)
+        metrics = evaluate_task(paths, params, run_id)
+        version = register_task(paths, params, run_id, {**tags, registry.TAG_VALIDATION: "true"}, metrics)
+        decision = promote_task(paths, params, version)
+    except BaseException:
+        mlflow.MlflowClient().set_terminated(run_id, "FAILED")
+        raise
+    mlflow.MlflowClient().set_terminated(run_id, "FINISHED")
+    return {
+        "run_id": run_id,
+        "version": version,
+        "decision": decision,
+        "holdout": metrics,
+        "train": trained,
+        "data": data.to_dict(),
+        "validation": {"success": validation["success"], "n_frames": validation["n_frames"]},
+        "prepared": {"frames_per_part": prepared["frames_per_part"]},
+        "tracking_uri": registry.tracking_uri(paths.mlflow_dir),
+    }

@@ -1,0 +1,194 @@
+"""MLflow: the tracking store, runs, the registered model ``nerve-segmentation`` and its aliases.
+
+By default a SQLite store under ``mlflow/`` in the project; ``MLFLOW_TRACKING_URI`` overrides it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+CHAMPION = "champion"
+CHALLENGER = "challenger"
+
+# Tags carried by every run and registered version: the lineage of a model.
+TAG_DATA_HASH = "data.dvc_hash"
+TAG_DATA_REV = "data.git_revision"
+TAG_DATA_FILE = "data.dvc_file"
+TAG_CODE_REV = "code.git_commit"
+TAG_CODE_DIRTY = "code.dirty"
+TAG_PARAMS_HASH = "params.hash"
+TAG_FLOW_RUN = "prefect.flow_run_id"
+TAG_VALIDATION = "validation.success"
+
+
+def default_tracking_uri(mlflow_dir: Path) -> str:
+    return f"sqlite:///{Path(mlflow_dir).resolve() / 'mlflow.db'}"
+
+
+def tracking_uri(mlflow_dir: Path) -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(mlflow_dir)
+
+
+def configure(mlflow_dir: Path, experiment: str) -> str:
+    """Point MLflow at the project's store and return the experiment id (created if needed)."""
+    import mlflow
+
+    uri = tracking_uri(mlflow_dir)
+    local = uri == default_tracking_uri(mlflow_dir)
+    if local:
+        Path(mlflow_dir).mkdir(parents=True, exist_ok=True)
+    # mlflow.set_tracking_uri also exports MLFLOW_TRACKING_URI; put back the operator's own value
+    # so the variable keeps meaning "the user chose a store" (and the next project is not pinned).
+    saved = {key: os.environ.get(key) for key in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    client = mlflow.MlflowClient()
+    found = client.get_experiment_by_name(experiment)
+    if found is not None:
+        return found.experiment_id
+    # With the local default, keep artifacts beside the database rather than in ./mlruns.
+    location = (Path(mlflow_dir).resolve() / "artifacts").as_uri() if local else None
+    return client.create_experiment(experiment, artifact_location=location)
+
+
+def client():
+    import mlflow
+
+    return mlflow.MlflowClient()
+
+
+def signature():
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    frames = TensorSpec(np.dtype(np.uint8), (-1, -1, -1), name="frames")
+    masks = TensorSpec(np.dtype(np.uint8), (-1, -1, -1), name="masks")
+    return ModelSignature(inputs=Schema([frames]), outputs=Schema([masks]))
+
+
+def pip_requirements() -> list[str]:
+    """Explicit requirements: MLflow would record the CPU torch as plain ``torch`` and a fresh
+    serving environment would then pull a multi-GB CUDA build; pin what the model imports."""
+    from importlib.metadata import version
+
+    torch_version = version("torch").split("+")[0]
+    return [f"{name}=={version(name)}" for name in ("mlflow", "numpy", "opencv-python-headless")] + [
+        f"torch=={torch_version}"
+    ]
+
+
+def log_model(run_id: str, bundle_dir: Path, input_example: np.ndarray) -> str:
+    """Log the bundle as a pyfunc model in ``run_id``; return its ``models:/`` URI."""
+    import mlflow
+
+    package_dir = Path(__file__).resolve().parent
+    with mlflow.start_run(run_id=run_id):
+        info = mlflow.pyfunc.log_model(
+            name="model",
+            python_model=str(package_dir / "mlflow_model.py"),
+            artifacts={"bundle": str(bundle_dir)},
+            code_paths=[str(package_dir)],
+            signature=signature(),
+            input_example=input_example,
+            pip_requirements=pip_requirements(),
+        )
+    return info.model_uri
+
+
+def register(model_uri: str, name: str, tags: dict[str, str]) -> str:
+    """A new version of ``name``; returns the version number as a string."""
+    import mlflow
+
+    version = mlflow.register_model(model_uri, name, tags={k: str(v) for k, v in tags.items()})
+    return str(version.version)
+
+
+def version_by_alias(name: str, alias: str):
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client().get_model_version_by_alias(name, alias)
+    except MlflowException:
+        return None
+
+
+def set_tags(name: str, version: str, tags: dict[str, object]) -> None:
+    c = client()
+    for key, value in tags.items():
+        c.set_model_version_tag(name, version, key, str(value))
+
+
+def set_alias(name: str, alias: str, version: str) -> None:
+    client().set_registered_model_alias(name, alias, version)
+
+
+def delete_alias(name: str, alias: str) -> None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client().delete_registered_model_alias(name, alias)
+    except MlflowException:
+        pass
+
+
+def load_model(uri: str):
+    import mlflow
+
+    return mlflow.pyfunc.load_model(uri)
+
+
+@dataclass(frozen=True)
+class VersionInfo:
+    version: str
+    aliases: list[str]
+    run_id: str | None
+    created: int
+    tags: dict[str, str]
+    metrics: dict[str, float]
+
+    def to_dict(self) -> dict:
+        return {
+            "version": self.version,
+            "aliases": self.aliases,
+            "run_id": self.run_id,
+            "created_timestamp_ms": self.created,
+            "data_hash": self.tags.get(TAG_DATA_HASH),
+            "data_git_revision": self.tags.get(TAG_DATA_REV),
+            "code_git_commit": self.tags.get(TAG_CODE_REV),
+            "params_hash": self.tags.get(TAG_PARAMS_HASH),
+            "prefect_flow_run_id": self.tags.get(TAG_FLOW_RUN),
+            "holdout_metrics": self.metrics,
+            "promotion": {k.removeprefix("promotion."): v for k, v in self.tags.items() if k.startswith("promotion.")},
+        }
+
+
+def list_versions(name: str) -> list[VersionInfo]:
+    """Every registered version, newest first, with its aliases and holdout metrics."""
+    from mlflow.exceptions import MlflowException
+
+    c = client()
+    try:
+        aliases = c.get_registered_model(name).aliases or {}
+    except MlflowException:
+        return []
+    by_version: dict[str, list[str]] = {}
+    for alias, version in aliases.items():
+        by_version.setdefault(str(version), []).append(alias)
+    out = []
+    for mv in c.search_model_versions(f"name='{name}'"):
+        tags = dict(mv.tags or {})
+        metrics = {
+            k.removeprefix("holdout."): float(v) for k, v in tags.items() if k.startswith("holdout.")
+        }
+        out.append(VersionInfo(str(mv.version), sorted(by_version.get(str(mv.version), [])), mv.run_id,
+                               int(mv.creation_timestamp or 0), tags, metrics))
+    return sorted(out, key=lambda v: int(v.version), reverse=True)

@@ -1,0 +1,167 @@
+"""Data and code versions: DVC for ``data/raw`` and stage outputs, git for ``.dvc`` files and code.
+
+DVC and git are driven through their command lines (the stable interface), in the project
+folder, with the interpreter's own ``bin`` first on PATH so ``dvc repro`` finds ``nerveseg``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import yaml
+
+
+class CommandError(RuntimeError):
+    """An external command (dvc, git) failed; the message carries its output."""
+
+
+class DataVersionError(RuntimeError):
+    """``data/raw`` is not under DVC, or differs from its ``.dvc`` file."""
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    env.setdefault("DVC_NO_ANALYTICS", "1")
+    return env
+
+
+def run_command(args: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(args, cwd=cwd, env=_env(), capture_output=True, text=True)
+    if check and proc.returncode != 0:
+        output = (proc.stderr or proc.stdout).strip()
+        raise CommandError(f"`{' '.join(args)}` failed in {cwd} (exit {proc.returncode}): {output}")
+    return proc
+
+
+def dvc(root: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    return run_command([sys.executable, "-m", "dvc", *args], Path(root), check)
+
+
+def git(root: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    return run_command(["git", *args], Path(root), check)
+
+
+def _git_identity(root: Path) -> list[str]:
+    """Commit as the operator when git knows them; otherwise as the pipeline, rather than fail."""
+    name = git(root, "config", "user.name", check=False).stdout.strip()
+    email = git(root, "config", "user.email", check=False).stdout.strip()
+    args = []
+    if not name:
+        args += ["-c", "user.name=nerveseg"]
+    if not email:
+        args += ["-c", "user.email=nerveseg@localhost"]
+    return args
+
+
+def git_commit(root: Path, paths: list[str], message: str) -> str | None:
+    """Stage ``paths`` and commit them if anything changed; return the new commit or None."""
+    git(root, "add", "--", *paths)
+    if git(root, "diff", "--cached", "--quiet", "--", *paths, check=False).returncode == 0:
+        return None
+    run_command(["git", *_git_identity(root), "commit", "-q", "-m", message, "--", *paths], Path(root))
+    return git(root, "rev-parse", "HEAD").stdout.strip()
+
+
+def code_revision(root: Path) -> tuple[str, bool]:
+    """The git commit of the project and whether tracked files differ from it."""
+    proc = git(root, "rev-parse", "HEAD", check=False)
+    if proc.returncode != 0:
+        return "unknown", True
+    dirty = bool(git(root, "status", "--porcelain", "--untracked-files=no").stdout.strip())
+    return proc.stdout.strip(), dirty
+
+
+def ensure_dvc_repo(root: Path, remote_dir: Path) -> None:
+    """``dvc init`` if needed and a default local remote if none is configured."""
+    root = Path(root)
+    if not (root / ".git").exists():
+        raise DataVersionError(f"{root}: not a git repository; clone the project or run `git init` first")
+    if not (root / ".dvc").is_dir():
+        dvc(root, "init", "-q")
+    if dvc(root, "remote", "default", check=False).returncode != 0:  # exit 1: no default remote
+        remote_dir.mkdir(parents=True, exist_ok=True)
+        rel = os.path.relpath(remote_dir, root)  # DVC rewrites it relative to .dvc/config
+        dvc(root, "remote", "add", "-d", "local", rel)
+    git_commit(root, [".dvc/config", ".dvc/.gitignore", ".dvcignore"], "dvc: initialise with a local remote")
+
+
+@dataclass(frozen=True)
+class DataVersion:
+    dvc_hash: str          # md5 of the directory listing, as in data/raw.dvc
+    dvc_file: str          # e.g. data/raw.dvc
+    git_revision: str      # last commit that touched the .dvc file
+    committed: bool        # the .dvc file in the workspace is the committed one
+    n_files: int
+    size: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def read_dvc_file(dvc_file: Path) -> dict:
+    if not dvc_file.is_file():
+        raise DataVersionError(
+            f"{dvc_file}: missing, so the data is not versioned; run `nerveseg quickstart` or "
+            f"`dvc add {dvc_file.with_suffix('').name}`"
+        )
+    outs = (yaml.safe_load(dvc_file.read_text()) or {}).get("outs") or []
+    if not outs or "md5" not in outs[0]:
+        raise DataVersionError(f"{dvc_file}: has no `outs[0].md5`; re-run `dvc add` on the data folder")
+    return outs[0]
+
+
+def current_data_version(root: Path, raw_dir: Path) -> DataVersion:
+    """The DVC version of ``raw_dir``; fails when the folder differs from its ``.dvc`` file."""
+    root = Path(root)
+    dvc_file = raw_dir.with_name(raw_dir.name + ".dvc")
+    out = read_dvc_file(dvc_file)
+    rel = dvc_file.relative_to(root).as_posix()
+    status = json.loads(dvc(root, "status", "--json", rel).stdout or "{}")
+    if status:
+        raise DataVersionError(
+            f"{raw_dir.relative_to(root)} differs from {rel} ({json.dumps(status)}): version the change with "
+            f"`dvc add {raw_dir.relative_to(root)}` and commit {rel}, or restore it with `dvc checkout {rel}`"
+        )
+    revision = git(root, "log", "-n", "1", "--format=%H", "--", rel, check=False).stdout.strip()
+    dirty = bool(git(root, "status", "--porcelain", "--", rel, check=False).stdout.strip())
+    return DataVersion(
+        dvc_hash=out["md5"],
+        dvc_file=rel,
+        git_revision=revision or "uncommitted",
+        committed=bool(revision) and not dirty,
+        n_files=int(out.get("nfiles", 0)),
+        size=int(out.get("size", 0)),
+    )
+
+
+def version_data(root: Path, raw_dir: Path, message: str, push: bool = True) -> DataVersion:
+    """``dvc add`` the data folder, commit its ``.dvc`` file, push to the default remote."""
+    root = Path(root)
+    rel = raw_dir.relative_to(root).as_posix()
+    dvc(root, "add", "-q", rel)
+    gitignore = (raw_dir.parent / ".gitignore").relative_to(root).as_posix()
+    git_commit(root, [f"{rel}.dvc", gitignore], message)
+    if push:
+        dvc(root, "push", "-q", f"{rel}.dvc")
+    return current_data_version(root, raw_dir)
+
+
+def stage_is_current(root: Path, stage: str) -> bool:
+    """True when DVC says the stage's deps, params and outs match ``dvc.lock``."""
+    proc = dvc(root, "status", "--json", stage, check=False)
+    return proc.returncode == 0 and json.loads(proc.stdout or "{}") == {}
+
+
+def commit_stage(root: Path, stage: str) -> None:
+    """Record a stage that the flow ran in-process in ``dvc.lock`` and the DVC cache."""
+    dvc(root, "commit", "--force", "-q", stage)
+
+
+def pipeline_status(root: Path) -> dict:
+    return json.loads(dvc(root, "status", "--json").stdout or "{}")
