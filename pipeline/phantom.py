@@ -1,0 +1,544 @@
+"""Synthetic ultrasound phantom: the embedded default dataset.
+
+Stands in for the 2016 Kaggle brachial-plexus frames, in their layout
+(``train/{subject}_{n}.tif`` and ``train/{subject}_{n}_mask.tif``, 420x580 8-bit).
+
+How a frame is made (B-mode in miniature):
+
+1. Each subject gets a *world*: a tissue echogenicity map somewhat wider than the
+   frame (skin, fat, muscle layers with fibre texture, fascia lines, vessels,
+   an optional strong reflector with its shadow). The probe sweeps slowly
+   across it, so neighbouring frames are near-duplicates shifted by a few pixels.
+2. In runs of frames the nerve is in the imaging plane: a honeycomb of dark
+   fascicles in a brighter irregular rim, blended into the tissue. Its mask is
+   the smooth blob that outlines it. When it is out of plane the frame shows
+   the same tissue without it.
+3. Speckle: complex Gaussian scatterers smoothed by an anisotropic point-spread
+   function, part fixed to the tissue and part fresh each frame; its intensity is
+   lightly smoothed as a scanner's speckle reduction does (real frames show soft,
+   laterally smeared grain rather than raw speckle). Envelope x echogenicity x
+   depth attenuation x gain, then log compression to 8 bits.
+
+Everything is drawn from ``numpy.random.default_rng`` seeded from
+``(seed, subject)`` for the anatomy and ``(seed, subject, frame)`` for the
+speckle, so a subject's frames do not depend on how many subjects are generated,
+and the same spec gives byte-identical files. They do depend on
+``frames_per_subject``, which sets the length of the sweep and where the nerve runs fall.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+from PIL import Image
+from tqdm import tqdm
+
+__all__ = ["PhantomSpec", "generate_phantom", "synth_frame"]
+
+
+@dataclass(frozen=True)
+class PhantomSpec:
+    """Size and seed of a phantom dataset."""
+
+    subjects: int = 12
+    frames_per_subject: int = 30
+    seed: int = 2016
+    height: int = 420
+    width: int = 580
+
+
+# --- figures the phantom is calibrated to (real data: datasets/kaggle-uns/README.md)
+_AREA_MEDIAN = 6976.0  # px, non-empty mask area median
+_AREA_LOG_SD_SUBJECT = 0.26  # between-subject spread; with per-frame jitter gives 5-95 % ~ 4.7k-10.3k
+_EMPTY_MIN, _EMPTY_MAX = 0.12, 0.97  # per-subject empty share range (real: 11 %-98 %)
+_EMPTY_SHAPE = 0.75  # u**k with u uniform: mean empty share 0.12 + 0.85/(1+k) ~ 0.6
+
+# --- imaging constants
+_SWEEP_AMP = (25.0, 45.0)  # px, half-width of the lateral back-and-forth sweep
+_SWEEP_SPEED = (1.0, 3.0)  # px/frame, peak lateral speed of the sweep
+_MARGIN = 48  # px of world on each side of the frame (> max sweep amplitude)
+_SPECKLE_KEEP = 0.75  # correlation of the speckle between frames (tissue-fixed part)
+_DYN_RANGE_DB = 46.0  # log-compression dynamic range
+_GOLDEN = 0.6180339887498949
+
+
+# ---------------------------------------------------------------------------
+# Public API
+# ---------------------------------------------------------------------------
+
+
+def generate_phantom(out_dir: Path, spec: PhantomSpec, progress: bool = False) -> pd.DataFrame:
+    """Write the phantom under ``out_dir/train`` and return its manifest.
+
+    Files: ``{subject}_{n}.tif`` (frame) and ``{subject}_{n}_mask.tif`` (mask, {0, 255}),
+    subjects 1..S and frames 1..M, 8-bit single-channel TIFF. Each file is written to a
+    temporary name in the same folder and renamed, so a crash never leaves a half-written
+    file under a final name.
+
+    Returns one row per frame: ``frame_id`` ("3_7"), ``subject``, ``n``, ``has_nerve``,
+    ``mask_area`` (pixels).
+    """
+    _check_spec(spec)
+    train = Path(out_dir) / "train"
+    train.mkdir(parents=True, exist_ok=True)
+    keys = [(s, n) for s in range(1, spec.subjects + 1) for n in range(1, spec.frames_per_subject + 1)]
+    rows = []
+    for subject, n in tqdm(keys, desc="phantom", unit="frame", disable=not progress):
+        image, mask = synth_frame(spec, subject, n)
+        _write_tiff_atomic(train / f"{subject}_{n}.tif", image)
+        _write_tiff_atomic(train / f"{subject}_{n}_mask.tif", mask)
+        area = int(np.count_nonzero(mask))
+        rows.append({"frame_id": f"{subject}_{n}", "subject": subject, "n": n,
+                     "has_nerve": area > 0, "mask_area": area})
+    return pd.DataFrame(rows, columns=["frame_id", "subject", "n", "has_nerve", "mask_area"])
+
+
+def synth_frame(spec: PhantomSpec, subject: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Render frame ``n`` (1..frames_per_subject) of ``subject`` (1-based).
+
+    Returns ``(image, mask)``, both ``(height, width)`` uint8; the mask holds {0, 255}.
+    The result does not depend on ``spec.subjects``.
+    """
+    _check_spec(spec)
+    if not (1 <= subject and 1 <= n <= spec.frames_per_subject):
+        raise ValueError(f"frame {subject}_{n} is outside the spec {spec}")
+    plan = _subject_plan(spec.seed, subject, spec.height, spec.width, spec.frames_per_subject)
+    world = _subject_world(spec.seed, subject, spec.height, spec.width, spec.frames_per_subject)
+    rng = np.random.default_rng([spec.seed, subject, n])
+    x0 = plan.offsets[n - 1]
+    echo = world.echo[:, x0:x0 + spec.width].copy()
+    poly = _frame_polygon(plan, n)
+    if poly is not None:
+        _paint_nerve(echo, plan.nerve, poly, plan.scales[n - 1], x0)
+    envelope = _speckle(world, rng, x0, spec.height, spec.width)
+    gain_db = world.gain_db + rng.normal(0.0, 0.3)  # the operator's gain drifts a little
+    image = _log_compress(echo * envelope * world.attenuation, gain_db)
+    return image, _frame_mask(spec, subject, n)
+
+
+def _frame_mask(spec: PhantomSpec, subject: int, n: int) -> np.ndarray:
+    """The mask of frame ``n`` of ``subject`` alone: cheap, no tissue or speckle is made."""
+    plan = _subject_plan(spec.seed, subject, spec.height, spec.width, spec.frames_per_subject)
+    mask = np.zeros((spec.height, spec.width), np.uint8)
+    poly = _frame_polygon(plan, n)
+    if poly is not None:
+        cv2.fillPoly(mask, [np.round(poly * 16).astype(np.int32)], 255, cv2.LINE_8, shift=4)
+    return mask
+
+
+def _frame_polygon(plan: _Plan, n: int) -> np.ndarray | None:
+    """Nerve outline in frame ``n``'s coordinates, or None when the nerve is out of plane."""
+    if not plan.present[n - 1]:
+        return None
+    return _nerve_polygon(plan.nerve, plan.scales[n - 1], plan.offsets[n - 1])
+
+
+# ---------------------------------------------------------------------------
+# Subject: anatomy, sweep and nerve plan
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Nerve:
+    """Nerve geometry in world coordinates, at scale 1."""
+
+    cx: float
+    cy: float
+    a: float  # semi-axis along the nerve's long direction, px
+    b: float  # semi-axis across it, px
+    angle: float  # radians
+    harmonics: tuple[tuple[int, float, float], ...]  # (k, amplitude, phase) of the outline
+    fascicles: tuple[tuple[float, float, float, float, float], ...]  # (u, v, radius, tilt, echo)
+    rim_phases: tuple[float, float, float]
+    base: float  # echogenicity of the septa between fascicles
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """A subject's geometry: the nerve, the sweep, and which frames show the nerve."""
+
+    nerve: _Nerve
+    offsets: tuple[int, ...]  # per frame: world column of the frame's left edge
+    present: tuple[bool, ...]  # per frame: is the nerve in the imaging plane
+    scales: tuple[float, ...]  # per frame: linear size factor of the nerve
+
+
+@dataclass(frozen=True)
+class _World:
+    """A subject's rendered tissue and imaging settings (the costly, cached part)."""
+
+    echo: np.ndarray  # (H, W + 2*margin) float32 tissue echogenicity, nerve absent
+    speckle: np.ndarray  # (H, W + 2*margin, 2) float32 tissue-fixed complex speckle, unit power
+    attenuation: np.ndarray  # (H, 1) float32 depth attenuation
+    psf_sigma: tuple[float, float]  # (lateral, axial) px
+    gain_db: float
+
+
+def _subject_seeds(seed: int, subject: int) -> list[np.random.SeedSequence]:
+    """Independent streams for the geometry and the tissue, so masks can be made alone."""
+    return np.random.SeedSequence([seed, subject]).spawn(2)
+
+
+@lru_cache(maxsize=64)
+def _subject_plan(seed: int, subject: int, height: int, width: int, frames: int) -> _Plan:
+    """Draw one subject's geometry (cheap; cached because every frame needs it)."""
+    rng = np.random.default_rng(_subject_seeds(seed, subject)[0])
+    offsets = _sweep_offsets(rng, frames)
+    nerve = _draw_nerve(rng, height, width)
+    present, scales = _nerve_plan(rng, _empty_share(seed, subject), frames)
+    return _Plan(nerve=nerve, offsets=offsets, present=present, scales=scales)
+
+
+@lru_cache(maxsize=2)
+def _subject_world(seed: int, subject: int, height: int, width: int, frames: int) -> _World:
+    """Render one subject's tissue (cached: frames are made subject by subject)."""
+    nerve = _subject_plan(seed, subject, height, width, frames).nerve
+    rng = np.random.default_rng(_subject_seeds(seed, subject)[1])
+    wh, ww = height, width + 2 * _MARGIN
+    echo = _tissue(rng, wh, ww, nerve)
+    psf = (rng.uniform(2.0, 2.8), rng.uniform(1.0, 1.3))  # lateral resolution is the worse one
+    speckle = _blurred_noise(rng, wh, ww, psf)
+    depth = np.arange(height, dtype=np.float32)[:, None] / height
+    # Attenuation in dB grows with depth; the scanner's time-gain compensation only partly
+    # undoes it, so deep tissue is darker.
+    att_db = rng.uniform(8.0, 16.0) * depth + rng.uniform(0.0, 4.0) * depth**2
+    attenuation = (10.0 ** (-att_db / 20.0)).astype(np.float32)
+    return _World(echo=echo, speckle=speckle, attenuation=attenuation, psf_sigma=psf,
+                  gain_db=float(rng.normal(0.0, 2.0)))
+
+
+def _empty_share(seed: int, subject: int) -> float:
+    """Share of a subject's frames without the nerve.
+
+    A golden-ratio sequence over subject numbers (with a seed-dependent start) spreads the
+    shares evenly, so any run of subjects 1..S has an overall empty share near the real
+    58.8 % while single subjects range from ~12 % to ~97 %.
+    """
+    start = np.random.default_rng([seed]).random()
+    u = (start + subject * _GOLDEN) % 1.0
+    return _EMPTY_MIN + (_EMPTY_MAX - _EMPTY_MIN) * u**_EMPTY_SHAPE
+
+
+def _nerve_plan(rng: np.random.Generator, empty_share: float, frames: int):
+    """Which frames show the nerve (1-2 contiguous runs) and its size factor in each."""
+    n_pos = round((1.0 - empty_share) * frames)
+    n_empty = frames - n_pos
+    # Sometimes the probe passes the plexus twice: two runs, with at least one empty frame between.
+    n_runs = 2 if n_pos >= 6 and n_empty >= 1 and rng.random() < 0.5 else 1
+    present = np.zeros(frames, bool)
+    scales = np.ones(frames)
+    if n_pos:
+        # Split the positives into runs, and the empties into the n_runs + 1 gaps around them.
+        cut = [int(rng.integers(2, n_pos - 1))] if n_runs == 2 else []
+        runs = np.diff([0, *cut, n_pos])
+        gaps = rng.multinomial(n_empty - (n_runs - 1), np.ones(n_runs + 1) / (n_runs + 1))
+        gaps[1:-1] += 1
+        start = gaps[0]
+        for length, gap in zip(runs, gaps[1:]):
+            present[start:start + length] = True
+            # Entering or leaving the imaging plane the nerve's section is smaller.
+            if length >= 3:
+                scales[start] = scales[start + length - 1] = 0.9
+            start += length + gap
+        scales *= np.exp(rng.normal(0.0, 0.035, frames))
+    return tuple(bool(p) for p in present), tuple(float(s) for s in scales)
+
+
+def _sweep_offsets(rng: np.random.Generator, frames: int) -> tuple[int, ...]:
+    """Lateral probe position per frame: a slow back-and-forth sweep, bounded by the margin."""
+    amp = rng.uniform(*_SWEEP_AMP)
+    omega = rng.uniform(*_SWEEP_SPEED) / amp
+    phase = rng.uniform(0, 2 * np.pi)
+    return tuple(round(_MARGIN + amp * math.sin(omega * i + phase)) for i in range(frames))
+
+
+def _draw_nerve(rng: np.random.Generator, height: int, width: int) -> _Nerve:
+    """Size, shape, position and inner structure of this subject's nerve."""
+    area = _AREA_MEDIAN * math.exp(rng.normal(0.0, _AREA_LOG_SD_SUBJECT))
+    aspect = rng.uniform(1.15, 1.6)
+    b = math.sqrt(area / (math.pi * aspect))
+    a = aspect * b
+    # Mostly lying (wider than tall) as in the real frames, sometimes tilted up to ~40 degrees.
+    angle = rng.normal(0.0, 0.35)
+    half_w = abs(a * math.cos(angle)) + abs(b * math.sin(angle))
+    half_h = abs(a * math.sin(angle)) + abs(b * math.cos(angle))
+    x_lo, x_hi = _MARGIN + _SWEEP_AMP[1] + half_w + 10, _MARGIN + width - _SWEEP_AMP[1] - half_w - 10
+    y_lo = 75 + half_h
+    y_hi = max(y_lo, min(0.72 * height, height - half_h - 20))
+    harmonics = tuple((k, rng.uniform(0.0, 0.06) / math.sqrt(k - 1), rng.uniform(0, 2 * np.pi))
+                      for k in range(2, 6))
+    return _Nerve(cx=rng.uniform(x_lo, x_hi), cy=rng.uniform(y_lo, y_hi), a=a, b=b, angle=angle,
+                  harmonics=harmonics, fascicles=_draw_fascicles(rng),
+                  rim_phases=tuple(rng.uniform(0, 2 * np.pi, 3)),
+                  base=rng.uniform(1.1, 1.6))
+
+
+def _draw_fascicles(rng: np.random.Generator) -> tuple[tuple[float, float, float, float, float], ...]:
+    """Non-overlapping round fascicles packed in the unit disc (the nerve's own frame)."""
+    wanted = int(rng.integers(5, 10))
+    found: list[tuple[float, float, float, float, float]] = []
+    for _ in range(400):
+        r = rng.uniform(0.16, 0.27)
+        rho, phi = (0.8 - r) * math.sqrt(rng.random()), rng.uniform(0, 2 * np.pi)
+        u, v = rho * math.cos(phi), rho * math.sin(phi)
+        if all(math.hypot(u - fu, v - fv) > r + fr + 0.08 for fu, fv, fr, *_ in found):
+            found.append((u, v, r, rng.uniform(0, np.pi), rng.uniform(0.15, 0.4)))
+            if len(found) == wanted:
+                break
+    return tuple(found)
+
+
+# ---------------------------------------------------------------------------
+# Tissue
+# ---------------------------------------------------------------------------
+
+
+def _tissue(rng: np.random.Generator, h: int, w: int, nerve: _Nerve) -> np.ndarray:
+    """Echogenicity of the subject's tissue (no nerve): layers, fibres, fascia, vessels."""
+    x = np.arange(w, dtype=np.float32)
+    skin = 4 + rng.uniform(-1, 1) * np.sin(x / 300)
+    fat = _curve(rng, x, rng.uniform(35, 65), 6, max_slope=0.015)
+    fascia_depths = np.sort(rng.uniform(fat.mean() + 25, 0.92 * h, int(rng.integers(3, 6))))
+    fascias = [_curve(rng, x, d, 12) for d in fascia_depths]
+
+    yy = np.arange(h, dtype=np.float32)[:, None]
+    layer = sum((yy > c[None, :]).astype(np.int8) for c in [fat, *fascias])
+    levels = np.concatenate([[0.4], rng.uniform(0.35, 1.1, len(fascias) + 1)]).astype(np.float32)
+    tilted = rng.random(len(levels)) < 0.5
+    fine, tilt = _fibre_texture(rng, h, w)
+    texture = np.where(tilted[layer], tilt, fine)
+    echo = levels[layer] * np.exp(0.75 * texture)
+    echo[yy[:, 0] < skin.max() + 1] = 1.0
+    echo *= _bright_lines(rng, h, w, skin, fat, fascias)
+    _add_vessels(rng, echo, nerve)
+    _add_reflector(rng, echo, nerve)
+    return cv2.GaussianBlur(echo.astype(np.float32), (0, 0), 1.0)
+
+
+def _curve(rng: np.random.Generator, x: np.ndarray, depth: float, wobble: float,
+           max_slope: float = 0.06) -> np.ndarray:
+    """A gently curved, slightly sloped tissue boundary y(x)."""
+    period = rng.uniform(350, 1100)
+    slope = rng.uniform(-max_slope, max_slope)
+    return (depth + slope * (x - x.mean()) + rng.uniform(0.3, 1.0) * wobble
+            * np.sin(2 * np.pi * x / period + rng.uniform(0, 2 * np.pi))).astype(np.float32)
+
+
+def _fibre_texture(rng: np.random.Generator, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
+    """Muscle texture: noise stretched along the fibres, straight and tilted/wavy versions."""
+    def stretched(sx: float, sy: float) -> np.ndarray:
+        n = cv2.GaussianBlur(rng.standard_normal((h, w), dtype=np.float32), (0, 0), sx, sigmaY=sy)
+        return n / n.std()
+
+    # Thin fibres, fibre bundles, and large bright/dark patches of muscle.
+    fine = 0.7 * stretched(8.0, 1.2) + 0.6 * stretched(18.0, 3.0) + 0.7 * stretched(40.0, 10.0)
+    # Tilted, wavy fibres: shear the texture along a slow sine so the fibres bend.
+    ys, xs = np.mgrid[0:h, 0:w].astype(np.float32)
+    slope = float(rng.uniform(0.08, 0.2) * rng.choice([-1, 1]))
+    # float32 on purpose: cv2.remap with one float32 and one float64 map never returns.
+    map_y = (ys + slope * (xs - w / 2) + 5 * np.sin(xs / rng.uniform(60, 140))).astype(np.float32)
+    tilt = cv2.remap(fine, xs, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
+    return fine / fine.std(), tilt / tilt.std()
+
+
+def _bright_lines(rng: np.random.Generator, h: int, w: int, skin: np.ndarray, fat: np.ndarray,
+                  fascias: list[np.ndarray]) -> np.ndarray:
+    """Multiplicative map of specular lines: skin, fat septa, fascia, intramuscular septa."""
+    gain = np.zeros((h, w), np.float32)
+    x = np.arange(w, dtype=np.float32)
+
+    def draw(pts: np.ndarray, value: float, thick: int) -> None:
+        cv2.polylines(gain, [np.round(pts * 16).astype(np.int32)], False, float(value),
+                      thick, cv2.LINE_AA, shift=4)
+
+    draw(np.stack([x, skin], 1), 6.0, 4)
+    for depth in rng.uniform(skin.max() + 5, max(fat.min() - 4, skin.max() + 6), int(rng.integers(1, 4))):
+        draw(np.stack([x, depth + 0.25 * (fat - fat.mean())], 1), rng.uniform(2.0, 5.0), 2)  # fat septa
+    draw(np.stack([x, fat + 1], 1), 5.0, 3)
+    for f in fascias:  # long fascia lines, sometimes interrupted
+        lo, hi = sorted(rng.uniform(0, w, 2)) if rng.random() < 0.4 else (0, w)
+        sel = (x < lo) | (x > hi) if hi - lo < 0.5 * w else (x >= 0)
+        draw(np.stack([x[sel], f[sel]], 1), rng.uniform(4.0, 7.0), int(rng.integers(3, 6)))
+    # Short slightly curved septa: real muscle is full of them.
+    top, bottom = float(fat.mean()) + 8, h - 10
+    for _ in range(int(rng.integers(50, 90))):
+        cx, cy = rng.uniform(0, w), rng.uniform(top, bottom)
+        length, tilt, bend = rng.uniform(20, 120), rng.normal(0, 0.12), rng.normal(0, 0.0015)
+        t = np.linspace(-length / 2, length / 2, 12)
+        pts = np.stack([cx + t * math.cos(tilt), cy + t * math.sin(tilt) + bend * t**2], 1)
+        draw(pts.astype(np.float32), rng.uniform(1.0, 5.0), int(rng.integers(2, 6)))
+    return 1.0 + cv2.GaussianBlur(gain, (0, 0), 2.5, sigmaY=1.2)
+
+
+def _add_vessels(rng: np.random.Generator, echo: np.ndarray, nerve: _Nerve) -> None:
+    """1-2 anechoic vessels, the first beside the nerve, with optional posterior enhancement."""
+    h, w = echo.shape
+    side = int(rng.choice([-1, 1]))
+    vessels = []
+    rx, ry = rng.uniform(18, 34), rng.uniform(14, 26)
+    half_w = abs(nerve.a * math.cos(nerve.angle)) + abs(nerve.b * math.sin(nerve.angle))
+    if rng.random() < 0.8:  # usually right beside the plexus (e.g. the subclavian artery)
+        cx = nerve.cx + side * (half_w + rx + rng.uniform(4, 20))
+        cy = nerve.cy + rng.uniform(-0.5, 0.5) * nerve.b
+    else:
+        cx, cy = rng.uniform(rx, w - rx), rng.uniform(0.55 * h, 0.85 * h)
+    vessels.append((cx, cy, rx, ry))
+    if rng.random() < 0.5:  # a second, smaller vein on the other side of the nerve, deeper
+        rx2, ry2 = rng.uniform(10, 22), rng.uniform(8, 16)
+        cx2 = nerve.cx - side * (half_w + rx2 + rng.uniform(30, 120))
+        vessels.append((cx2, rng.uniform(nerve.cy + 20, 0.9 * h), rx2, ry2))
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    for cx, cy, rx, ry in vessels:
+        theta = np.arctan2(yy - cy, xx - cx)
+        # Vessels are not perfect ellipses: the neighbours press on them.
+        r = np.hypot((xx - cx) / rx, (yy - cy) / ry) / (1.0 + 0.06 * np.cos(2 * theta + rng.uniform(0, 6.3))
+                                                       + 0.04 * np.cos(3 * theta + rng.uniform(0, 6.3)))
+        lumen = np.clip((1.08 - r) / 0.16, 0.0, 1.0)  # soft edge
+        wall = np.exp(-(((r - 1.1) / 0.1) ** 2)) * (1.0 + 0.8 * np.sin(3 * theta))
+        # Blood is anechoic: the lumen replaces whatever tissue was drawn there.
+        echo[...] = (echo * (1.0 - lumen) + 0.04 * lumen) * (1.0 + 2.5 * np.clip(wall, 0, None))
+        if rng.random() < 0.6:  # fluid attenuates less than tissue: brighter band below
+            below = np.clip((yy - cy - ry) / 6.0, 0, 1) * np.exp(-np.clip(yy - cy - ry, 0, None) / 90)
+            band = np.exp(-(((xx - cx) / (0.8 * rx)) ** 4))
+            echo *= 1.0 + 0.45 * below * band
+
+
+def _add_reflector(rng: np.random.Generator, echo: np.ndarray, nerve: _Nerve) -> None:
+    """Optional strong reflector (bone/pleura) deep below the nerve, casting a shadow."""
+    h, w = echo.shape
+    top = nerve.cy + nerve.b + 45
+    if rng.random() > 0.5 or top > h - 40:
+        return
+    cy = rng.uniform(top, h - 30)
+    cx, half = rng.uniform(0.15 * w, 0.85 * w), rng.uniform(60, 130)
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    arc = cy + ((xx - cx) / half) ** 2 * rng.uniform(5, 14)  # convex surface
+    across = np.exp(-(((xx - cx) / half) ** 6))
+    surface = np.exp(-(((yy - arc) / 5.0) ** 2)) * across
+    shadow = np.clip((yy - arc - 3.0) / 12.0, 0, 1) * across
+    echo *= (1.0 + 30.0 * surface) * (1.0 - 0.85 * shadow)
+
+
+# ---------------------------------------------------------------------------
+# Nerve
+# ---------------------------------------------------------------------------
+
+
+def _nerve_polygon(nerve: _Nerve, scale: float, x0: int) -> np.ndarray:
+    """Outline of the nerve in frame coordinates: a smooth, slightly irregular ellipse."""
+    phi = np.linspace(0, 2 * np.pi, 120, endpoint=False)
+    r = 1.0 + sum(amp * np.cos(k * phi + ph) for k, amp, ph in nerve.harmonics)
+    u, v = scale * nerve.a * r * np.cos(phi), scale * nerve.b * r * np.sin(phi)
+    c, s = math.cos(nerve.angle), math.sin(nerve.angle)
+    return np.stack([nerve.cx - x0 + c * u - s * v, nerve.cy + s * u + c * v], 1)
+
+
+def _paint_nerve(echo: np.ndarray, nerve: _Nerve, poly: np.ndarray, scale: float, x0: int) -> None:
+    """Blend the honeycomb inside the outline ``poly`` into the echo map (in place).
+
+    The work happens in a small patch around the nerve: painting the whole frame would
+    cost more than the rest of the frame together.
+    """
+    h, w = echo.shape
+    pad = 6
+    x_lo, y_lo = np.maximum(np.floor(poly.min(0)).astype(int) - pad, 0)
+    x_hi, y_hi = np.minimum(np.ceil(poly.max(0)).astype(int) + pad, [w, h])
+    local = poly - [x_lo, y_lo]
+    patch = np.zeros((y_hi - y_lo, x_hi - x_lo), np.uint8)
+    cv2.fillPoly(patch, [np.round(local * 16).astype(np.int32)], 255, cv2.LINE_8, shift=4)
+
+    # Honeycomb: septa at `base`, dark fascicles, a brighter irregular rim (epineurium).
+    inner = np.full(patch.shape, nerve.base, np.float32)
+    c, s = math.cos(nerve.angle), math.sin(nerve.angle)
+    cx, cy = nerve.cx - x0 - x_lo, nerve.cy - y_lo
+    for u, v, r, tilt, dark in nerve.fascicles:
+        pu, pv = scale * nerve.a * u, scale * nerve.b * v
+        centre = (cx + c * pu - s * pv, cy + s * pu + c * pv)
+        size = (2 * scale * r * nerve.a * 0.9, 2 * scale * r * nerve.b * 1.05)
+        cv2.ellipse(inner, (centre, size, math.degrees(tilt)), float(dark), -1, cv2.LINE_AA)
+    dist = cv2.distanceTransform(patch, cv2.DIST_L2, 3)
+    yy, xx = np.mgrid[0:patch.shape[0], 0:patch.shape[1]].astype(np.float32)
+    theta = np.arctan2(yy - cy, xx - cx)
+    p1, p2, p3 = nerve.rim_phases
+    # Irregular rim: bright on some sides, nearly absent on others.
+    rim_gain = 1.0 + 0.7 * np.cos(2 * theta + p1) + 0.4 * np.cos(3 * theta + p2) + 0.3 * np.cos(5 * theta + p3)
+    rim = np.exp(-((dist - 5.0) / 4.5) ** 2) * np.clip(rim_gain, 0.0, None)
+    view = echo[y_lo:y_hi, x_lo:x_hi]
+    # Borrow the surrounding tissue's texture so the inside is not a flat cartoon.
+    texture = (view / view.mean()) ** 0.7
+    honeycomb = inner * (1.0 + 2.5 * rim) * texture
+    alpha = cv2.GaussianBlur(patch.astype(np.float32) / 255.0, (0, 0), 1.5)
+    honeycomb = cv2.GaussianBlur(honeycomb, (0, 0), 2.0)
+    view[...] = view * (1.0 - alpha) + honeycomb * alpha
+
+
+# ---------------------------------------------------------------------------
+# Imaging: speckle, compression, output
+# ---------------------------------------------------------------------------
+
+
+def _gaussian_noise_gain(sigma: tuple[float, float]) -> float:
+    """Standard deviation of white unit noise after cv2.GaussianBlur with ``sigma`` (x, y)."""
+    kx = cv2.getGaussianKernel(_ksize(sigma[0]), sigma[0])
+    ky = cv2.getGaussianKernel(_ksize(sigma[1]), sigma[1])
+    return float(np.sqrt((kx**2).sum() * (ky**2).sum()))
+
+
+def _ksize(sigma: float) -> int:
+    """Odd Gaussian kernel size covering +-3 sigma (what cv2 would pick is not documented)."""
+    return 2 * math.ceil(3 * sigma) + 1
+
+
+def _blurred_noise(rng: np.random.Generator, h: int, w: int, psf: tuple[float, float]) -> np.ndarray:
+    """Complex (2-channel) Gaussian scatterers smoothed by the PSF, unit mean power."""
+    z = rng.standard_normal((h, w, 2), dtype=np.float32)
+    z = cv2.GaussianBlur(z, (_ksize(psf[0]), _ksize(psf[1])), psf[0], sigmaY=psf[1])
+    return z * np.float32(1.0 / (_gaussian_noise_gain(psf) * math.sqrt(2.0)))
+
+
+def _speckle(world: _World, rng: np.random.Generator, x0: int, h: int, w: int) -> np.ndarray:
+    """Speckle envelope (mean ~1): tissue-fixed part moved with the sweep plus a fresh part."""
+    fixed = world.speckle[:, x0:x0 + w]
+    fresh = _blurred_noise(rng, h, w, world.psf_sigma)
+    z = _SPECKLE_KEEP * fixed + math.sqrt(1 - _SPECKLE_KEEP**2) * fresh
+    intensity = cv2.magnitude(np.ascontiguousarray(z[..., 0]), np.ascontiguousarray(z[..., 1])) ** 2
+    # Speckle reduction: averaging intensity over about one speckle cell halves its contrast
+    # and turns the black interference nulls into soft dark grain.
+    sx, sy = world.psf_sigma
+    intensity = cv2.GaussianBlur(intensity, (_ksize(sx), _ksize(sy)), sx, sigmaY=sy)
+    return np.sqrt(intensity)
+
+
+def _log_compress(intensity: np.ndarray, gain_db: float) -> np.ndarray:
+    """Map linear amplitude to 8 bits over a fixed dB window, as a scanner's display does."""
+    db = (20.0 / math.log(10.0)) * np.log(np.maximum(intensity, 1e-6)) + gain_db
+    # 0 dB (unit echo, no attenuation) lands at grey ~160, so typical muscle after
+    # attenuation sits near the real frames' median (~85-100) and fascia saturates.
+    grey = (db + 0.62 * _DYN_RANGE_DB) * (255.0 / _DYN_RANGE_DB)
+    return np.clip(grey + 0.5, 0, 255).astype(np.uint8)
+
+
+def _write_tiff_atomic(path: Path, array: np.ndarray) -> None:
+    """Write an 8-bit grayscale TIFF via a temporary file in the same folder, then rename."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        Image.fromarray(array).save(tmp, format="TIFF")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _check_spec(spec: PhantomSpec) -> None:
+    """Reject specs the generator cannot honour, naming the problem."""
+    if spec.subjects < 1 or spec.frames_per_subject < 1:
+        raise ValueError(f"a phantom needs at least one subject and one frame, got {spec}")
+    # Anatomy is sized in pixels of the real 420x580 frames; much smaller frames cannot hold it.
+    if spec.height < 320 or spec.width < 440:
+        raise ValueError(f"phantom frames must be at least 320x440 px, got {spec.height}x{spec.width}")
