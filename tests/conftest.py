@@ -1,0 +1,142 @@
+"""Shared fixtures: tiny projects on real components (git, DVC, MLflow, Prefect).
+
+A "tiny project" is a copy of this repository's pipeline definition (params.yaml with tiny
+settings, dvc.yaml, the GX project, the code that dvc.yaml depends on) in a temporary git
+repository with DVC initialised, a local DVC remote and a small phantom versioned in it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "datasets" / "kaggle-uns"
+
+# Before anything imports Prefect: a throw-away Prefect home, no telemetry, no outside server,
+# and no tracking server inherited from the developer's shell.
+os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="nerveseg-prefect-home-")
+for _var in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
+    os.environ.pop(_var, None)
+from flows.environment import configure_environment  # noqa: E402
+
+configure_environment(REPO)
+
+# Small enough to train in seconds on two CPU cores, big enough to learn something.
+TINY_SETTINGS = {
+    "data": {"synth": {"subjects": 6, "frames_per_subject": 6, "seed": 7}},
+    "validation": {"min_frames": 6, "min_subjects": 3},
+    "preprocess": {"height": 32, "width": 48},
+    "split": {"seed": 1, "validation_fraction": 0.17, "holdout_fraction": 0.34},
+    "model": {"depth": 3, "base_width": 8, "dropout": 0.0},
+    "train": {"epochs": 3, "batch_size": 8, "learning_rate": 0.01, "early_stopping_patience": 3},
+    "evaluate": {"overlays": 4},
+}
+
+PROJECT_FILES = ["dvc.yaml", ".gitignore", ".dvcignore"]
+PROJECT_DIRS = ["pipeline", "gx"]
+
+
+def deep_update(base: dict, changes: dict) -> dict:
+    out = dict(base)
+    for key, value in changes.items():
+        out[key] = deep_update(out.get(key, {}), value) if isinstance(value, dict) else value
+    return out
+
+
+def write_settings(root: Path, changes: dict) -> None:
+    """Apply ``changes`` on top of the repository's params.yaml and write it to ``root``."""
+    base = yaml.safe_load((REPO / "params.yaml").read_text())
+    (root / "params.yaml").write_text(yaml.safe_dump(deep_update(base, changes), sort_keys=False))
+
+
+def make_project(root: Path, settings: dict | None = None, with_data: bool = True) -> Path:
+    from pipeline import versioning
+    from pipeline.config import load_params
+    from pipeline.paths import ProjectPaths
+    from pipeline.phantom import PhantomSpec, generate_phantom
+
+    root.mkdir(parents=True, exist_ok=True)
+    for name in PROJECT_FILES:
+        if (REPO / name).exists():
+            shutil.copy2(REPO / name, root / name)
+    for name in PROJECT_DIRS:
+        if (REPO / name).exists():
+            shutil.copytree(REPO / name, root / name, ignore=shutil.ignore_patterns("__pycache__", "uncommitted"))
+    write_settings(root, settings if settings is not None else TINY_SETTINGS)
+    versioning.git(root, "init", "-q")
+    versioning.git_commit(root, ["."], "project files")
+    params = load_params(root / "params.yaml")
+    paths = ProjectPaths.of(root, params)
+    versioning.ensure_dvc_repo(root, paths.dvc_remote)
+    if with_data:
+        synth = params.data.synth
+        generate_phantom(paths.raw_dir, PhantomSpec(synth.subjects, synth.frames_per_subject, synth.seed))
+        versioning.version_data(root, paths.raw_dir, "data: tiny phantom")
+    return root
+
+
+@pytest.fixture
+def tiny_project(tmp_path) -> Path:
+    return make_project(tmp_path / "project")
+
+
+@pytest.fixture(scope="session")
+def prefect_server():
+    """One temporary Prefect server for the whole session (each start costs ~20 s)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        yield
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"{SHARED_DATA} is absent (real frames are only on development and CI machines)")
+    return SHARED_DATA
+
+
+def write_simple_dataset(data_dir: Path, subjects: int = 6, frames: int = 4, seed: int = 0) -> Path:
+    """A fast hand-made dataset in the competition's layout (dark ellipse = nerve), for unit tests
+    that need frames but not realism."""
+    import cv2
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    train = Path(data_dir) / "train"
+    train.mkdir(parents=True, exist_ok=True)
+    for s in range(1, subjects + 1):
+        for n in range(1, frames + 1):
+            image = rng.rayleigh(60, (420, 580)).clip(0, 255).astype(np.uint8)
+            mask = np.zeros((420, 580), np.uint8)
+            if n % 2:
+                cv2.ellipse(mask, (250 + 8 * n, 210), (55, 40), 0, 0, 360, 255, -1)
+                image[mask > 0] //= 3
+            cv2.imwrite(str(train / f"{s}_{n}.tif"), image)
+            cv2.imwrite(str(train / f"{s}_{n}_mask.tif"), mask)
+    return Path(data_dir)
+
+
+@pytest.fixture
+def tiny_params():
+    from pipeline.config import Params
+
+    return Params.model_validate(deep_update(Params().model_dump(), TINY_SETTINGS))
+
+
+@pytest.fixture
+def prepared(tmp_path, tiny_params):
+    """A simple dataset, preprocessed: returns ProjectPaths of a folder (no git/DVC)."""
+    from pipeline import stages
+    from pipeline.paths import ProjectPaths
+
+    paths = ProjectPaths.of(tmp_path, tiny_params)
+    write_simple_dataset(paths.raw_dir)
+    stages.prepare(paths, tiny_params, progress=False)
+    return paths

@@ -1,0 +1,40 @@
+
+import pytest
+
+from pipeline.config import Params, ParamsError, load_params, write_params
+from tests.conftest import REPO
+
+
+def test_repository_params_load_and_are_typed():
+    params = load_params(REPO / "params.yaml")
+    assert params.registry.model_name == "nerve-segmentation"
+    assert isinstance(params.train.learning_rate, float)
+    assert params.preprocess.height % 2**params.model.depth == 0
+
+
+def test_unknown_key_is_an_error_naming_file_and_key(tmp_path):
+    bad = tmp_path / "params.yaml"
+    bad.write_text("train:\n  epochz: 3\n")
+    with pytest.raises(ParamsError) as info:
+        load_params(bad)
+    assert "params.yaml" in str(info.value) and "train.epochz" in str(info.value)
+
+
+def test_out_of_range_value_is_an_error(tmp_path):
+    bad = tmp_path / "params.yaml"
+    bad.write_text("train:\n  epochs: 0\n")
+    with pytest.raises(ParamsError, match="train.epochs"):
+        load_params(bad)
+
+
+def test_missing_file_says_what_to_do(tmp_path):
+    with pytest.raises(ParamsError, match="no such file"):
+        load_params(tmp_path / "nope.yaml")
+
+
+def test_digest_is_stable_and_sensitive(tmp_path):
+    params = load_params(REPO / "params.yaml")
+    write_params(params, tmp_path / "copy.yaml")
+    assert load_params(tmp_path / "copy.yaml").digest() == params.digest()
+    changed = Params.model_validate({**params.model_dump(), "train": {**params.train.model_dump(), "epochs": 99}})
+    assert changed.digest() != params.digest()

@@ -1,0 +1,46 @@
+import numpy as np
+
+from pipeline import stages
+from pipeline.evaluate import load_postprocess
+from pipeline.inference import Postprocess, Predictor, write_bundle
+from pipeline.train import WEIGHTS, load_model_config
+
+
+def _bundle(prepared, tiny_params, tmp_path):
+    stages.fit(prepared, tiny_params, progress=False)
+    result = stages.score(prepared, tiny_params)
+    bundle = write_bundle(tmp_path / "bundle", prepared.models_dir / WEIGHTS,
+                          load_model_config(prepared.models_dir), load_postprocess(prepared.reports_dir))
+    return bundle, result
+
+
+def test_native_frame_in_native_mask_out(prepared, tiny_params, tmp_path):
+    bundle, result = _bundle(prepared, tiny_params, tmp_path)
+    predictor = Predictor.from_bundle(bundle)
+    frames = np.random.default_rng(0).integers(0, 255, (3, 420, 580), dtype=np.uint8)
+    masks = predictor.predict(frames)
+    assert masks.shape == (3, 420, 580) and masks.dtype == np.uint8
+    assert predictor.predict(frames[0]).shape == (1, 420, 580)  # one (H, W) frame is accepted
+    assert predictor.post == result.postprocess  # tuned thresholds travel with the bundle
+
+
+def test_presence_rule_and_min_area_clear_masks(prepared, tiny_params, tmp_path):
+    bundle, _ = _bundle(prepared, tiny_params, tmp_path)
+    predictor = Predictor.from_bundle(bundle)
+    frames = np.full((2, 420, 580), 80, np.uint8)
+    probs = np.ones((2, 32, 48), np.float32)
+    presence = np.array([0.9, 0.1], np.float32)
+    out = predictor.masks_from_probabilities(probs, presence, (420, 580), Postprocess(0.5, 0.5, 0))
+    assert out[0].all() and not out[1].any()
+    out = predictor.masks_from_probabilities(probs, presence, (420, 580), Postprocess(0.5, 0.0, 10**6))
+    assert not out.any()
+    assert frames.shape == (2, 420, 580)
+
+
+def test_evaluation_writes_reports(prepared, tiny_params, tmp_path):
+    _, result = _bundle(prepared, tiny_params, tmp_path)
+    for name in ("holdout_metrics.json", "holdout_frames.csv", "overlays.png", "postprocess.json",
+                 "training_curves.png"):
+        assert (prepared.reports_dir / name).is_file(), name
+    assert result.metrics["n_frames"] == len(result.per_frame) > 0
+    assert 0 <= result.metrics["dice"] <= 1

@@ -1,0 +1,37 @@
+import numpy as np
+import pytest
+
+from pipeline.metrics import dice_per_frame, iou_per_frame, presence_accuracy, summarise
+
+
+def _masks(*areas):
+    out = np.zeros((len(areas), 10, 10), np.uint8)
+    for i, area in enumerate(areas):
+        out[i].flat[:area] = 1
+    return out
+
+
+def test_dice_is_one_when_both_masks_are_empty():
+    empty = _masks(0)
+    assert dice_per_frame(empty, empty)[0] == 1.0
+    assert iou_per_frame(empty, empty)[0] == 1.0
+
+
+def test_one_false_positive_pixel_on_an_empty_frame_scores_zero():
+    assert dice_per_frame(_masks(1), _masks(0))[0] == 0.0
+    assert dice_per_frame(_masks(0), _masks(5))[0] == 0.0
+
+
+def test_partial_overlap():
+    pred, true = _masks(10), _masks(20)  # pred is inside true
+    assert dice_per_frame(pred, true)[0] == pytest.approx(2 * 10 / 30)
+    assert iou_per_frame(pred, true)[0] == pytest.approx(10 / 20)
+
+
+def test_presence_accuracy_and_summary():
+    pred, true = _masks(0, 5, 5, 0), _masks(0, 5, 0, 3)
+    assert presence_accuracy(pred, true) == 0.5
+    summary = summarise(pred, true)
+    assert summary["n_frames"] == 4
+    assert summary["dice"] == pytest.approx((1 + 1 + 0 + 0) / 4)
+    assert summary["dice_nerve_frames"] == pytest.approx(0.5)
