@@ -14,11 +14,11 @@ from typing import Annotated, Optional
 
 import typer
 
+from flows.data_cli import data_app
 from flows.environment import configure_environment
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n\n")[0])
 stage_app = typer.Typer(no_args_is_help=True, help="Run one DVC stage (what dvc.yaml calls).")
-data_app = typer.Typer(no_args_is_help=True, help="The embedded default dataset.")
 app.add_typer(stage_app, name="stage")
 app.add_typer(data_app, name="data")
 
@@ -254,21 +254,6 @@ def stage_evaluate(project: ProjectOpt = Path("."), params_file: ParamsOpt = "pa
 
     result = stages.score(paths, params)
     typer.echo(json.dumps(result.metrics))
-
-
-@data_app.command("synth")
-def data_synth(
-    out: Annotated[Path, typer.Option("--out", help="Dataset folder; frames go to OUT/train.")],
-    subjects: Annotated[int, typer.Option(min=1)] = 12,
-    frames_per_subject: Annotated[int, typer.Option(min=1)] = 30,
-    seed: int = 2016,
-) -> None:
-    """Write a synthetic ultrasound phantom in the competition's layout."""
-    from pipeline.phantom import PhantomSpec, generate_phantom
-
-    table = generate_phantom(out, PhantomSpec(subjects, frames_per_subject, seed), progress=True)
-    typer.echo(f"wrote {len(table)} frames of {table.subject.nunique()} subjects to {out / 'train'} "
-               f"({(~table.has_nerve).mean():.1%} without a nerve)")
 
 
 def main() -> None:

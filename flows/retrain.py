@@ -89,13 +89,14 @@ def _commit(stage: str, paths: ProjectPaths) -> None:
 @task(name="preprocess", **TASK)
 def preprocess_task(paths: ProjectPaths, params: Params) -> dict:
     logger = get_run_logger()
-    if versioning.stage_is_current(paths.root, "preprocess"):
+    reused = versioning.stage_is_current(paths.root, "preprocess")
+    if reused:
         logger.info("preprocess: data, parameters and code unchanged; reusing the DVC-cached output")
     else:
         summary = stages.prepare(paths, params)
         logger.info("preprocess: %d frames, subjects %s", summary.n_frames, summary.subjects)
         versioning.commit_stage(paths.root, "preprocess")
-    return json.loads((paths.prepared_dir / "summary.json").read_text())
+    return {**json.loads((paths.prepared_dir / "summary.json").read_text()), "reused": reused}
 
 
 @task(name="train", **TASK)
@@ -201,6 +202,6 @@ def retrain(project_dir: str = ".", params_file: str = "params.yaml") -> dict:
         "train": trained,
         "data": data.to_dict(),
         "validation": {"success": validation["success"], "n_frames": validation["n_frames"]},
-        "prepared": {"frames_per_part": prepared["frames_per_part"]},
+        "prepared": {"frames_per_part": prepared["frames_per_part"], "reused": prepared["reused"]},
         "tracking_uri": registry.tracking_uri(paths.mlflow_dir),
     }

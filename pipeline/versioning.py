@@ -82,13 +82,17 @@ def ensure_dvc_repo(root: Path, remote_dir: Path) -> None:
     root = Path(root)
     if not (root / ".git").exists():
         raise DataVersionError(f"{root}: not a git repository; clone the project or run `git init` first")
+    changed = False
     if not (root / ".dvc").is_dir():
         dvc(root, "init", "-q")
+        changed = True
     if dvc(root, "remote", "default", check=False).returncode != 0:  # exit 1: no default remote
         remote_dir.mkdir(parents=True, exist_ok=True)
         rel = os.path.relpath(remote_dir, root)  # DVC rewrites it relative to .dvc/config
         dvc(root, "remote", "add", "-d", "local", rel)
-    git_commit(root, [".dvc/config", ".dvc/.gitignore", ".dvcignore"], "dvc: initialise with a local remote")
+        changed = True
+    if changed:  # commit only what this function did, never an operator's own edits
+        git_commit(root, [".dvc/config", ".dvc/.gitignore", ".dvcignore"], "dvc: initialise with a local remote")
 
 
 @dataclass(frozen=True)

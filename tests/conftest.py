@@ -20,12 +20,19 @@ SHARED_DATA = REPO.parent / "shared" / "datasets" / "kaggle-uns"
 
 # Before anything imports Prefect: a throw-away Prefect home, no telemetry, no outside server,
 # and no tracking server inherited from the developer's shell.
-os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="nerveseg-prefect-home-")
+_PREFECT_HOME = tempfile.mkdtemp(prefix="nerveseg-prefect-home-")
+os.environ["PREFECT_HOME"] = _PREFECT_HOME
 for _var in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
     os.environ.pop(_var, None)
 from flows.environment import configure_environment  # noqa: E402
 
 configure_environment(REPO)
+
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(_PREFECT_HOME, ignore_errors=True)
+
 
 # Small enough to train in seconds on two CPU cores, big enough to learn something.
 TINY_SETTINGS = {

@@ -90,6 +90,8 @@ def test_worse_model_does_not_take_the_alias(flow_project):
     assert str(registry.version_by_alias(MODEL, registry.CHALLENGER).version) == second["version"]
     assert second["decision"]["champion_score"] > second["decision"]["challenger_score"]
     assert second["decision"]["n_frames"] == first["holdout"]["n_frames"]
+    assert second["prepared"]["reused"] is True  # only train/postprocess settings changed
+    assert first["prepared"]["reused"] is False
     assert versioning.pipeline_status(root) == {}
 
 
