@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 
@@ -25,3 +25,121 @@ def data_synth(
                f"({(~table.has_nerve).mean():.1%} without a nerve)")
 
 
+
+
+ProjectOpt = Annotated[Path, typer.Option("--project", "-C", help="Project folder (holds params.yaml).")]
+ParamsOpt = Annotated[str, typer.Option("--params", help="Settings file, relative to the project folder.")]
+
+
+@data_app.command("add")
+def data_add(
+    src: Annotated[Path, typer.Argument(help="Dataset folder: the competition's layout (train/, test/, "
+                                             "train_masks.csv), images/ + masks/, or one folder of frames.")],
+    fmt: Annotated[str, typer.Option("--format", help="auto, competition, folders or unlabeled.")] = "auto",
+    letterbox: Annotated[str, typer.Option(help="auto (detect square letterboxed exports), yes or no.")] = "auto",
+    replace: Annotated[bool, typer.Option("--replace", help="The import becomes the whole dataset: frames "
+                                                            "not in SRC are removed.")] = False,
+    name: Annotated[Optional[str], typer.Option(help="Manifest name (data/raw/manifests/NAME.csv); "
+                                                     "default: SRC's folder name.")] = None,
+    keep_existing: Annotated[bool, typer.Option("--keep-existing", help="Frames already in data/raw keep their "
+                                                                        "files (e.g. native TIFFs over a lossy "
+                                                                        "re-export).")] = False,
+    push: Annotated[bool, typer.Option("--push/--no-push", help="Push the new version to the DVC remote.")] = True,
+    project: ProjectOpt = Path("."),
+    params_file: ParamsOpt = "params.yaml",
+) -> None:
+    """Import SRC into data/raw, validate it, version it with DVC, commit data/raw.dvc and push."""
+    from flows.cli import EXIT_USAGE, _fail, _load
+    from pipeline.data_versions import DataAddError, add_data
+    from pipeline.importers import DataImportError
+    from pipeline.versioning import CommandError, DataVersionError
+
+    params, paths = _load(project, params_file)
+    if not src.is_dir():
+        _fail(f"{src}: no such folder", EXIT_USAGE)
+    try:
+        result = add_data(paths.root, paths.raw_dir, src, params.validation, paths.gx_dir, paths.dvc_remote,
+                          fmt=fmt, letterbox=letterbox, replace=replace, name=name,
+                          keep_existing=keep_existing, push=push, progress=True,
+                          echo=typer.echo)
+    except DataImportError as exc:
+        _fail(f"import failed; {paths.rel(paths.raw_dir)} is unchanged.\n{exc}")
+    except (DataAddError, DataVersionError, CommandError) as exc:
+        _fail(str(exc))
+    if result.validation is not None and not result.validation.success:
+        typer.echo(result.validation.format_failures())
+        _fail(f"data validation failed; {paths.rel(paths.raw_dir)} was put back as it was and nothing was versioned")
+    if not result.changed:
+        typer.echo(f"nothing new: {paths.rel(paths.raw_dir)} already holds these frames; no new version")
+        return
+    v = result.data_version
+    typer.secho(f"new data version {v['dvc_hash']} (commit {v['git_revision'][:12]}"
+                f"{', pushed' if push else ', not pushed'})", fg=typer.colors.GREEN)
+    typer.echo(f"  {result.message}")
+
+
+@data_app.command("versions")
+def data_versions(
+    as_json: Annotated[bool, typer.Option("--json", help="JSON on stdout.")] = False,
+    project: ProjectOpt = Path("."),
+    params_file: ParamsOpt = "params.yaml",
+) -> None:
+    """Every version of data/raw: git revision, date, DVC hash, counts, empty share, models trained on it."""
+    import json
+
+    from flows.cli import _load
+    from pipeline import registry
+    from pipeline.data_versions import list_data_versions
+
+    params, paths = _load(project, params_file)
+    registry.configure(paths.mlflow_dir, params.registry.experiment)
+    models = registry.list_versions(params.registry.model_name)
+    rows = [r.to_dict() for r in list_data_versions(paths.root, paths.raw_dir, models)]
+    if as_json:
+        typer.echo(json.dumps({"dvc_file": paths.rel(paths.raw_dvc_file) if paths.raw_dvc_file.exists()
+                               else str(paths.raw_dvc_file.relative_to(paths.root)),
+                               "model": params.registry.model_name, "versions": rows}, indent=2))
+        return
+    if not rows:
+        typer.echo("no versions of data/raw yet; run `nerveseg data add SRC` or `nerveseg quickstart`")
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"versions of {paths.rel(paths.raw_dir)} (newest first)")
+    for column in ("", "revision", "date", "DVC hash", "frames", "subjects", "test", "empty", "models", "message"):
+        table.add_column(column)
+    for r in rows:
+        models_text = ", ".join(f"v{m['version']}" + (f" ({', '.join(m['aliases'])})" if m["aliases"] else "")
+                                for m in r["models"])
+        table.add_row("*" if r["current"] else "", r["git_revision"][:10], r["date"][:19].replace("T", " "),
+                      r["dvc_hash"][:12], _fmt(r["frames"]), _fmt(r["subjects"]), _fmt(r["test_frames"]),
+                      "?" if r["empty_share"] is None else f"{r['empty_share']:.1%}", models_text, r["message"])
+    Console(width=200).print(table)
+
+
+def _fmt(value) -> str:
+    return "?" if value is None else str(value)
+
+
+@data_app.command("checkout")
+def data_checkout(
+    rev: Annotated[str, typer.Argument(help="Git revision of data/raw.dvc (see `nerveseg data versions`).")],
+    project: ProjectOpt = Path("."),
+    params_file: ParamsOpt = "params.yaml",
+) -> None:
+    """Restore data/raw to its version at REV (refuses over unversioned changes)."""
+    from flows.cli import _fail, _load
+    from pipeline.data_versions import DataAddError, checkout_data_version
+    from pipeline.versioning import CommandError
+
+    params, paths = _load(project, params_file)
+    try:
+        done = checkout_data_version(paths.root, paths.raw_dir, rev)
+    except (DataAddError, CommandError) as exc:
+        _fail(str(exc))
+    typer.secho(f"{paths.rel(paths.raw_dir)} is now version {done['dvc_hash']} from commit {done['revision'][:12]}"
+                + (" (pulled from the DVC remote)" if done["pulled"] else ""), fg=typer.colors.GREEN)
+    if not done["same_as_head"]:
+        typer.echo(f"  {done['dvc_file']} now differs from HEAD (staged in git): commit it to make this the "
+                   f"current data version, or `nerveseg data checkout HEAD` to go back")
