@@ -7,11 +7,18 @@ such, so the validation report can name it.
 
 Layout: ``train/{subject}_{n}.tif`` (8-bit grayscale frame) and ``train/{subject}_{n}_mask.tif``
 (same size, values 0/255). Any other file in ``train/`` gets a row with ``name_ok`` False.
+
+Re-reading is avoided with a cache file (JSON, one entry per file keyed by its path relative to
+the data folder, its size and its ``mtime_ns``): with ``cache_file`` given, only files that are
+new or changed are read and decoded. The cache is never inside the data folder (DVC hashes it);
+:mod:`pipeline.validation` keeps it in the GX project's ``uncommitted/`` folder.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import json
 import os
 import re
 from concurrent.futures import ThreadPoolExecutor
@@ -52,7 +59,14 @@ COLUMNS: dict[str, str] = {
     "intensity_std": "float64",
     "content_sha1": "str",
     "mask_sha1": "str",
+    "mask_values": "str",  # the distinct mask values, e.g. "0,255" (first 8)
+    "phash": "str",  # perceptual hash of the frame: 256 bits (DCT of a 64x64 thumbnail), hex
+    "mask_thumb": "str",  # the mask at 1/8 size, bit-packed, base64 ("" when empty)
 }
+# Bump when the per-file fields change: old cache entries are then ignored.
+CACHE_VERSION = 2
+PHASH_SIZE, PHASH_BITS_SIDE = 64, 16
+THUMB_FACTOR = 8
 
 
 @dataclass
@@ -101,7 +115,44 @@ def _image_fields(path: Path) -> dict:
     else:  # over all channels together
         values = arr.astype(np.float64, copy=False)
         out["intensity_mean"], out["intensity_std"] = float(values.mean()), float(values.std())
+    out["phash"] = perceptual_hash(arr)
     return out
+
+
+def perceptual_hash(arr: np.ndarray) -> str:
+    """A DCT perceptual hash: the 16x16 lowest frequencies of a 64x64 thumbnail against their
+    median, as 64 hex digits. Near-identical frames differ in a few of the 256 bits."""
+    if arr.ndim == 3:
+        arr = arr.mean(axis=2)
+    if arr.dtype not in (np.uint8, np.uint16, np.float32):
+        arr = arr.astype(np.float32)
+    # Resize first (fast on uint8; a whole-number factor first, which OpenCV does fastest),
+    # and convert only the 64x64 thumbnail.
+    h, w = arr.shape[:2]
+    if h >= 4 * PHASH_SIZE and w >= 4 * PHASH_SIZE:
+        arr = cv2.resize(arr[: h - h % 4, : w - w % 4], (w // 4, h // 4), interpolation=cv2.INTER_AREA)
+    small = cv2.resize(arr, (PHASH_SIZE, PHASH_SIZE), interpolation=cv2.INTER_AREA)
+    coeffs = cv2.dct(small.astype(np.float32))[:PHASH_BITS_SIDE, :PHASH_BITS_SIDE].ravel()
+    bits = coeffs > np.median(coeffs[1:])
+    bits[0] = False  # the DC term says only "how bright", not "what"
+    return np.packbits(bits).tobytes().hex()
+
+
+def mask_thumbnail(arr: np.ndarray) -> str:
+    """The mask at 1/``THUMB_FACTOR`` size (nerve where at least half the block is), packed."""
+    f = THUMB_FACTOR
+    h, w = (arr.shape[0] // f) * f, (arr.shape[1] // f) * f
+    if not h or not w:
+        return base64.b64encode(np.packbits(arr > 0).tobytes()).decode("ascii")
+    binary = (arr[:h, :w] > 0).view(np.uint8) * np.uint8(255)
+    # A whole-number factor: OpenCV's fast block average.
+    small = cv2.resize(binary, (w // f, h // f), interpolation=cv2.INTER_AREA)
+    return base64.b64encode(np.packbits(small >= 128).tobytes()).decode("ascii")
+
+
+def thumbnail_bits(thumb: str) -> np.ndarray:
+    """The bits of :func:`mask_thumbnail` (padded to a whole byte)."""
+    return np.unpackbits(np.frombuffer(base64.b64decode(thumb), dtype=np.uint8)).astype(bool)
 
 
 def _mask_fields(path: Path) -> dict:
@@ -123,6 +174,9 @@ def _mask_fields(path: Path) -> dict:
         area = int(np.count_nonzero(nonzero))
     out["mask_binary"] = present <= {0, 255} or present <= {0, 1}
     out["mask_area"] = area
+    out["mask_values"] = ",".join(str(v) for v in sorted(present)[:8])
+    if area and arr.ndim == 2:
+        out["mask_thumb"] = mask_thumbnail(arr)
     return out
 
 
@@ -158,7 +212,37 @@ def empty_manifest() -> pd.DataFrame:
     return pd.DataFrame({c: pd.Series(dtype=t) for c, t in COLUMNS.items()})
 
 
-def build_manifest(data_dir: Path, workers: int | None = None) -> pd.DataFrame:
+def _stat(path: Path) -> list[int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return [st.st_size, st.st_mtime_ns]
+
+
+def _load_cache(cache_file: Path | None) -> dict:
+    if cache_file is None or not cache_file.is_file():
+        return {}
+    try:
+        data = json.loads(cache_file.read_text())
+    except (OSError, ValueError):
+        return {}  # a broken cache is only a slower run
+    if not isinstance(data, dict) or data.get("version") != CACHE_VERSION:
+        return {}
+    files = data.get("files")
+    return files if isinstance(files, dict) else {}
+
+
+def _save_cache(cache_file: Path, files: dict) -> None:
+    cache_file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache_file.with_name(cache_file.name + f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({"version": CACHE_VERSION, "files": files}, separators=(",", ":")))
+    tmp.replace(cache_file)
+
+
+def build_manifest(
+    data_dir: Path, workers: int | None = None, cache_file: Path | None = None
+) -> pd.DataFrame:
     """Read every frame and mask under ``data_dir/train`` into a table, one row per frame id.
 
     Frames and masks are paired by name; a frame without mask (or mask without frame) still
@@ -166,6 +250,10 @@ def build_manifest(data_dir: Path, workers: int | None = None) -> pd.DataFrame:
     does not follow ``{subject}_{n}.tif`` / ``{subject}_{n}_mask.tif`` gets a row with
     ``name_ok`` False and ``frame_id`` its stem. Files that cannot be read or decoded give
     ``*_decodes`` False and nulls in the figures. Sorted by subject, then n; odd names last.
+
+    With ``cache_file``, files whose path, size and ``mtime_ns`` match a cached entry are not
+    read again, and the cache is rewritten with the current files. ``df.attrs["files_read"]``
+    and ``df.attrs["files_cached"]`` say how many files were read and how many reused.
 
     Raises ``FileNotFoundError`` only when ``data_dir`` itself does not exist. A missing
     ``train/`` folder gives an empty manifest (which then fails validation on the row count).
@@ -175,26 +263,47 @@ def build_manifest(data_dir: Path, workers: int | None = None) -> pd.DataFrame:
         raise FileNotFoundError(f"{data_dir}: no such data folder")
     entries = _scan(data_dir / TRAIN_SUBDIR, data_dir)
     if not entries:
-        return empty_manifest()
+        out = empty_manifest()
+        out.attrs.update(files_read=0, files_cached=0)
+        return out
 
-    jobs: list[tuple[_Entry, Path, bool]] = []
+    cached = _load_cache(cache_file)
+    fresh_cache: dict = {}
+    jobs: list[tuple[_Entry, Path, bool, str, list[int] | None]] = []
+    n_cached = 0
     for e in entries:
-        if e.image_path:
-            jobs.append((e, data_dir / e.image_path, False))
-        if e.mask_path:
-            jobs.append((e, data_dir / e.mask_path, True))
+        for rel, is_mask in ((e.image_path, False), (e.mask_path, True)):
+            if not rel or (not e.name_ok and is_mask):
+                continue
+            path = data_dir / rel
+            stat = _stat(path) if cache_file is not None else None
+            hit = cached.get(rel)
+            if stat is not None and hit is not None and hit[:2] == stat:
+                e.fields.update(hit[2])
+                fresh_cache[rel] = hit
+                n_cached += 1
+            else:
+                jobs.append((e, path, is_mask, rel, stat))
 
-    def run(job: tuple[_Entry, Path, bool]) -> dict:
-        _, path, is_mask = job
+    def run(job) -> dict:
+        _, path, is_mask, _, _ = job
         try:
             return _mask_fields(path) if is_mask else _image_fields(path)
         except Exception:  # never let one odd file stop the scan
             return {"mask_decodes": False} if is_mask else {"image_decodes": False}
 
     workers = workers or min(16, (os.cpu_count() or 2) * 2)
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        for (entry, _, _), result in zip(jobs, pool.map(run, jobs, chunksize=16)):
-            entry.fields.update(result)
+    if jobs:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            for (entry, _, _, rel, stat), result in zip(jobs, pool.map(run, jobs, chunksize=16)):
+                entry.fields.update(result)
+                if stat is not None:
+                    fresh_cache[rel] = [*stat, result]
+    if cache_file is not None:
+        try:
+            _save_cache(Path(cache_file), fresh_cache)
+        except OSError:
+            pass  # a read-only place only costs speed next time
 
     rows = []
     for e in entries:
@@ -211,6 +320,9 @@ def build_manifest(data_dir: Path, workers: int | None = None) -> pd.DataFrame:
             "mask_decodes": False,
             "content_sha1": "",
             "mask_sha1": "",
+            "mask_values": "",
+            "phash": "",
+            "mask_thumb": "",
         }
         row.update(e.fields)
         rows.append(row)
@@ -227,4 +339,6 @@ def build_manifest(data_dir: Path, workers: int | None = None) -> pd.DataFrame:
         na_position="last",
         kind="stable",
     )
-    return df.reset_index(drop=True)
+    df = df.reset_index(drop=True)
+    df.attrs.update(files_read=len(jobs), files_cached=n_cached)
+    return df

@@ -64,6 +64,10 @@ def preprocess(data_dir: Path, out_dir: Path, params: Params, progress: bool = T
     if frames.empty:
         raise ValueError(f"{data_dir}: no frame/mask pairs in train/; expected train/{{subject}}_{{n}}.tif")
     frames = split_frames(frames, params.split)
+    # The split is by subject by construction; check it anyway, since a leak would inflate every score.
+    from pipeline.validation import assert_no_subject_leak
+
+    assert_no_subject_leak(frames)
     h, w = params.preprocess.height, params.preprocess.width
 
     with ThreadPoolExecutor(max_workers=4) as pool:  # decoding releases the GIL

@@ -19,12 +19,35 @@ STAGES = ("validate", "preprocess", "train", "evaluate")
 def validate(paths: ProjectPaths, params: Params, build_docs: bool = True):
     """Check ``data/raw`` with the GX suite; write ``reports/validation.json``.
 
+    Drift is judged against the profile of the previous data version (the newest earlier git
+    revision of ``data/raw.dvc`` with another DVC hash), kept in ``gx/profiles/<hash>.json``;
+    this version's profile is written there too (commit it with the data version).
+
     Returns ``(manifest, report)``; raises ``DataValidationError`` on a blocking failure,
     after writing the report so the failure is on disk too.
     """
-    from pipeline.validation import DataValidationError, validate_data_dir
+    from pipeline.validation import (
+        DataValidationError,
+        load_profile,
+        previous_data_hash,
+        save_profile,
+        validate_data_dir,
+    )
+    from pipeline.versioning import read_dvc_file
 
-    manifest, report = validate_data_dir(paths.raw_dir, params.validation, paths.gx_dir, build_docs=build_docs)
+    current_hash = previous = None
+    try:
+        current_hash = read_dvc_file(paths.raw_dvc_file)["md5"]
+        previous = load_profile(
+            paths.gx_dir, previous_data_hash(paths.root, paths.raw_dvc_file, current_hash)
+        )
+    except Exception:  # noqa: BLE001 (not versioned, no git: validate without drift)
+        pass
+    manifest, report = validate_data_dir(
+        paths.raw_dir, params.validation, paths.gx_dir, build_docs=build_docs, previous_profile=previous
+    )
+    if current_hash and report.success:
+        save_profile(paths.gx_dir, current_hash, report.profile)
     summary = report.to_dict()
     for volatile in ("data_docs", "data_docs_page", "result_path", "seconds"):
         summary.pop(volatile, None)  # per-run values: keep the stage output deterministic

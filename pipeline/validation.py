@@ -8,6 +8,12 @@ definition and a checkpoint that updates the Data Docs. Every object is fetched 
 exists and written only when missing or changed, so running the check leaves the committed
 files untouched unless the rules changed.
 
+Each check is either blocking or a warning (``ValidationParams.warning_checks``); the report's
+``success`` means "no blocking failure". Beyond GX's per-row checks this module finds near-duplicate
+frames with contradicting masks (checked by GX through a computed column), compares the data's
+profile with the previous data version's (drift, a project-side check: GX Core has no cross-batch
+expectations), and checks a subject split for leakage (:func:`check_split`). See docs/validation.md.
+
 A failed check does not raise: :func:`validate_manifest` returns a :class:`ValidationReport`;
 callers that want to stop raise :class:`DataValidationError` with it.
 
@@ -16,6 +22,7 @@ GX is imported lazily (it takes seconds) with its analytics switched off.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -24,6 +31,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import pandas as pd
 
 from pipeline.config import ValidationParams
@@ -44,6 +52,8 @@ DOCS_SITE_NAME = "local_site"
 # Columns GX reports for each offending row, so a failure names the frame and its files.
 INDEX_COLUMNS = ["frame_id", "image_path", "mask_path"]
 RESULT_FORMAT = {"result_format": "COMPLETE", "unexpected_index_column_names": INDEX_COLUMNS}
+# The check name (params.yaml ``validation.warning_checks``) of each GX expectation, in order.
+_GX_CHECKS = ('row_count', 'subject_count', 'names', 'unique_ids', 'mask_for_frame', 'frame_for_mask', 'frame_decodes', 'mask_decodes', 'frame_height', 'frame_width', 'frame_channels', 'frame_dtype', 'mask_height', 'mask_width', 'mask_channels', 'mask_binary', 'mask_area', 'not_blank', 'not_saturated')
 # How many offending files a report prints before "... and N more".
 SHOW_FILES = 10
 
@@ -58,9 +68,18 @@ class ExpectationFailure:
     description: str  # plain words: "every frame has its mask"
     files: list[str]  # offending files (relative to the data folder) or frame ids
     details: dict = field(default_factory=dict)
+    check: str = ""  # the check's name in params.yaml (validation.warning_checks)
+    severity: str = "blocking"  # "blocking" stops the flow; "warning" is reported only
 
     def summary(self, limit: int = SHOW_FILES) -> str:
         """``description: file, file, ... (and N more)`` or the observed value."""
+        if self.details.get("pairs"):
+            pairs = self.details["pairs"]
+            shown = "; ".join(_pair_text(p) for p in pairs[:limit])
+            more = len(pairs) - limit
+            return f"{self.description}: {len(pairs)} pairs: {shown}" + (
+                f" (and {more} more)" if more > 0 else ""
+            )
         if self.files:
             shown = ", ".join(self.files[:limit])
             more = len(self.files) - limit
@@ -72,11 +91,17 @@ class ExpectationFailure:
         return self.description
 
 
+def _pair_text(pair: dict) -> str:
+    dice = pair.get("dice")
+    why = "one mask empty" if dice is None else f"Dice {dice:.2f}"
+    return f"{pair['image_a']} ~ {pair['image_b']} ({why}, {pair['distance']} bits)"
+
+
 @dataclass
 class ValidationReport:
-    success: bool
+    success: bool  # True when no BLOCKING check failed (warnings may be present)
     evaluated: int
-    failures: list[ExpectationFailure]
+    failures: list[ExpectationFailure]  # blocking failures and warnings, in suite order
     n_frames: int
     n_subjects: int
     empty_share: float
@@ -84,6 +109,18 @@ class ValidationReport:
     data_docs_page: str | None = None  # path of this run's page in the Data Docs
     result_path: str | None = None  # the stored GX validation result (JSON) of this run
     seconds: float = 0.0
+    # Near-duplicate pairs of one subject with contradicting masks (also a failure when any).
+    contradicting_pairs: list[dict] = field(default_factory=list)
+    profile: dict = field(default_factory=dict)  # this data's figures (see compute_profile)
+    drift: dict | None = None  # the comparison with the previous data version, when known
+
+    @property
+    def blocking(self) -> list[ExpectationFailure]:
+        return [f for f in self.failures if f.severity != "warning"]
+
+    @property
+    def warnings(self) -> list[ExpectationFailure]:
+        return [f for f in self.failures if f.severity == "warning"]
 
     @property
     def failed_files(self) -> list[str]:
@@ -93,19 +130,32 @@ class ValidationReport:
     def to_dict(self) -> dict:
         return json.loads(json.dumps(asdict(self), default=_jsonable))
 
+    def _verdict(self) -> str:
+        if not self.success:
+            return "FAILED"
+        return "passed with warnings" if self.warnings else "passed"
+
     def to_markdown(self) -> str:
-        verdict = "passed" if self.success else "FAILED"
         lines = [
-            f"## Data validation {verdict}",
+            f"## Data validation {self._verdict()}",
             "",
             f"- frames: {self.n_frames}, subjects: {self.n_subjects}, "
             f"empty masks: {self.empty_share:.1%}",
-            f"- expectations: {self.evaluated} evaluated, {len(self.failures)} failed",
+            f"- expectations: {self.evaluated} evaluated, {len(self.blocking)} blocking failures, "
+            f"{len(self.warnings)} warnings",
+            f"- near-duplicate pairs with contradicting masks: {len(self.contradicting_pairs)}",
         ]
+        if self.drift:
+            lines.append(f"- drift against data version {self.drift.get('previous_hash', '?')[:12]}: "
+                         + _drift_text(self.drift))
         if self.data_docs:
             lines.append(f"- Data Docs: {self.data_docs_page or self.data_docs}")
         if self.failures:
-            lines += ["", "| check | column | files | count |", "| --- | --- | --- | --- |"]
+            lines += [
+                "",
+                "| severity | check | column | files | count |",
+                "| --- | --- | --- | --- | --- |",
+            ]
             for f in self.failures:
                 files = ", ".join(f"`{x}`" for x in f.files[:SHOW_FILES])
                 if len(f.files) > SHOW_FILES:
@@ -114,22 +164,55 @@ class ValidationReport:
                     files = f"observed {f.details['observed_value']}"
                 elif not files and f.details.get("exception"):
                     files = f"GX raised: {f.details['exception']}"
+                elif not files and f.details.get("figures"):
+                    files = _drift_text(f.details)
                 count = f.details.get("unexpected_count", "")
                 lines.append(
-                    f"| {_md(f.description)} | {f.column or ''} | {_md(files)} | {count} |"
+                    f"| {f.severity} | {_md(f.description)} | {f.column or ''} | {_md(files)} "
+                    f"| {count} |"
                 )
+        if self.contradicting_pairs:
+            lines += [
+                "",
+                "### Near-duplicate frames with contradicting masks",
+                "",
+                "| frame | near-duplicate | bits apart | mask areas | Dice |",
+                "| --- | --- | --- | --- | --- |",
+            ]
+            for p in self.contradicting_pairs[:50]:
+                dice = "" if p.get("dice") is None else f"{p['dice']:.2f}"
+                lines.append(
+                    f"| `{p['image_a']}` | `{p['image_b']}` | {p['distance']} "
+                    f"| {p['area_a']} / {p['area_b']} | {dice} |"
+                )
+            if len(self.contradicting_pairs) > 50:
+                lines.append(f"\n... and {len(self.contradicting_pairs) - 50} more pairs")
         return "\n".join(lines) + "\n"
 
     def format_failures(self) -> str:
-        if self.success:
+        if not self.failures:
             return (
                 f"data validation passed ({self.evaluated} expectations, {self.n_frames} frames)"
             )
-        lines = [f"data validation failed: {len(self.failures)} of {self.evaluated} expectations"]
-        lines += [f"  - {f.summary()}" for f in self.failures]
+        if self.success:
+            head = (f"data validation passed with {len(self.warnings)} warning(s) "
+                    f"({self.evaluated} expectations, {self.n_frames} frames)")
+        else:
+            head = (f"data validation failed: {len(self.blocking)} blocking of "
+                    f"{self.evaluated} expectations, {len(self.warnings)} warning(s)")
+        lines = [head]
+        lines += [f"  - [{f.severity}] {f.summary()}" for f in self.blocking + self.warnings]
         if self.data_docs:
             lines.append(f"  details: {self.data_docs_page or self.data_docs}")
         return "\n".join(lines)
+
+
+def _drift_text(drift: dict) -> str:
+    parts = []
+    for name, fig in (drift.get("figures") or {}).items():
+        flag = " (!)" if fig.get("drifted") else ""
+        parts.append(f"{name} {fig['previous']} -> {fig['current']}{flag}")
+    return "; ".join(parts)
 
 
 class DataValidationError(Exception):
@@ -214,7 +297,7 @@ def build_expectations(rules: ValidationParams) -> list:
     def meta(path_column: str | None) -> dict:
         return {"path_column": path_column} if path_column else {}
 
-    return [
+    expectations = [
         gxe.ExpectTableRowCountToBeBetween(
             min_value=rules.min_frames,
             row_condition=frames,
@@ -357,7 +440,22 @@ def build_expectations(rules: ValidationParams) -> list:
             ),
             meta=meta("image_path"),
         ),
+        gxe.ExpectColumnValuesToBeNull(
+            column="contradicting_duplicate_of",
+            row_condition=named,
+            description=(
+                "no near-duplicate frames of one subject with contradicting masks (one empty and "
+                f"one not, or Dice below {rules.near_duplicate_dice_min}; perceptual hashes at most "
+                f"{rules.near_duplicate_max_bits} of 256 bits apart)"
+            ),
+            meta=meta("image_path"),
+        ),
     ]
+    names = [*_GX_CHECKS, "contradicting_duplicates"]
+    for expectation, check in zip(expectations, names, strict=True):
+        expectation.meta = {**(expectation.meta or {}), "check": check}
+        expectation.severity = "warning" if rules.severity(check) == "warning" else "critical"
+    return expectations
 
 
 def _suite(context: FileDataContext, rules: ValidationParams):
@@ -464,7 +562,7 @@ def _url_to_path(url: str) -> str:
 # --------------------------------------------------------------------------------------------
 # Reading the result
 # --------------------------------------------------------------------------------------------
-def _failure(result) -> ExpectationFailure:
+def _failure(result, rules: ValidationParams) -> ExpectationFailure:
     config = result.expectation_config
     kwargs = dict(config.kwargs)
     column = kwargs.get("column")
@@ -501,12 +599,15 @@ def _failure(result) -> ExpectationFailure:
     if errors:
         details["exception"] = "; ".join(errors)
     description = config.description or config.type.replace("_", " ")
+    check = str((config.meta or {}).get("check") or "")
     return ExpectationFailure(
         expectation=config.type,
         column=column,
         description=description,
         files=files,
         details=json.loads(json.dumps(details, default=_jsonable)),
+        check=check,
+        severity=rules.severity(check),
     )
 
 
@@ -552,6 +653,224 @@ def _summary(manifest: pd.DataFrame) -> tuple[int, int, float]:
 
 
 # --------------------------------------------------------------------------------------------
+# Near-duplicates, profile and drift, subject split (computed here, reported with GX's results)
+# --------------------------------------------------------------------------------------------
+PAIR_COLUMN = "contradicting_duplicate_of"
+
+
+def _hash_bits(hexes: list[str]) -> np.ndarray:
+    return np.unpackbits(
+        np.frombuffer(bytes.fromhex("".join(hexes)), dtype=np.uint8).reshape(len(hexes), -1), axis=1
+    )
+
+
+def find_contradicting_pairs(manifest: pd.DataFrame, rules: ValidationParams) -> list[dict]:
+    """Pairs of frames of one subject whose perceptual hashes are at most
+    ``rules.near_duplicate_max_bits`` apart and whose masks contradict: one empty and one not,
+    or both non-empty with Dice (on the 1/8 mask thumbnails) below ``near_duplicate_dice_min``.
+
+    Returns dicts ``frame_a, frame_b, image_a, image_b, distance, area_a, area_b, dice`` (dice
+    None when one mask is empty), ordered by subject and frame.
+    """
+    from pipeline.manifest import thumbnail_bits  # noqa: PLC0415
+
+    needed = {"phash", "mask_area", "subject", "frame_id", "image_path"}
+    if manifest.empty or not needed <= set(manifest.columns):
+        return []
+    ok = manifest["phash"].fillna("").str.len().eq(64) & manifest["mask_area"].notna()
+    if "name_ok" in manifest:
+        ok &= manifest["name_ok"].fillna(False).astype(bool)
+    rows = manifest.loc[ok & manifest["subject"].notna()]
+    pairs: list[dict] = []
+    for _, group in rows.groupby("subject", sort=True):
+        if len(group) < 2:
+            continue
+        bits = _hash_bits(group["phash"].tolist()).astype(np.float32)
+        # Hamming distances of all pairs at once: ones(a) + ones(b) - 2 * common ones.
+        ones = bits.sum(axis=1)
+        dist = ones[:, None] + ones[None, :] - 2 * (bits @ bits.T)
+        ia, ib = np.nonzero(np.triu(dist <= rules.near_duplicate_max_bits + 0.5, k=1))
+        if not len(ia):
+            continue
+        areas = group["mask_area"].to_numpy()
+        thumbs = group["mask_thumb"].fillna("").tolist() if "mask_thumb" in group else None
+        ids, images = group["frame_id"].tolist(), group["image_path"].tolist()
+        for i, j in zip(ia.tolist(), ib.tolist()):
+            a, b = int(areas[i]), int(areas[j])
+            if (a == 0) and (b == 0):
+                continue
+            dice = None
+            if a and b:
+                if not thumbs or not thumbs[i] or not thumbs[j]:
+                    continue
+                x, y = thumbnail_bits(thumbs[i]), thumbnail_bits(thumbs[j])
+                total = int(x.sum()) + int(y.sum())
+                dice = 2 * int((x & y).sum()) / total if total else 1.0
+                if dice >= rules.near_duplicate_dice_min:
+                    continue
+                dice = round(dice, 3)
+            pairs.append({
+                "frame_a": ids[i], "frame_b": ids[j], "image_a": images[i], "image_b": images[j],
+                "distance": int(round(dist[i, j])), "area_a": a, "area_b": b, "dice": dice,
+            })
+    return pairs
+
+
+def _with_pair_column(manifest: pd.DataFrame, pairs: list[dict]) -> pd.DataFrame:
+    partner: dict[str, str] = {}
+    for p in pairs:
+        partner.setdefault(p["frame_a"], p["frame_b"])
+        partner.setdefault(p["frame_b"], p["frame_a"])
+    frame = manifest.reset_index(drop=True)
+    ids = frame["frame_id"] if "frame_id" in frame else pd.Series("", index=frame.index)
+    frame[PAIR_COLUMN] = ids.map(partner).astype(object).where(ids.isin(list(partner)), None)
+    return frame
+
+
+def compute_profile(manifest: pd.DataFrame) -> dict:
+    """The figures drift is judged on: frame count, mean of frame means and of frame spreads,
+    empty-mask share, and the 5th/50th/95th percentiles of the non-empty mask areas."""
+    def num(col: str) -> pd.Series:
+        if col not in manifest:
+            return pd.Series(dtype="float64")
+        return pd.to_numeric(manifest[col], errors="coerce").dropna().astype("float64")
+
+    areas = num("mask_area")
+    nonempty = areas[areas > 0]
+    q = nonempty.quantile([0.05, 0.5, 0.95]).tolist() if len(nonempty) else [0.0, 0.0, 0.0]
+    means, stds = num("intensity_mean"), num("intensity_std")
+    return {
+        "n_frames": int(len(means)),
+        "intensity_mean": round(float(means.mean()), 3) if len(means) else 0.0,
+        "intensity_std": round(float(stds.mean()), 3) if len(stds) else 0.0,
+        "empty_share": round(float((areas == 0).mean()), 4) if len(areas) else 0.0,
+        "mask_area_p05": round(q[0], 1),
+        "mask_area_p50": round(q[1], 1),
+        "mask_area_p95": round(q[2], 1),
+    }
+
+
+def compare_profiles(current: dict, previous: dict, rules: ValidationParams) -> dict:
+    """Each figure before and after, and whether it moved more than the rules allow."""
+    def fig(name: str, limit: float, relative: bool = False) -> dict:
+        before, after = float(previous.get(name, 0.0)), float(current.get(name, 0.0))
+        change = (after - before) / before if relative and before else after - before
+        return {"previous": before, "current": after, "change": round(change, 4),
+                "limit": limit, "drifted": abs(change) > limit}
+
+    figures = {
+        "intensity_mean": fig("intensity_mean", rules.drift_intensity_mean),
+        "intensity_std": fig("intensity_std", rules.drift_intensity_std),
+        "empty_share": fig("empty_share", rules.drift_empty_share),
+        "mask_area_p50": fig("mask_area_p50", rules.drift_mask_area, relative=True),
+    }
+    for name in ("mask_area_p05", "mask_area_p95", "n_frames"):
+        figures[name] = {"previous": previous.get(name), "current": current.get(name),
+                         "drifted": False}
+    return {"figures": figures, "drifted": any(f["drifted"] for f in figures.values())}
+
+
+def _drift_failure(drift: dict, rules: ValidationParams) -> ExpectationFailure | None:
+    if not drift.get("drifted"):
+        return None
+    moved = [k for k, v in drift["figures"].items() if v.get("drifted")]
+    return ExpectationFailure(
+        expectation="drift_against_previous_data_version",
+        column=", ".join(moved),
+        description=(f"figures close to the previous data version "
+                     f"{str(drift.get('previous_hash', ''))[:12]}"),
+        files=[],
+        details=json.loads(json.dumps(drift, default=_jsonable)),
+        check="drift",
+        severity=rules.severity("drift"),
+    )
+
+
+PROFILE_DIR = "profiles"  # <gx_dir>/gx/profiles/<dvc md5>.json, committed with the data version
+
+
+def profile_path(gx_dir: Path, dvc_hash: str) -> Path:
+    return Path(gx_dir) / "gx" / PROFILE_DIR / f"{dvc_hash.replace('.dir', '')}.json"
+
+
+def save_profile(gx_dir: Path, dvc_hash: str, profile: dict) -> Path:
+    path = profile_path(gx_dir, dvc_hash)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({"dvc_hash": dvc_hash, **profile}, indent=2, sort_keys=True) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def previous_data_hash(root: Path, dvc_file: Path, current_hash: str) -> str | None:
+    """The DVC hash of the newest earlier git revision of ``dvc_file`` with another hash."""
+    from pipeline import versioning  # noqa: PLC0415
+
+    root = Path(root)
+    rel = Path(dvc_file).resolve().relative_to(root.resolve()).as_posix()
+    log_ = versioning.git(root, "log", "--format=%H", "--", rel, check=False)
+    for rev in log_.stdout.split():
+        shown = versioning.git(root, "show", f"{rev}:{rel}", check=False)
+        if shown.returncode != 0:
+            continue
+        try:
+            import yaml  # noqa: PLC0415
+
+            md5 = (yaml.safe_load(shown.stdout) or {}).get("outs", [{}])[0].get("md5")
+        except Exception:  # noqa: BLE001 (an odd old revision is skipped)
+            continue
+        if md5 and md5 != current_hash:
+            return md5
+    return None
+
+
+def load_profile(gx_dir: Path, dvc_hash: str | None) -> dict | None:
+    if not dvc_hash:
+        return None
+    path = profile_path(gx_dir, dvc_hash)
+    try:
+        return json.loads(path.read_text()) if path.is_file() else None
+    except ValueError:
+        return None
+
+
+class SubjectLeakError(ValueError):
+    """A subject has frames in more than one of train, validation and holdout."""
+
+
+def check_split(frames: pd.DataFrame) -> pd.DataFrame:
+    """Subjects found in more than one part of a split (``subject``, ``split`` columns).
+
+    Returns one row per leaking subject: ``subject``, ``parts`` ("holdout,train"), ``frames``
+    (frame ids or image paths, when present). Empty when the split is clean.
+    """
+    if frames.empty:
+        return pd.DataFrame(columns=["subject", "parts", "frames"])
+    name = "frame_id" if "frame_id" in frames else ("image_path" if "image_path" in frames else None)
+    rows = []
+    for subject, group in frames.groupby("subject", sort=True):
+        parts = sorted(set(group["split"].dropna().astype(str)))
+        if len(parts) > 1:
+            rows.append({
+                "subject": subject,
+                "parts": ",".join(parts),
+                "frames": group[name].astype(str).tolist() if name else [],
+            })
+    return pd.DataFrame(rows, columns=["subject", "parts", "frames"])
+
+
+def assert_no_subject_leak(frames: pd.DataFrame) -> None:
+    """Raise :class:`SubjectLeakError` naming each subject found in two or more parts."""
+    leaks = check_split(frames)
+    if len(leaks):
+        text = "; ".join(
+            f"subject {r.subject} in {r.parts} ({', '.join(r.frames[:5])}"
+            f"{' ...' if len(r.frames) > 5 else ''})" for r in leaks.itertuples()
+        )
+        raise SubjectLeakError(f"subjects in more than one of train, validation, holdout: {text}")
+
+
+# --------------------------------------------------------------------------------------------
 # Entry points
 # --------------------------------------------------------------------------------------------
 def validate_manifest(
@@ -559,12 +878,16 @@ def validate_manifest(
     rules: ValidationParams,
     gx_dir: Path,
     build_docs: bool = True,
+    previous_profile: dict | None = None,
 ) -> ValidationReport:
     """Run the ``raw_frames`` checkpoint of the GX project under ``gx_dir`` on ``manifest``.
 
     Creates whatever part of the GX project is missing, updates the stored suite when ``rules``
     changed, stores the validation result (``gx/uncommitted/validations``) and, with
-    ``build_docs``, updates the Data Docs. Never raises on bad data: read ``report.success``.
+    ``build_docs``, updates the Data Docs. Near-duplicate pairs with contradicting masks are
+    found first and checked by GX as the column ``contradicting_duplicate_of``. With
+    ``previous_profile`` (see :func:`compute_profile`), drift is reported too.
+    Never raises on bad data: ``report.success`` is False when a *blocking* check failed.
     """
     started = time.perf_counter()
     context = _context(Path(gx_dir))
@@ -573,14 +896,16 @@ def validate_manifest(
     validation_definition = _validation_definition(context, batch_definition, suite)
     checkpoint = _checkpoint(context, validation_definition)
 
-    frame = manifest.reset_index(drop=True)
+    pairs = find_contradicting_pairs(manifest, rules)
+    frame = _with_pair_column(manifest, pairs)
+    gx_frame = frame.drop(columns=[c for c in ("mask_thumb", "phash") if c in frame])
     if build_docs:
-        outcome = checkpoint.run(batch_parameters={"dataframe": frame})
+        outcome = checkpoint.run(batch_parameters={"dataframe": gx_frame})
         (result_id, suite_result), = outcome.run_results.items()
     else:
         # The same validation and stored result, without the Data Docs action.
         suite_result = validation_definition.run(
-            batch_parameters={"dataframe": frame},
+            batch_parameters={"dataframe": gx_frame},
             result_format=RESULT_FORMAT,
             checkpoint_id=checkpoint.id,
         )
@@ -601,11 +926,24 @@ def validate_manifest(
         )
         result_path = str(stored) if stored.is_file() else None
 
-    failures = [_failure(r) for r in suite_result.results if not r.success]
+    failures = [_failure(r, rules) for r in suite_result.results if not r.success]
+    for failure in failures:
+        if failure.check == "contradicting_duplicates" and pairs:
+            failure.details["pairs"] = pairs
+            failure.details["pair_count"] = len(pairs)
+            failure.files = list(dict.fromkeys(f for p in pairs for f in (p["image_a"], p["image_b"])))
+    profile = compute_profile(frame)
+    drift = None
+    if previous_profile:
+        drift = compare_profiles(profile, previous_profile, rules)
+        drift["previous_hash"] = previous_profile.get("dvc_hash", "")
+        drift_failure = _drift_failure(drift, rules)
+        if drift_failure is not None:
+            failures.append(drift_failure)
     n_frames, n_subjects, empty_share = _summary(frame)
     return ValidationReport(
-        success=bool(suite_result.success),
-        evaluated=len(suite_result.results),
+        success=not any(f.severity != "warning" for f in failures),
+        evaluated=len(suite_result.results) + (1 if previous_profile else 0),
         failures=failures,
         n_frames=n_frames,
         n_subjects=n_subjects,
@@ -614,7 +952,17 @@ def validate_manifest(
         data_docs_page=page,
         result_path=result_path,
         seconds=round(time.perf_counter() - started, 3),
+        contradicting_pairs=pairs,
+        profile=profile,
+        drift=drift,
     )
+
+
+def manifest_cache_file(gx_dir: Path, data_dir: Path) -> Path:
+    """Where the manifest cache of ``data_dir`` lives: the GX project's ``uncommitted/`` (git
+    ignores it; DVC does not hash it), one file per data folder."""
+    key = hashlib.sha1(str(Path(data_dir).resolve()).encode()).hexdigest()[:16]
+    return Path(gx_dir) / "gx" / "uncommitted" / "manifest_cache" / f"{key}.json"
 
 
 def validate_data_dir(
@@ -622,9 +970,16 @@ def validate_data_dir(
     rules: ValidationParams,
     gx_dir: Path,
     build_docs: bool = True,
+    previous_profile: dict | None = None,
+    use_cache: bool = True,
 ) -> tuple[pd.DataFrame, ValidationReport]:
-    """Build the manifest of ``data_dir`` and validate it; returns both."""
+    """Build the manifest of ``data_dir`` (reusing cached rows of unchanged files) and
+    validate it; returns both."""
     from pipeline.manifest import build_manifest
 
-    manifest = build_manifest(Path(data_dir))
-    return manifest, validate_manifest(manifest, rules, gx_dir, build_docs=build_docs)
+    cache = manifest_cache_file(gx_dir, data_dir) if use_cache else None
+    manifest = build_manifest(Path(data_dir), cache_file=cache)
+    report = validate_manifest(
+        manifest, rules, gx_dir, build_docs=build_docs, previous_profile=previous_profile
+    )
+    return manifest, report

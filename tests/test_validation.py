@@ -83,7 +83,7 @@ def test_clean_set_passes_and_writes_data_docs(tmp_path, gx_dir):
 
     assert report.success, report.format_failures()
     assert report.failures == []
-    assert report.evaluated == 19
+    assert report.evaluated == 20
     assert (report.n_frames, report.n_subjects, report.empty_share) == (6, 3, 0.5)
     assert "passed" in report.format_failures()
 
@@ -334,3 +334,9 @@ def test_real_frames_manifest_and_validation(tmp_path):
     assert report.success, report.format_failures()
     assert (report.n_frames, report.n_subjects) == (56, 7)
     assert report.empty_share == pytest.approx(26 / 56)
+    # Structural checks all pass; near-duplicates with contradicting masks are a warning, by pair.
+    assert report.blocking == []
+    assert [f.check for f in report.warnings] == ["contradicting_duplicates"]
+    pairs = [(p["frame_a"], p["frame_b"], p["dice"]) for p in report.contradicting_pairs]
+    assert pairs == [("1_9", "1_14", None), ("1_35", "1_36", None)]
+    assert "train/1_9.tif ~ train/1_14.tif" in report.format_failures()
