@@ -46,20 +46,25 @@ def _load(project: Path, params_file: str):
     return params, ProjectPaths.of(project, params)
 
 
-def _run_flow(project: Path, params_file: str) -> dict:
+def _run_flow(project: Path, params_file: str, force: bool = False) -> dict:
     from flows.retrain import retrain
     from pipeline.validation import DataValidationError
     from pipeline.versioning import CommandError, DataVersionError
+    from pipeline.workspace_lock import WorkspaceBusy
 
     try:
-        return retrain(project_dir=str(project.resolve()), params_file=params_file)
+        return retrain(project_dir=str(project.resolve()), params_file=params_file, force=force)
     except DataValidationError as exc:
         _fail(f"data validation failed; nothing was trained or registered.\n{exc}")
-    except (DataVersionError, CommandError, FileNotFoundError, ValueError) as exc:
+    except (DataVersionError, CommandError, WorkspaceBusy, FileNotFoundError, ValueError) as exc:
         _fail(str(exc))
 
 
 def _print_result(result: dict, paths, elapsed: float | None = None) -> None:
+    if result.get("skipped"):
+        typer.secho(f"retraining skipped: {result['reason']}", fg=typer.colors.YELLOW)
+        typer.echo("  models: nerveseg models   lineage: nerveseg audit")
+        return
     decision, holdout = result["decision"], result["holdout"]
     typer.echo("")
     typer.secho(
@@ -101,11 +106,12 @@ def quickstart(project: ProjectOpt = Path("."), params_file: ParamsOpt = "params
 
 @app.command()
 def run(project: ProjectOpt = Path("."), params_file: ParamsOpt = "params.yaml",
-        as_json: Annotated[bool, typer.Option("--json", help="Print the flow's result as JSON.")] = False) -> None:
-    """Run the retraining flow on the current data version."""
+        as_json: Annotated[bool, typer.Option("--json", help="Print the flow's result as JSON.")] = False,
+        force: Annotated[bool, typer.Option("--force", help="Retrain even if nothing changed.")] = False) -> None:
+    """Run the retraining flow on the current data version (skipped when nothing changed)."""
     params, paths = _load(project, params_file)
     began = time.perf_counter()
-    result = _run_flow(paths.root, params_file)
+    result = _run_flow(paths.root, params_file, force)
     if as_json:
         typer.echo(json.dumps(result, indent=2, default=str))
     else:
@@ -126,14 +132,18 @@ def validate(
     if not data_dir.is_dir():
         _fail(f"{data_dir}: no such folder", EXIT_USAGE)
     manifest, report = validate_data_dir(data_dir, params.validation, paths.gx_dir)
+    summary = paths.reports_dir / "validate_summary.md"
+    summary.parent.mkdir(parents=True, exist_ok=True)
+    summary.write_text(report.to_markdown())
     typer.echo(f"{data_dir}: {report.n_frames} frames of {report.n_subjects} subjects, "
                f"{report.empty_share:.1%} without a nerve, {report.evaluated} expectations")
+    typer.echo(report.format_failures())  # blocking failures and warnings, each naming its files
+    typer.echo(f"report: {summary}")
     if report.data_docs:
-        typer.echo(f"Data Docs: {report.data_docs}")
+        typer.echo(f"Data Docs: {report.data_docs_page or report.data_docs}")
     if report.success:
         typer.secho("validation passed", fg=typer.colors.GREEN)
         return
-    typer.echo(report.format_failures())
     _fail("validation failed")
 
 
@@ -143,6 +153,8 @@ def predict(
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for masks and overlays.")] = Path("predictions"),
     model: Annotated[str, typer.Option("--model", "-m", help="MLflow model URI.")] =
         "models:/nerve-segmentation@champion",
+    submission: Annotated[Optional[Path], typer.Option(
+        "--submission", help="Also write the competition's run-length-encoded CSV (img,pixels).")] = None,
     project: ProjectOpt = Path("."),
     params_file: ParamsOpt = "params.yaml",
 ) -> None:
@@ -171,6 +183,7 @@ def predict(
     except Exception as exc:  # MLflow raises several types for a missing model or alias
         _fail(f"cannot load model {model}: {exc}. List the registered versions with `nerveseg models`.")
     out.mkdir(parents=True, exist_ok=True)
+    rows = []
     for path in tqdm(files, desc="predict"):
         try:
             frame = read_gray(path)
@@ -179,7 +192,13 @@ def predict(
         mask = loaded.predict(frame[None])[0]
         write_image(out / f"{path.stem}_mask.png", (mask > 0).astype("uint8") * 255)
         write_image(out / f"{path.stem}_overlay.png", outline_overlay(frame, None, mask))
+        rows.append((path.stem, mask))
     typer.echo(f"wrote {len(files)} masks and overlays to {out}")
+    if submission is not None:
+        from pipeline.rle import write_submission
+
+        write_submission(submission, rows)
+        typer.echo(f"wrote the run-length-encoded submission ({len(rows)} rows, header img,pixels) to {submission}")
 
 
 @app.command()
@@ -212,6 +231,120 @@ def models(
                       f"{m.get('presence_accuracy', float('nan')):.4f}", (v["data_hash"] or "")[:12],
                       v["promotion"].get("decision", ""))
     Console().print(table)
+
+
+ActorOpt = Annotated[Optional[str], typer.Option("--actor", help="Who does this (default: your user name).")]
+
+
+@app.command()
+def promote(
+    version: Annotated[str, typer.Argument(help="The registered version to make champion.")],
+    reason: Annotated[str, typer.Option("--reason", help="Why; recorded with the move.")],
+    actor: ActorOpt = None,
+    project: ProjectOpt = Path("."),
+    params_file: ParamsOpt = "params.yaml",
+) -> None:
+    """Make a version champion by hand; it must load and run first, and the move is recorded."""
+    params, paths = _load(project, params_file)
+    from pipeline import registry, release
+
+    registry.configure(paths.mlflow_dir, params.registry.experiment)
+    try:
+        event = release.manual_promote(params.registry.model_name, version, reason, actor)
+    except release.PromotionError as exc:
+        _fail(str(exc))
+    except Exception as exc:  # MLflow: unknown version
+        _fail(f"{params.registry.model_name} version {version}: {exc}")
+    typer.echo(f"version {version} is now champion (was {event['previous_champion'] or 'none'}); "
+               f"recorded: {event['actor']} at {event['time']}: {event['reason']}")
+
+
+@app.command()
+def rollback(
+    reason: Annotated[str, typer.Option("--reason", help="Why; recorded with the move.")] = "rollback",
+    actor: ActorOpt = None,
+    project: ProjectOpt = Path("."),
+    params_file: ParamsOpt = "params.yaml",
+) -> None:
+    """Give champion back to the version the current champion replaced (checked to load and run)."""
+    params, paths = _load(project, params_file)
+    from pipeline import registry, release
+
+    registry.configure(paths.mlflow_dir, params.registry.experiment)
+    try:
+        event = release.rollback(params.registry.model_name, reason, actor)
+    except release.PromotionError as exc:
+        _fail(str(exc))
+    typer.echo(f"champion rolled back from version {event['replaced']} to the previous champion; "
+               f"recorded: {event['actor']} at {event['time']}: {event['reason']}")
+
+
+@app.command()
+def audit(
+    model_uri: Annotated[str, typer.Argument(help="models:/NAME@ALIAS, models:/NAME/VERSION or a version.")] =
+        "models:/nerve-segmentation@champion",
+    as_json: Annotated[bool, typer.Option("--json", help="JSON on stdout.")] = False,
+    project: ProjectOpt = Path("."),
+    params_file: ParamsOpt = "params.yaml",
+) -> None:
+    """The lineage of a model: run, code, parameters, data version, validation, metrics, promotions."""
+    params, paths = _load(project, params_file)
+    from pipeline import audit as audit_lib
+    from pipeline import registry
+
+    registry.configure(paths.mlflow_dir, params.registry.experiment)
+    try:
+        record = audit_lib.lineage(model_uri, params.registry.model_name)
+    except audit_lib.AuditError as exc:
+        _fail(str(exc))
+    typer.echo(json.dumps(record, indent=2, default=str) if as_json else audit_lib.to_text(record))
+
+
+@app.command()
+def ledger(
+    as_json: Annotated[bool, typer.Option("--json", help="JSON on stdout.")] = False,
+    project: ProjectOpt = Path("."),
+    params_file: ParamsOpt = "params.yaml",
+) -> None:
+    """Every recorded move of the aliases (promote, reject, rollback): when, who, why, evidence."""
+    params, paths = _load(project, params_file)
+    from pipeline import registry, release
+
+    registry.configure(paths.mlflow_dir, params.registry.experiment)
+    events = release.history(params.registry.model_name)
+    warning = release.unrecorded_alias_move(params.registry.model_name)
+    if as_json:
+        typer.echo(json.dumps({"model": params.registry.model_name, "events": events,
+                               "warnings": [warning] if warning else []}, indent=2, default=str))
+        return
+    for e in events:
+        typer.echo(f"{e['time']}  {e['action']:<9} v{e['version']:<4} by {e['actor']}: {e['reason']}")
+    if not events:
+        typer.echo("no recorded moves yet")
+    if warning:
+        typer.secho(f"WARNING: {warning}", fg=typer.colors.YELLOW)
+
+
+@app.command()
+def card(
+    model_uri: Annotated[str, typer.Argument(help="models:/NAME@ALIAS, models:/NAME/VERSION or a version.")] =
+        "models:/nerve-segmentation@champion",
+    out: Annotated[Path, typer.Option("--out", "-o", help="The HTML file to write.")] = Path("model_card.html"),
+    project: ProjectOpt = Path("."),
+    params_file: ParamsOpt = "params.yaml",
+) -> None:
+    """One self-contained HTML page about a model version, for auditors."""
+    params, paths = _load(project, params_file)
+    from pipeline import audit as audit_lib
+    from pipeline import registry
+    from pipeline.model_card import write_card
+
+    registry.configure(paths.mlflow_dir, params.registry.experiment)
+    try:
+        write_card(model_uri, params.registry.model_name, out)
+    except audit_lib.AuditError as exc:
+        _fail(str(exc))
+    typer.echo(f"wrote the model card of {model_uri} to {out}")
 
 
 @stage_app.command("validate")

@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact
+from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
@@ -18,6 +18,7 @@ from pipeline import registry, release, stages, versioning
 from pipeline.config import Params, load_params
 from pipeline.paths import ProjectPaths
 from pipeline.validation import DataValidationError
+from pipeline.workspace_lock import exclusive_run
 
 # Decide "nothing changed" from DVC and explicit hashes, never from Prefect's task cache
 # (see docs/architecture.md): every task here opts out of it.
@@ -69,13 +70,23 @@ def validate_task(paths: ProjectPaths, params: Params, run_id: str) -> dict:
     except DataValidationError as exc:
         client.set_tag(run_id, registry.TAG_VALIDATION, "false")
         client.log_text(run_id, exc.report.to_markdown(), "validation/summary.md")
+        if exc.report.data_docs_page and Path(exc.report.data_docs_page).is_file():
+            client.log_artifact(run_id, exc.report.data_docs_page, "validation/data_docs")
         create_markdown_artifact(exc.report.to_markdown(), key="data-validation", description="data validation failed")
         raise
     client.set_tag(run_id, registry.TAG_VALIDATION, "true")
+    client.set_tag(run_id, "validation.warnings", str(len(report.warnings)))
+    client.set_tag(run_id, "validation.contradicting_pairs", str(len(report.contradicting_pairs)))
     client.log_text(run_id, report.to_markdown(), "validation/summary.md")
-    client.log_text(run_id, manifest.to_csv(index=False), "validation/manifest.csv")
+    client.log_text(run_id, manifest.drop(columns=["mask_thumb"], errors="ignore").to_csv(index=False),
+                    "validation/manifest.csv")
+    client.log_dict(run_id, report.profile, "validation/profile.json")
+    if report.contradicting_pairs:
+        client.log_dict(run_id, {"pairs": report.contradicting_pairs}, "validation/contradicting_pairs.json")
     if report.data_docs_page and Path(report.data_docs_page).is_file():
         client.log_artifact(run_id, report.data_docs_page, "validation/data_docs")
+    for warning in report.warnings:
+        get_run_logger().warning("data validation warning: %s", warning.summary())
     create_markdown_artifact(report.to_markdown(), key="data-validation", description="data validation passed")
     _commit("validate", paths)
     return report.to_dict()
@@ -131,17 +142,21 @@ def evaluate_task(paths: ProjectPaths, params: Params, run_id: str) -> dict:
     client = mlflow.MlflowClient()
     result = stages.score(paths, params)
     for key, value in result.metrics.items():
-        client.log_metric(run_id, f"holdout.{key}", float(value))
-    for name in ("overlays.png", "training_curves.png", "holdout_frames.csv", "postprocess.json"):
+        if value == value:  # NaN (e.g. AUROC with one class only) is left out, not logged as a number
+            client.log_metric(run_id, f"holdout.{key}", float(value))
+    for name in ("evaluation.html", "overlays.png", "training_curves.png", "threshold_curve.png",
+                 "holdout_frames.csv", "holdout_subjects.csv", "threshold_curve.csv", "postprocess.json"):
         if (paths.reports_dir / name).is_file():
             client.log_artifact(run_id, str(paths.reports_dir / name), "evaluation")
     versioning.commit_stage(paths.root, "evaluate")
     m = result.metrics
+    report_uri = f"{client.get_run(run_id).info.artifact_uri}/evaluation/evaluation.html"
+    create_link_artifact(report_uri, link_text="holdout evaluation report (HTML)", key="holdout-report")
     create_markdown_artifact(
         "### Holdout evaluation\n\n| metric | value |\n|---|---|\n"
         + "".join(f"| {k} | {v:.4f} |\n" for k, v in m.items() if isinstance(v, float))
         + f"\nPost-processing frozen into the model: `{json.dumps(result.postprocess.to_dict())}`\n\n"
-        f"Overlays: `{paths.reports_dir / 'overlays.png'}` (MLflow run `{run_id}`, artifacts `evaluation/`)\n",
+        f"Report: [{report_uri}]({report_uri}) (MLflow run `{run_id}`, artifacts `evaluation/`)\n",
         key="holdout-evaluation",
     )
     return result.metrics
@@ -156,18 +171,49 @@ def register_task(paths: ProjectPaths, params: Params, run_id: str, tags: dict[s
 
 @task(name="promote", **TASK)
 def promote_task(paths: ProjectPaths, params: Params, version: str) -> dict:
+    from pipeline.model_card import log_card
+
     decision = release.promote(paths, params, version)
     get_run_logger().info("promotion: %s", decision.reason)
     create_markdown_artifact(decision.to_markdown(), key="promotion-decision")
+    run_id = registry.client().get_model_version(params.registry.model_name, version).run_id
+    card = log_card(params.registry.model_name, version, run_id)
+    get_run_logger().info("model card logged to run %s as %s", run_id, card)
     return decision.to_dict()
 
 
+@task(name="check-unchanged", **TASK)
+def unchanged_task(paths: ProjectPaths, params: Params, tags: dict[str, str]) -> str | None:
+    """Why this run would repeat the champion's (same data, settings and code), or None."""
+    registry.configure(paths.mlflow_dir, params.registry.experiment)
+    champion = registry.version_by_alias(params.registry.model_name, registry.CHAMPION)
+    if champion is None:
+        return None
+    keys = (registry.TAG_DATA_HASH, registry.TAG_PARAMS_HASH, registry.TAG_CODE_DIGEST)
+    if all((champion.tags or {}).get(key) == tags[key] for key in keys):
+        reason = (f"nothing changed since champion version {champion.version}: same data {tags[keys[0]]}, "
+                  f"settings {tags[keys[1]]} and code {tags[keys[2]]}; use --force to retrain anyway")
+        get_run_logger().info(reason)
+        create_markdown_artifact(f"### Retraining skipped\n\n{reason}\n", key="retrain-skipped")
+        return reason
+    return None
+
+
 @flow(name="retrain", log_prints=True)
-def retrain(project_dir: str = ".", params_file: str = "params.yaml") -> dict:
-    """Validate, preprocess, train, evaluate, register and promote on the current data version."""
+def retrain(project_dir: str = ".", params_file: str = "params.yaml", force: bool = False) -> dict:
+    """Validate, preprocess, train, evaluate, register and promote on the current data version.
+
+    Stops early, training nothing, when data, settings and code are those of the champion
+    (unless ``force``). One run per workspace at a time: a second one fails at once, saying so.
+    """
+    root = Path(project_dir).resolve()
+    with exclusive_run(root, f"flow run {flow_run.name or 'local'} ({flow_run.id or '-'})"):
+        return _retrain(root, params_file, force)
+
+
+def _retrain(root: Path, params_file: str, force: bool) -> dict:
     import mlflow
 
-    root = Path(project_dir).resolve()
     params = load_params(root / params_file)
     paths = ProjectPaths.of(root, params)
 
@@ -179,22 +225,37 @@ def retrain(project_dir: str = ".", params_file: str = "params.yaml") -> dict:
         registry.TAG_DATA_FILE: data.dvc_file,
         registry.TAG_CODE_REV: code_commit,
         registry.TAG_CODE_DIRTY: str(code_dirty).lower(),
+        registry.TAG_CODE_DIGEST: versioning.code_digest(),
         registry.TAG_PARAMS_HASH: params.digest(),
         registry.TAG_FLOW_RUN: str(flow_run.id or ""),
     }
+    skipped = None if force else unchanged_task(paths, params, tags)
+    if skipped:
+        return {"skipped": True, "reason": skipped, "data": data.to_dict(),
+                "tracking_uri": registry.tracking_uri(paths.mlflow_dir)}
     run_id = start_run_task(paths, params, tags)
     try:
         validation = validate_task(paths, params, run_id)
+        data_tags = {
+            "data.n_frames": str(validation["n_frames"]),
+            "data.n_subjects": str(validation["n_subjects"]),
+            "data.empty_share": f"{validation['empty_share']:.4f}",
+            "validation.data_docs": str(validation.get("data_docs_page") or ""),
+        }
+        for key, value in data_tags.items():
+            mlflow.MlflowClient().set_tag(run_id, key, value)
         prepared = preprocess_task(paths, params)
         trained = train_task(paths, params, run_id)
         metrics = evaluate_task(paths, params, run_id)
-        version = register_task(paths, params, run_id, {**tags, registry.TAG_VALIDATION: "true"}, metrics)
+        version = register_task(paths, params, run_id, {**tags, **data_tags, registry.TAG_VALIDATION: "true"},
+                                metrics)
         decision = promote_task(paths, params, version)
     except BaseException:
         mlflow.MlflowClient().set_terminated(run_id, "FAILED")
         raise
     mlflow.MlflowClient().set_terminated(run_id, "FINISHED")
     return {
+        "skipped": False,
         "run_id": run_id,
         "version": version,
         "decision": decision,

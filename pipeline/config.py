@@ -10,10 +10,10 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 
 class _Section(BaseModel):
@@ -40,6 +40,36 @@ class ValidationParams(_Section):
     saturated_mean_min: float = 250.0
     min_frames: int = Field(10, ge=1)
     min_subjects: int = Field(3, ge=1)
+    # Near-duplicate frames of one subject: perceptual hashes (256 bits) at most this far apart.
+    near_duplicate_max_bits: int = Field(6, ge=0, le=256)
+    # Two near-duplicates whose non-empty masks overlap less than this (Dice) contradict.
+    near_duplicate_dice_min: float = Field(0.5, ge=0, le=1)
+    # Drift against the previous data version: warn when a figure moves more than this.
+    drift_intensity_mean: float = Field(10.0, ge=0)  # grey levels, mean of frame means
+    drift_intensity_std: float = Field(5.0, ge=0)  # grey levels, mean of frame spreads
+    drift_empty_share: float = Field(0.10, ge=0, le=1)  # absolute change of the empty share
+    drift_mask_area: float = Field(0.20, ge=0)  # relative change of the median non-empty area
+    # Checks whose failure only warns (the others block the flow); names in docs/validation.md.
+    warning_checks: tuple[str, ...] = ("contradicting_duplicates", "drift")
+
+    CHECKS: ClassVar[tuple[str, ...]] = (
+        "row_count", "subject_count", "names", "unique_ids", "mask_for_frame", "frame_for_mask",
+        "frame_decodes", "mask_decodes", "frame_height", "frame_width", "frame_channels",
+        "frame_dtype", "mask_height", "mask_width", "mask_channels", "mask_binary", "mask_area",
+        "not_blank", "not_saturated", "contradicting_duplicates", "drift",
+    )
+
+    @field_validator("warning_checks")
+    @classmethod
+    def _known_checks(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        unknown = [v for v in value if v not in cls.CHECKS]
+        if unknown:
+            raise ValueError(f"unknown check(s) {unknown}; known: {', '.join(cls.CHECKS)}")
+        return tuple(value)
+
+    def severity(self, check: str) -> str:
+        """``"warning"`` for a check listed in ``warning_checks``, else ``"blocking"``."""
+        return "warning" if check in self.warning_checks else "blocking"
 
 
 class PreprocessParams(_Section):
@@ -108,8 +138,13 @@ class RegistryParams(_Section):
 
 
 class PromotionParams(_Section):
-    metric: Literal["dice", "iou", "presence_accuracy"] = "dice"
-    min_improvement: float = 0.0
+    """The gate: a paired bootstrap of per-frame Dice differences on the same holdout frames."""
+
+    margin: float = 0.0               # the interval's lower bound must exceed this
+    bootstrap_resamples: int = Field(2000, ge=100)
+    confidence: float = Field(0.95, gt=0.5, lt=1)
+    presence_tolerance: float = Field(0.02, ge=0, le=1)  # allowed drop in presence accuracy
+    seed: int = 0
 
 
 class Params(_Section):

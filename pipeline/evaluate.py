@@ -20,7 +20,7 @@ import pandas as pd
 from pipeline.config import Params
 from pipeline.imageio import atomic_write_text, read_gray
 from pipeline.inference import Postprocess, Predictor
-from pipeline.metrics import dice_per_frame, iou_per_frame, summarise
+from pipeline.metrics import dice_per_frame, full_summary, iou_per_frame
 from pipeline.preprocess import FRAMES
 from pipeline.train import HISTORY, load_trained
 
@@ -29,9 +29,14 @@ METRICS = "holdout_metrics.json"
 PER_FRAME = "holdout_frames.csv"
 OVERLAYS = "overlays.png"
 CURVES = "training_curves.png"
+PER_SUBJECT = "holdout_subjects.csv"
+THRESHOLD_CURVE = "threshold_curve.csv"
+THRESHOLD_PLOT = "threshold_curve.png"
+REPORT = "evaluation.html"
 
 PRESENCE_GRID = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
 MIN_AREA_GRID = (0, 1000, 2000, 3000, 4000)
+MASK_GRID = (0.4, 0.5, 0.6)
 
 MaskFunction = Callable[[np.ndarray], np.ndarray]
 
@@ -50,17 +55,25 @@ def load_native(data_dir: Path, frames: pd.DataFrame) -> tuple[np.ndarray, np.nd
     return images, masks
 
 
-def tune_postprocess(predictor: Predictor, images: np.ndarray, masks: np.ndarray, base: Postprocess) -> Postprocess:
-    """Grid-search the presence threshold and minimum area for the best mean Dice."""
+def tune_postprocess(predictor: Predictor, images: np.ndarray, masks: np.ndarray,
+                     base: Postprocess) -> tuple[Postprocess, pd.DataFrame]:
+    """Grid-search the thresholds and minimum area for the best mean Dice on validation frames.
+
+    Returns the best setting and the curve: for each presence threshold, the best Dice over the
+    other two settings (what an operator looks at to see how sharp the optimum is).
+    """
     probs, presence = predictor.probabilities(images)
-    best, best_score = base, -1.0
-    for p_thr, min_area in itertools.product(PRESENCE_GRID, MIN_AREA_GRID):
-        candidate = Postprocess(base.mask_threshold, p_thr, min_area)
+    rows = []
+    for m_thr, p_thr, min_area in itertools.product(MASK_GRID, PRESENCE_GRID, MIN_AREA_GRID):
+        candidate = Postprocess(m_thr, p_thr, min_area)
         pred = predictor.masks_from_probabilities(probs, presence, masks.shape[1:], candidate)
-        score = float(dice_per_frame(pred, masks).mean())
-        if score > best_score + 1e-9:
-            best, best_score = candidate, score
-    return best
+        rows.append({"mask_threshold": m_thr, "presence_threshold": p_thr, "min_area": min_area,
+                     "dice": float(dice_per_frame(pred, masks).mean())})
+    grid = pd.DataFrame(rows)
+    # Ties go to the first maximum in grid order (the lowest thresholds and area).
+    best = grid.loc[grid["dice"].idxmax()]
+    curve = grid.groupby("presence_threshold", as_index=False)["dice"].max()
+    return Postprocess(float(best.mask_threshold), float(best.presence_threshold), int(best.min_area)), curve
 
 
 def score_frames(predict: MaskFunction, images: np.ndarray, masks: np.ndarray, frames: pd.DataFrame) -> pd.DataFrame:
@@ -77,6 +90,24 @@ def score_frames(predict: MaskFunction, images: np.ndarray, masks: np.ndarray, f
     return table
 
 
+def _clean(value):
+    """JSON-safe metric: NaN becomes null (DVC and JSON readers reject NaN)."""
+    if isinstance(value, float):
+        return None if np.isnan(value) else round(value, 6)
+    return value
+
+
+def per_subject_table(table: pd.DataFrame) -> pd.DataFrame:
+    grouped = table.assign(nerve=table.true_area > 0, presence_ok=(table.true_area > 0) == (table.pred_area > 0))
+    return grouped.groupby("subject", as_index=False).agg(
+        frames=("frame_id", "count"),
+        nerve_frames=("nerve", "sum"),
+        dice=("dice", "mean"),
+        iou=("iou", "mean"),
+        presence_accuracy=("presence_ok", "mean"),
+    )
+
+
 def evaluate(data_dir: Path, prepared_dir: Path, models_dir: Path, out_dir: Path, params: Params) -> EvaluationResult:
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     frames = pd.read_csv(Path(prepared_dir) / FRAMES)
@@ -90,26 +121,39 @@ def evaluate(data_dir: Path, prepared_dir: Path, models_dir: Path, out_dir: Path
     holdout = frames[frames.split == "holdout"].reset_index(drop=True)
     if holdout.empty:
         raise ValueError(f"{prepared_dir / FRAMES}: no holdout frames")
+    curve = None
     if params.postprocess.tune and not validation.empty:
         val_images, val_masks = load_native(data_dir, validation)
-        predictor.post = tune_postprocess(predictor, val_images, val_masks, base)
+        predictor.post, curve = tune_postprocess(predictor, val_images, val_masks, base)
 
     images, masks = load_native(data_dir, holdout)
-    table = score_frames(predictor.predict, images, masks, holdout)
-    pred = table.attrs.pop("pred")
-    metrics = summarise(pred, masks)
+    probs, presence = predictor.probabilities(images)
+    pred = predictor.masks_from_probabilities(probs, presence, masks.shape[1:])
+    table = score_frames(lambda _: pred, images, masks, holdout)
+    table.attrs.pop("pred")
+    table["presence_probability"] = presence
+    metrics = full_summary(pred, masks, presence)
     metrics["n_subjects"] = int(holdout["subject"].nunique())
+    subjects = per_subject_table(table)
 
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out_dir / POSTPROCESS, json.dumps(predictor.post.to_dict(), indent=2))
-    atomic_write_text(out_dir / METRICS, json.dumps({k: round(v, 6) for k, v in metrics.items()}, indent=2))
+    atomic_write_text(out_dir / METRICS, json.dumps({k: _clean(v) for k, v in metrics.items()}, indent=2))
     atomic_write_text(out_dir / PER_FRAME, table.to_csv(index=False))
-    from pipeline.figures import draw_overlays, draw_training_curves
+    atomic_write_text(out_dir / PER_SUBJECT, subjects.to_csv(index=False))
+    from pipeline.figures import draw_overlays, draw_threshold_curve, draw_training_curves
+    from pipeline.report import write_evaluation_report
 
     draw_overlays(images, masks, pred, table, out_dir / OVERLAYS, params.evaluate.overlays)
     history = Path(models_dir) / HISTORY
     if history.is_file():
         draw_training_curves(pd.read_csv(history), out_dir / CURVES)
+    if curve is None:
+        curve = pd.DataFrame({"presence_threshold": [predictor.post.presence_threshold], "dice": [float("nan")]})
+    atomic_write_text(out_dir / THRESHOLD_CURVE, curve.to_csv(index=False))
+    draw_threshold_curve(curve, predictor.post.presence_threshold, out_dir / THRESHOLD_PLOT)
+    write_evaluation_report(out_dir / REPORT, metrics, subjects, predictor.post,
+                            [out_dir / OVERLAYS, out_dir / THRESHOLD_PLOT, out_dir / CURVES])
     return EvaluationResult(metrics, predictor.post, table)
 
 

@@ -73,3 +73,18 @@ def draw_training_curves(history: pd.DataFrame, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
+
+
+def draw_threshold_curve(curve: pd.DataFrame, chosen: float, path: Path) -> None:
+    """Validation Dice against the presence threshold (best over the other settings)."""
+    plt = _matplotlib()
+    fig, ax = plt.subplots(figsize=(4.5, 3.2))
+    ax.plot(curve["presence_threshold"], curve["dice"], marker="o")
+    ax.axvline(chosen, color="grey", linestyle="--", label=f"chosen {chosen:g}")
+    ax.set_xlabel("presence threshold")
+    ax.set_ylabel("validation Dice")
+    ax.set_ylim(0, 1)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)

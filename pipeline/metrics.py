@@ -44,3 +44,67 @@ def summarise(pred: np.ndarray, true: np.ndarray) -> dict[str, float]:
         "dice_nerve_frames": float(dice[nerve].mean()) if nerve.any() else float("nan"),
         "n_frames": int(len(dice)),
     }
+
+
+def pixel_confusion(pred: np.ndarray, true: np.ndarray) -> dict[str, int]:
+    pred, true = pred.astype(bool), true.astype(bool)
+    tp = int((pred & true).sum())
+    fp = int((pred & ~true).sum())
+    fn = int((~pred & true).sum())
+    tn = int(pred.size - tp - fp - fn)
+    return {"tp": tp, "fp": fp, "fn": fn, "tn": tn}
+
+
+def auroc(scores: np.ndarray, labels: np.ndarray) -> float:
+    """Area under the ROC curve (Mann-Whitney U with tied ranks); NaN with one class only."""
+    scores, labels = np.asarray(scores, float), np.asarray(labels, bool)
+    n_pos, n_neg = int(labels.sum()), int((~labels).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    order = np.argsort(scores, kind="mergesort")
+    ranks = np.empty(len(scores))
+    sorted_scores = scores[order]
+    i = 0
+    while i < len(scores):  # average ranks over ties
+        j = i
+        while j + 1 < len(scores) and sorted_scores[j + 1] == sorted_scores[i]:
+            j += 1
+        ranks[order[i : j + 1]] = (i + j) / 2 + 1
+        i = j + 1
+    return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def hausdorff95(pred: np.ndarray, true: np.ndarray) -> float:
+    """95th-percentile symmetric surface distance in pixels; NaN unless both masks are non-empty."""
+    import cv2
+
+    pred, true = pred.astype(np.uint8), true.astype(np.uint8)
+    if not pred.any() or not true.any():
+        return float("nan")
+
+    def surface(mask: np.ndarray) -> np.ndarray:
+        return mask.astype(bool) & ~cv2.erode(mask, np.ones((3, 3), np.uint8)).astype(bool)
+
+    def distance_to(mask: np.ndarray) -> np.ndarray:  # distance of every pixel to the mask's surface
+        return cv2.distanceTransform((~surface(mask)).astype(np.uint8), cv2.DIST_L2, 5)
+
+    d_pt = distance_to(true)[surface(pred)]
+    d_tp = distance_to(pred)[surface(true)]
+    return float(np.percentile(np.concatenate([d_pt, d_tp]), 95))
+
+
+def full_summary(pred: np.ndarray, true: np.ndarray, presence_prob: np.ndarray | None = None) -> dict[str, float]:
+    """Every holdout figure: competition Dice, IoU, pixel sensitivity/specificity/accuracy,
+    presence accuracy and AUROC, and the 95th-percentile Hausdorff distance on nerve frames."""
+    out = summarise(pred, true)
+    c = pixel_confusion(pred, true)
+    out["sensitivity"] = c["tp"] / max(c["tp"] + c["fn"], 1)
+    out["specificity"] = c["tn"] / max(c["tn"] + c["fp"], 1)
+    out["pixel_accuracy"] = (c["tp"] + c["tn"]) / max(sum(c.values()), 1)
+    present = true.reshape(len(true), -1).any(1)
+    out["presence_auroc"] = auroc(presence_prob, present) if presence_prob is not None else float("nan")
+    distances = [hausdorff95(p, t) for p, t in zip(pred, true) if t.any()]
+    found = [d for d in distances if not np.isnan(d)]
+    out["hd95_px"] = float(np.mean(found)) if found else float("nan")
+    out["nerve_frames_missed"] = int(len(distances) - len(found))
+    return out

@@ -1,84 +1,146 @@
-"""The promotion rule: the challenger takes ``champion`` only when it beats the champion
-**on the same holdout frames**; without a champion the first valid model becomes it."""
+"""The promotion gate. The challenger takes ``champion`` only when, on the **same holdout frames**:
+
+- a paired bootstrap of the per-frame Dice difference (challenger − champion) gives an interval whose
+  lower bound is above ``promotion.margin``;
+- its presence accuracy does not drop by more than ``promotion.presence_tolerance``;
+- the data validation of its data version passed.
+
+Without a champion, the first valid model becomes it.
+"""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+import numpy as np
+
+from pipeline.config import PromotionParams
+
+
+@dataclass(frozen=True)
+class FrameScores:
+    """One model's per-frame results on an ordered list of frames."""
+
+    frame_ids: list[str]
+    dice: np.ndarray           # competition Dice per frame
+    presence_ok: np.ndarray    # predicted presence agrees with the truth, per frame
+
+    @property
+    def mean_dice(self) -> float:
+        return float(np.mean(self.dice))
+
+    @property
+    def presence_accuracy(self) -> float:
+        return float(np.mean(self.presence_ok))
+
+
+def paired_bootstrap(diff: np.ndarray, resamples: int, confidence: float, seed: int) -> tuple[float, float, float]:
+    """Mean of ``diff`` and its percentile bootstrap interval (frames resampled with replacement)."""
+    diff = np.asarray(diff, float)
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(diff), size=(resamples, len(diff)))
+    means = diff[idx].mean(axis=1)
+    alpha = (1 - confidence) / 2
+    return float(diff.mean()), float(np.quantile(means, alpha)), float(np.quantile(means, 1 - alpha))
+
 
 @dataclass(frozen=True)
 class PromotionDecision:
     promote: bool
-    alias: str                       # the alias the challenger receives: champion or challenger
+    alias: str                          # what the challenger receives: champion or challenger
     reason: str
-    metric: str
     challenger_version: str
-    challenger_score: float
+    challenger_dice: float
+    challenger_presence_accuracy: float
     champion_version: str | None
-    champion_score: float | None     # the champion re-scored on the challenger's holdout frames
+    champion_dice: float | None         # the champion re-scored on the challenger's holdout frames
+    champion_presence_accuracy: float | None
+    dice_difference: float | None
+    interval_low: float | None
+    interval_high: float | None
+    confidence: float
+    resamples: int
+    margin: float
+    validation_passed: bool
     n_frames: int
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     def tags(self) -> dict[str, str]:
+        def f(value) -> str:
+            return "" if value is None else (f"{value:.6f}" if isinstance(value, float) else str(value))
+
         return {
             "promotion.decision": "promoted" if self.promote else "not_promoted",
             "promotion.reason": self.reason,
-            "promotion.metric": self.metric,
-            "promotion.challenger_score": f"{self.challenger_score:.6f}",
-            "promotion.champion_version": self.champion_version or "",
-            "promotion.champion_score_same_frames": "" if self.champion_score is None else f"{self.champion_score:.6f}",
+            "promotion.challenger_dice": f(self.challenger_dice),
+            "promotion.champion_version": f(self.champion_version),
+            "promotion.champion_dice_same_frames": f(self.champion_dice),
+            "promotion.dice_difference": f(self.dice_difference),
+            "promotion.interval": "" if self.interval_low is None else
+            f"[{self.interval_low:.6f}, {self.interval_high:.6f}] at {self.confidence:g}",
             "promotion.n_frames": str(self.n_frames),
         }
 
     def to_markdown(self) -> str:
         verdict = "**promoted** to `champion`" if self.promote else "kept as `challenger`"
-        champion = (
-            f"version {self.champion_version}: {self.champion_score:.4f}"
-            if self.champion_version is not None and self.champion_score is not None
-            else "none"
-        )
-        return (
-            f"### Promotion decision\n\nVersion {self.challenger_version} {verdict}.\n\n"
-            f"| | {self.metric} on the same {self.n_frames} holdout frames |\n|---|---|\n"
-            f"| challenger (v{self.challenger_version}) | {self.challenger_score:.4f} |\n"
-            f"| champion | {champion} |\n\nReason: {self.reason}\n"
-        )
+        lines = [f"### Promotion decision\n\nVersion {self.challenger_version} {verdict}.\n",
+                 f"| on the same {self.n_frames} holdout frames | Dice | presence accuracy |", "|---|---|---|",
+                 f"| challenger v{self.challenger_version} | {self.challenger_dice:.4f} | "
+                 f"{self.challenger_presence_accuracy:.4f} |"]
+        if self.champion_version is not None:
+            lines.append(f"| champion v{self.champion_version} | {self.champion_dice:.4f} | "
+                         f"{self.champion_presence_accuracy:.4f} |")
+            lines.append(f"\nDice difference {self.dice_difference:+.4f}, {self.confidence:.0%} interval "
+                         f"[{self.interval_low:+.4f}, {self.interval_high:+.4f}] ({self.resamples} paired "
+                         f"bootstrap resamples), margin {self.margin:g}.")
+        lines.append(f"\nReason: {self.reason}\n")
+        return "\n".join(lines)
 
 
-def decide(
-    metric: str,
-    challenger_version: str,
-    challenger_score: float,
-    champion_version: str | None,
-    champion_score: float | None,
-    n_frames: int,
-    min_improvement: float = 0.0,
-) -> PromotionDecision:
-    if champion_version is None or champion_score is None:
-        promote = True
-        reason = "no champion yet: the first valid model becomes champion"
-    elif challenger_score > champion_score + min_improvement:
-        promote = True
-        reason = (
-            f"{metric} {challenger_score:.4f} beats the champion's {champion_score:.4f} on the same "
-            f"{n_frames} frames by more than {min_improvement:g}"
+def decide(challenger_version: str, challenger: FrameScores, champion_version: str | None,
+           champion: FrameScores | None, params: PromotionParams, validation_passed: bool) -> PromotionDecision:
+    if champion is not None and champion.frame_ids != challenger.frame_ids:
+        raise ValueError("champion and challenger must be scored on the same frames, in the same order")
+    common = dict(
+        challenger_version=challenger_version,
+        challenger_dice=challenger.mean_dice,
+        challenger_presence_accuracy=challenger.presence_accuracy,
+        champion_version=champion_version,
+        champion_dice=champion.mean_dice if champion else None,
+        champion_presence_accuracy=champion.presence_accuracy if champion else None,
+        confidence=params.confidence,
+        resamples=params.bootstrap_resamples,
+        margin=params.margin,
+        validation_passed=validation_passed,
+        n_frames=len(challenger.frame_ids),
+    )
+    if champion is None:
+        mean = low = high = None
+    else:
+        mean, low, high = paired_bootstrap(challenger.dice - champion.dice, params.bootstrap_resamples,
+                                           params.confidence, params.seed)
+    common.update(dice_difference=mean, interval_low=low, interval_high=high)
+
+    if not validation_passed:
+        promote, reason = False, "the data validation of this data version did not pass"
+    elif champion is None:
+        promote, reason = True, "no champion yet: the first valid model becomes champion"
+    elif low <= params.margin:
+        promote, reason = False, (
+            f"not measurably better: Dice difference {mean:+.4f}, {params.confidence:.0%} interval "
+            f"[{low:+.4f}, {high:+.4f}] does not lie above the margin {params.margin:g}"
+        )
+    elif challenger.presence_accuracy < champion.presence_accuracy - params.presence_tolerance:
+        promote, reason = False, (
+            f"presence accuracy drops from {champion.presence_accuracy:.4f} to {challenger.presence_accuracy:.4f}, "
+            f"beyond the tolerance {params.presence_tolerance:g}"
         )
     else:
-        promote = False
-        reason = (
-            f"{metric} {challenger_score:.4f} does not beat the champion's {champion_score:.4f} on the "
-            f"same {n_frames} frames by more than {min_improvement:g}"
+        promote, reason = True, (
+            f"better on the same {len(challenger.frame_ids)} frames: Dice {challenger.mean_dice:.4f} vs "
+            f"{champion.mean_dice:.4f}, difference {mean:+.4f}, {params.confidence:.0%} interval "
+            f"[{low:+.4f}, {high:+.4f}] above the margin {params.margin:g}"
         )
-    return PromotionDecision(
-        promote=promote,
-        alias="champion" if promote else "challenger",
-        reason=reason,
-        metric=metric,
-        challenger_version=challenger_version,
-        challenger_score=challenger_score,
-        champion_version=champion_version,
-        champion_score=champion_score,
-        n_frames=n_frames,
-    )
+    return PromotionDecision(promote=promote, alias="champion" if promote else "challenger", reason=reason, **common)

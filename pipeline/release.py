@@ -1,14 +1,18 @@
-"""Register a trained model in MLflow and decide its alias.
+"""Register a trained model in MLflow and move the ``champion`` alias safely.
 
-Order matters for operators: the version is registered and tagged, then the challenger and the
-champion are both loaded *from the registry* and scored on the same holdout frames (which also
-proves the new version loads and runs), the decision is written as tags on both versions, and
-only then does an alias move. A crash at any point leaves the previous champion in place.
+Order matters for operators: the version is registered and tagged; the challenger and the champion
+are both loaded *from the registry* and scored on the same holdout frames (which also proves the new
+version loads and runs); the decision and an event record are written as tags; only then does an
+alias move. A crash at any point before that call leaves the previous champion in place. Manual
+promotion and rollback follow the same order: load and run the model, record, then move.
 """
 
 from __future__ import annotations
 
+import getpass
+import json
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -16,13 +20,20 @@ import pandas as pd
 
 from pipeline import registry
 from pipeline.config import Params
-from pipeline.evaluate import load_native, load_postprocess, score_frames
+from pipeline.evaluate import load_native, load_postprocess
 from pipeline.inference import write_bundle
-from pipeline.metrics import summarise
+from pipeline.metrics import dice_per_frame
 from pipeline.paths import ProjectPaths
 from pipeline.preprocess import FRAMES
-from pipeline.promotion import PromotionDecision, decide
+from pipeline.promotion import FrameScores, PromotionDecision, decide
 from pipeline.train import WEIGHTS, load_model_config
+
+EVENT_PREFIX = "event."
+PREVIOUS_CHAMPION = "champion.previous_version"
+
+
+class PromotionError(RuntimeError):
+    """A version cannot become champion (it does not load or run, or there is nothing to roll back to)."""
 
 
 def holdout_table(paths: ProjectPaths) -> pd.DataFrame:
@@ -44,45 +55,141 @@ def register_model(paths: ProjectPaths, params: Params, run_id: str, tags: dict[
         )
         model_uri = registry.log_model(run_id, bundle, example)
     version_tags = dict(tags)
-    version_tags.update({f"holdout.{k}": f"{v:.6f}" for k, v in metrics.items() if isinstance(v, float)})
+    version_tags.update({
+        f"holdout.{k}": f"{v:.6f}" for k, v in metrics.items() if isinstance(v, float) and not np.isnan(v)
+    })
     return registry.register(model_uri, params.registry.model_name, version_tags)
 
 
-def _score_version(name: str, version: str, images: np.ndarray, masks: np.ndarray, holdout: pd.DataFrame,
-                   metric: str) -> float:
-    model = registry.load_model(f"models:/{name}/{version}")
-    table = score_frames(model.predict, images, masks, holdout)
-    return float(summarise(table.attrs.pop("pred"), masks)[metric])
+def load_and_check(name: str, version: str, frame: np.ndarray | None = None):
+    """Load a version from the registry and run it on one frame; raise PromotionError if either fails."""
+    frame = np.zeros((420, 580), np.uint8) if frame is None else frame
+    try:
+        model = registry.load_model(f"models:/{name}/{version}")
+        out = np.asarray(model.predict(frame[None]))
+    except Exception as exc:  # any failure to load or run disqualifies the version
+        raise PromotionError(f"{name} version {version} cannot be loaded and run: {exc}") from exc
+    if out.shape != (1, *frame.shape):
+        raise PromotionError(f"{name} version {version} returned masks of shape {out.shape} for one "
+                             f"{frame.shape} frame")
+    return model
 
 
-def promote(paths: ProjectPaths, params: Params, version: str) -> PromotionDecision:
-    name, metric = params.registry.model_name, params.promotion.metric
+def score_version(model, images: np.ndarray, masks: np.ndarray, frame_ids: list[str]) -> FrameScores:
+    pred = (np.asarray(model.predict(images)) > 0).astype(np.uint8)
+    dice = dice_per_frame(pred, masks)
+    presence_ok = pred.reshape(len(pred), -1).any(1) == masks.reshape(len(masks), -1).any(1)
+    return FrameScores(list(frame_ids), dice, presence_ok)
+
+
+def record_event(name: str, version: str, action: str, reason: str, actor: str | None = None,
+                 **evidence) -> dict:
+    """An event on a version (promote, reject, rollback), kept as a version tag in the registry."""
+    event = {"action": action, "reason": reason, "actor": actor or getpass.getuser(),
+             "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **evidence}
+    registry.set_tags(name, version, {f"{EVENT_PREFIX}{time.time_ns()}": json.dumps(event, default=str)})
+    return event
+
+
+def history(name: str) -> list[dict]:
+    """Every recorded event on every version, oldest first."""
+    events = []
+    for info in registry.list_versions(name):
+        for key, value in info.tags.items():
+            if key.startswith(EVENT_PREFIX):
+                events.append({"version": info.version, "at_ns": int(key.removeprefix(EVENT_PREFIX)),
+                               **json.loads(value)})
+    return sorted(events, key=lambda e: e["at_ns"])
+
+
+def _move_champion(name: str, version: str, previous: str | None) -> None:
+    registry.set_tags(name, version, {PREVIOUS_CHAMPION: previous or ""})
+    registry.set_alias(name, registry.CHAMPION, version)
+    challenger = registry.version_by_alias(name, registry.CHALLENGER)
+    if challenger is not None and str(challenger.version) == version:
+        registry.delete_alias(name, registry.CHALLENGER)
+
+
+def promote(paths: ProjectPaths, params: Params, version: str, actor: str | None = None) -> PromotionDecision:
+    """The automatic gate of the flow: score both on the same holdout frames, record, then alias."""
+    name = params.registry.model_name
     holdout = holdout_table(paths)
     images, masks = load_native(paths.raw_dir, holdout)
-    challenger_score = _score_version(name, version, images, masks, holdout, metric)
+    frame_ids = holdout["frame_id"].tolist()
+    challenger = score_version(load_and_check(name, version, images[0]), images, masks, frame_ids)
 
     current = registry.version_by_alias(name, registry.CHAMPION)
     champion_version = str(current.version) if current is not None and str(current.version) != version else None
-    champion_score = None
+    champion = None
     if champion_version is not None:
-        champion_score = _score_version(name, champion_version, images, masks, holdout, metric)
+        champion = score_version(registry.load_model(f"models:/{name}/{champion_version}"), images, masks, frame_ids)
 
-    decision = decide(metric, version, challenger_score, champion_version, champion_score, len(holdout),
-                      params.promotion.min_improvement)
+    tags = registry.client().get_model_version(name, version).tags
+    validation_passed = tags.get(registry.TAG_VALIDATION) == "true"
+    decision = decide(version, challenger, champion_version, champion, params.promotion, validation_passed)
     registry.set_tags(name, version, decision.tags())
+    evidence = {"challenger_dice": decision.challenger_dice, "champion_version": champion_version,
+                "champion_dice": decision.champion_dice, "interval": [decision.interval_low, decision.interval_high],
+                "data_hash": tags.get(registry.TAG_DATA_HASH), "validation_passed": validation_passed,
+                "flow_run": tags.get(registry.TAG_FLOW_RUN), "n_frames": decision.n_frames}
+    record_event(name, version, "promote" if decision.promote else "reject", decision.reason, actor, **evidence)
     if champion_version is not None:
-        registry.set_tags(name, champion_version, {
+        registry.set_tags(name, champion_version, {  # the decision on both versions
             "promotion.last_challenge": f"v{version}: {decision.tags()['promotion.decision']}",
-            "promotion.last_challenge_score_same_frames": f"{champion_score:.6f}",
+            "promotion.last_challenge_reason": decision.reason,
+            "promotion.last_challenge_scores": f"champion {decision.champion_dice:.6f}, "
+                                               f"challenger {decision.challenger_dice:.6f}",
+            "promotion.last_challenge_interval": decision.tags()["promotion.interval"],
         })
     if decision.promote:
-        registry.set_alias(name, registry.CHAMPION, version)
-        registry.delete_alias(name, registry.CHALLENGER) if _alias_is(name, registry.CHALLENGER, version) else None
+        _move_champion(name, version, champion_version)
     else:
         registry.set_alias(name, registry.CHALLENGER, version)
     return decision
 
 
-def _alias_is(name: str, alias: str, version: str) -> bool:
-    current = registry.version_by_alias(name, alias)
-    return current is not None and str(current.version) == version
+def manual_promote(name: str, version: str, reason: str, actor: str | None = None) -> dict:
+    """An operator's promotion: the version must load and run; the move is recorded first."""
+    if not reason.strip():
+        raise PromotionError("a manual promotion needs a reason (--reason)")
+    registry.client().get_model_version(name, version)  # raises if the version does not exist
+    load_and_check(name, version)
+    current = registry.version_by_alias(name, registry.CHAMPION)
+    previous = str(current.version) if current is not None else None
+    if previous == version:
+        raise PromotionError(f"{name} version {version} is already the champion")
+    event = record_event(name, version, "promote", reason, actor, manual=True, previous_champion=previous)
+    _move_champion(name, version, previous)
+    return event
+
+
+def rollback(name: str, reason: str, actor: str | None = None) -> dict:
+    """Give ``champion`` back to the version it replaced, after checking that version still runs."""
+    current = registry.version_by_alias(name, registry.CHAMPION)
+    if current is None:
+        raise PromotionError(f"{name} has no champion to roll back")
+    previous = (current.tags or {}).get(PREVIOUS_CHAMPION, "")
+    if not previous:
+        raise PromotionError(f"{name} version {current.version} replaced no earlier champion; nothing to roll back to")
+    load_and_check(name, previous)
+    event = record_event(name, previous, "rollback", reason or "rollback", actor, replaced=str(current.version))
+    # The restored champion keeps its own predecessor, so a second rollback goes further back.
+    registry.set_alias(name, registry.CHAMPION, previous)
+    return event
+
+
+def expected_champion(name: str) -> str | None:
+    """The version the recorded moves say is champion (the last promote or rollback target)."""
+    moves = [e for e in history(name) if e["action"] in ("promote", "rollback")]
+    return moves[-1]["version"] if moves else None
+
+
+def unrecorded_alias_move(name: str) -> str | None:
+    """A message when ``champion`` points somewhere no recorded move put it, else None."""
+    current = registry.version_by_alias(name, registry.CHAMPION)
+    current = None if current is None else str(current.version)
+    expected = expected_champion(name)
+    if current == expected:
+        return None
+    return (f"the alias champion points at version {current or 'nothing'}, but the last recorded move set "
+            f"version {expected or 'nothing'}: it was moved outside nerveseg's commands")

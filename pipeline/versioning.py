@@ -77,6 +77,20 @@ def code_revision(root: Path) -> tuple[str, bool]:
     return proc.stdout.strip(), dirty
 
 
+def code_digest() -> str:
+    """A hash of the pipeline's own source (``pipeline/`` and ``flows/``), independent of git HEAD,
+    which moves with every data or settings commit."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    package_root = Path(__file__).resolve().parent.parent
+    for folder in ("pipeline", "flows"):
+        for path in sorted((package_root / folder).rglob("*.py")):
+            digest.update(path.relative_to(package_root).as_posix().encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def ensure_dvc_repo(root: Path, remote_dir: Path) -> None:
     """``dvc init`` if needed and a default local remote if none is configured."""
     root = Path(root)

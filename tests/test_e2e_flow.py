@@ -70,6 +70,18 @@ def test_dvc_status_is_clean_after_the_flow(flow_project):
     assert versioning.pipeline_status(root) == {}
 
 
+def test_unchanged_run_is_skipped_and_trains_nothing(flow_project):
+    from flows.retrain import retrain
+
+    root, first = flow_project
+    before = (root / "models" / "model.pt").stat().st_mtime_ns
+    again = retrain(project_dir=str(root))
+    assert again["skipped"] is True and "nothing changed since champion version 1" in again["reason"]
+    assert (root / "models" / "model.pt").stat().st_mtime_ns == before
+    registry = _registry(root)
+    assert [v.version for v in registry.list_versions(MODEL)] == ["1"]
+
+
 def test_worse_model_does_not_take_the_alias(flow_project):
     """A model that learnt nothing (learning rate 0) and keeps every pixel above 0.5 is really
     worse on the same frames; it becomes challenger and the champion stays."""
@@ -88,7 +100,8 @@ def test_worse_model_does_not_take_the_alias(flow_project):
     assert second["decision"]["promote"] is False
     assert str(registry.version_by_alias(MODEL, registry.CHAMPION).version) == first["version"]
     assert str(registry.version_by_alias(MODEL, registry.CHALLENGER).version) == second["version"]
-    assert second["decision"]["champion_score"] > second["decision"]["challenger_score"]
+    assert second["decision"]["champion_dice"] > second["decision"]["challenger_dice"]
+    assert second["decision"]["interval_high"] < 0
     assert second["decision"]["n_frames"] == first["holdout"]["n_frames"]
     assert second["prepared"]["reused"] is True  # only train/postprocess settings changed
     assert first["prepared"]["reused"] is False
@@ -139,3 +152,133 @@ def test_flow_stops_on_invalid_data_before_training(tmp_path, prefect_server):
     registry = _registry(root)
     assert registry.list_versions(MODEL) == []
     assert registry.version_by_alias(MODEL, registry.CHAMPION) is None
+
+
+def test_audit_json_of_the_champion_gives_the_dvc_data_hash(flow_project):
+    from flows.cli import app
+    from pipeline import versioning
+
+    root, result = flow_project
+    out = CliRunner().invoke(app, ["audit", "--json", "-C", str(root)])
+    assert out.exit_code == 0, out.output
+    record = json.loads(out.stdout)
+    assert record["data"]["dvc_hash"] == versioning.current_data_version(root, root / "data" / "raw").dvc_hash
+    assert record["version"] == result["version"] and "champion" in record["aliases"]
+    assert record["validation"]["success"] == "true" and record["data"]["n_frames"] == "36"
+    assert record["parameters"]["train.epochs"]
+    assert any(e["action"] == "promote" for e in record["history"])
+
+
+def test_served_champion_answers_http_requests(flow_project):
+    """`mlflow models serve` on a loopback port, in the current environment."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    import numpy as np
+
+    root, _ = flow_project
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow' / 'mlflow.db'}",
+           # the server execs `uvicorn` from PATH: the environment's bin, as with an activated venv
+           "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")}
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{MODEL}@champion",
+         "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=root,
+    )
+    try:
+        frame = np.random.default_rng(0).integers(0, 255, (1, 420, 580)).astype(np.uint8)
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/invocations", data=json.dumps({"inputs": frame.tolist()}).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        deadline, answer = time.monotonic() + 120, None
+        while answer is None and time.monotonic() < deadline and server.poll() is None:
+            try:
+                with urllib.request.urlopen(request, timeout=30) as response:
+                    answer = json.loads(response.read())
+            except OSError:
+                time.sleep(1)
+        assert answer is not None, "the model server did not answer within 120 s"
+        masks = np.asarray(answer["predictions"])
+        assert masks.shape == (1, 420, 580) and set(np.unique(masks)) <= {0, 1}
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def test_predict_submission_on_the_real_test_frames(flow_project, shared_data, tmp_path):
+    import pandas as pd
+
+    from flows.cli import app
+    from pipeline.rle import rle_decode
+
+    root, _ = flow_project
+    csv = tmp_path / "submission.csv"
+    out = CliRunner().invoke(app, ["predict", str(shared_data / "test"), "--out", str(tmp_path / "pred"),
+                                   "--submission", str(csv), "-C", str(root)])
+    assert out.exit_code == 0, out.output
+    table = pd.read_csv(csv, keep_default_na=False)
+    assert list(table.columns) == ["img", "pixels"]
+    assert len(table) == len(list((shared_data / "test").glob("*.tif")))
+    from pipeline.imageio import read_gray
+
+    for img, pixels in table.itertuples(index=False):
+        written = (read_gray(tmp_path / "pred" / f"{img}_mask.png") > 0).astype("uint8")
+        assert (rle_decode(pixels) == written).all()  # the submission encodes exactly the masks written
+
+
+def test_a_second_run_in_the_same_workspace_is_refused(flow_project):
+    from flows.retrain import retrain
+    from pipeline.workspace_lock import WorkspaceBusy, exclusive_run
+
+    root, _ = flow_project
+    with exclusive_run(root, "a run started by the test"):
+        with pytest.raises(WorkspaceBusy, match="a run started by the test"):
+            retrain(project_dir=str(root), force=True)
+    assert not (root / ".nerveseg-run.holder").exists()
+
+
+CARD_SECTIONS = ("intended-use", "data", "training", "metrics", "pictures", "history")
+
+
+def test_model_card_is_logged_and_renders_in_chromium(flow_project, tmp_path):
+    import shutil
+    import subprocess
+
+    from flows.cli import app
+
+    root, result = flow_project
+    registry = _registry(root)
+    champion = registry.version_by_alias(MODEL, registry.CHAMPION)
+    logged = [a.path for a in registry.client().list_artifacts(champion.run_id, "model_card")]
+    assert champion.tags["model_card"] in logged
+
+    card = tmp_path / "card.html"
+    out = CliRunner().invoke(app, ["card", "-o", str(card), "-C", str(root)])
+    assert out.exit_code == 0, out.output
+    page = card.read_text()
+    for section in CARD_SECTIONS:
+        assert f'id="{section}"' in page
+    assert result["data"]["dvc_hash"] in page and "data:image/png;base64," in page
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("Debian's chromium is not installed (.ci/run installs it)")
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={tmp_path / 'chromium-profile'}"]
+    dom = subprocess.run([chromium, *flags, "--dump-dom", card.as_uri()], capture_output=True, text=True,
+                         timeout=120).stdout
+    for section in CARD_SECTIONS:
+        assert f'id="{section}"' in dom  # the browser parsed and kept every section
+    shot = tmp_path / "card.png"
+    subprocess.run([chromium, *flags, f"--screenshot={shot}", "--window-size=1200,2400", card.as_uri()],
+                   capture_output=True, timeout=120)
+    assert shot.is_file() and shot.stat().st_size > 20_000

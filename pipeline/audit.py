@@ -1,0 +1,98 @@
+"""Lineage of a registered model version: run, code, parameters, data version, validation,
+holdout metrics and promotion history, in one record."""
+
+from __future__ import annotations
+
+import re
+
+from pipeline import registry
+
+URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[\w-]+)|/(?P<version>\d+))$")
+
+
+class AuditError(ValueError):
+    pass
+
+
+def resolve(uri: str, default_name: str) -> tuple[str, str]:
+    """``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` (or a bare version) -> (name, version)."""
+    if uri.isdigit():
+        return default_name, uri
+    match = URI.match(uri)
+    if not match:
+        raise AuditError(f"{uri!r}: expected models:/NAME@ALIAS, models:/NAME/VERSION or a version number")
+    name = match["name"]
+    if match["version"]:
+        return name, match["version"]
+    found = registry.version_by_alias(name, match["alias"])
+    if found is None:
+        raise AuditError(f"{name} has no version with the alias {match['alias']!r}")
+    return name, str(found.version)
+
+
+def lineage(uri: str, default_name: str) -> dict:
+    from pipeline.release import history, unrecorded_alias_move
+
+    name, version = resolve(uri, default_name)
+    client = registry.client()
+    try:
+        mv = client.get_model_version(name, version)
+    except Exception as exc:  # MLflow raises RestException/MlflowException for a missing version
+        raise AuditError(f"{name} version {version} not found: {exc}") from exc
+    tags = dict(mv.tags or {})
+    run = client.get_run(mv.run_id) if mv.run_id else None
+    aliases = registry.client().get_registered_model(name).aliases or {}
+    events = [e for e in history(name) if e["version"] == version
+              or str(e.get("previous_champion")) == version or str(e.get("replaced")) == version
+              or str(e.get("champion_version")) == version]
+    return {
+        "model": name,
+        "version": version,
+        "aliases": sorted(a for a, v in aliases.items() if str(v) == version),
+        "source": mv.source,
+        "run": {
+            "id": mv.run_id,
+            "name": run.info.run_name if run else None,
+            "status": run.info.status if run else None,
+            "artifact_uri": run.info.artifact_uri if run else None,
+        },
+        "code": {"git_commit": tags.get(registry.TAG_CODE_REV), "dirty": tags.get(registry.TAG_CODE_DIRTY)},
+        "parameters": dict(run.data.params) if run else {},
+        "params_hash": tags.get(registry.TAG_PARAMS_HASH),
+        "prefect_flow_run_id": tags.get(registry.TAG_FLOW_RUN),
+        "data": {
+            "dvc_hash": tags.get(registry.TAG_DATA_HASH),
+            "dvc_file": tags.get(registry.TAG_DATA_FILE),
+            "git_revision": tags.get(registry.TAG_DATA_REV),
+            "n_frames": tags.get("data.n_frames"),
+            "n_subjects": tags.get("data.n_subjects"),
+            "empty_share": tags.get("data.empty_share"),
+        },
+        "validation": {"success": tags.get(registry.TAG_VALIDATION), "data_docs": tags.get("validation.data_docs")},
+        "holdout": {k.removeprefix("holdout."): float(v) for k, v in tags.items() if k.startswith("holdout.")},
+        "promotion": {k.removeprefix("promotion."): v for k, v in tags.items() if k.startswith("promotion.")},
+        "history": [{k: v for k, v in e.items() if k != "at_ns"} for e in events],
+        "warnings": [w for w in [unrecorded_alias_move(name)] if w],
+    }
+
+
+def to_text(record: dict) -> str:
+    d, v, h = record["data"], record["validation"], record["holdout"]
+    lines = [
+        f"{record['model']} version {record['version']}  aliases: {', '.join(record['aliases']) or '-'}",
+        f"  run:         {record['run']['id']} ({record['run']['name']}, {record['run']['status']})",
+        f"  code:        {record['code']['git_commit']} (dirty: {record['code']['dirty']})",
+        f"  parameters:  hash {record['params_hash']}, {len(record['parameters'])} values in the run",
+        f"  data:        {d['dvc_hash']} ({d['dvc_file']} at {d['git_revision']}); "
+        f"{d['n_frames']} frames, {d['n_subjects']} subjects, empty share {d['empty_share']}",
+        f"  validation:  success {v['success']}; Data Docs {v['data_docs'] or '-'}",
+        "  holdout:     " + ", ".join(f"{k} {val:.4f}" for k, val in h.items()),
+        f"  flow run:    {record['prefect_flow_run_id']}",
+        "  history:",
+    ]
+    for event in record["history"] or [{"time": "-", "action": "none recorded", "version": "", "actor": "",
+                                         "reason": ""}]:
+        lines.append(f"    {event['time']}  {event['action']:<9} v{event['version']}  by {event['actor']}: "
+                     f"{event['reason']}")
+    lines += [f"  WARNING: {w}" for w in record.get("warnings", [])]
+    return "\n".join(lines)

@@ -1,0 +1,151 @@
+"""Registration, the promotion gate, manual promotion, rollback and audit on a real MLflow store."""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+
+import pytest
+
+from pipeline import registry, release, stages
+from pipeline.audit import lineage
+from pipeline.config import Params
+from pipeline.paths import ProjectPaths
+from tests.conftest import TINY_SETTINGS, deep_update, write_simple_dataset
+
+NAME = "nerve-segmentation"
+WORSE = {"train": {"learning_rate": 0.0, "epochs": 1}, "postprocess": {"tune": False, "presence_threshold": 0.0}}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A good and a deliberately worse model on the same simple dataset, trained once."""
+    root = tmp_path_factory.mktemp("release")
+    base = deep_update(Params().model_dump(), TINY_SETTINGS)
+    base = deep_update(base, {"train": {"epochs": 6}})
+    params = Params.model_validate(base)
+    paths = ProjectPaths.of(root, params)
+    write_simple_dataset(paths.raw_dir, subjects=6, frames=6)
+    stages.prepare(paths, params, progress=False)
+    bundles = {}
+    for label, p in (("good", params), ("worse", Params.model_validate(deep_update(base, WORSE)))):
+        stages.fit(paths, p, progress=False)
+        stages.score(paths, p)
+        bundles[label] = root / label
+        shutil.copytree(paths.models_dir, root / label / "models")
+        shutil.copytree(paths.reports_dir, root / label / "reports")
+    return paths, params, bundles
+
+
+@pytest.fixture
+def store(trained, tmp_path):
+    """The trained models with a fresh MLflow store of their own."""
+    paths, params, bundles = trained
+    paths = dataclasses.replace(paths, mlflow_dir=tmp_path / "mlflow")
+    registry.configure(paths.mlflow_dir, params.registry.experiment)
+
+    def register(label: str, validation: str = "true") -> str:
+        shutil.rmtree(paths.models_dir)
+        shutil.rmtree(paths.reports_dir)
+        shutil.copytree(bundles[label] / "models", paths.models_dir)
+        shutil.copytree(bundles[label] / "reports", paths.reports_dir)
+        experiment = registry.configure(paths.mlflow_dir, params.registry.experiment)
+        run = registry.client().create_run(experiment)
+        tags = {registry.TAG_VALIDATION: validation, registry.TAG_DATA_HASH: "d41d8cd98f.dir"}
+        return release.register_model(paths, params, run.info.run_id, tags, {"dice": 0.5})
+
+    return paths, params, register
+
+
+def champion() -> str | None:
+    found = registry.version_by_alias(NAME, registry.CHAMPION)
+    return None if found is None else str(found.version)
+
+
+def test_better_challenger_is_promoted_and_recorded(store):
+    paths, params, register = store
+    worse = register("worse")
+    assert release.promote(paths, params, worse).promote  # no champion yet
+    better = register("good")
+    decision = release.promote(paths, params, better)
+    assert decision.promote and decision.interval_low > 0
+    assert champion() == better
+    tags = registry.client().get_model_version(NAME, better).tags
+    assert tags[release.PREVIOUS_CHAMPION] == worse
+    assert tags["promotion.champion_dice_same_frames"] and tags["promotion.reason"] == decision.reason
+    actions = [(e["version"], e["action"]) for e in release.history(NAME)]
+    assert actions == [(worse, "promote"), (better, "promote")]
+
+
+def test_worse_or_equal_challenger_is_not_promoted(store):
+    paths, params, register = store
+    first = register("good")
+    release.promote(paths, params, first)
+    worse = release.promote(paths, params, register("worse"))
+    assert not worse.promote and worse.champion_dice > worse.challenger_dice
+    same = release.promote(paths, params, register("good"))
+    assert not same.promote and "not measurably better" in same.reason
+    assert champion() == first
+    assert str(registry.version_by_alias(NAME, registry.CHALLENGER).version) == same.challenger_version
+    assert [e["action"] for e in release.history(NAME)] == ["promote", "reject", "reject"]
+
+
+def test_failed_validation_blocks_promotion(store):
+    paths, params, register = store
+    release.promote(paths, params, register("worse"))
+    decision = release.promote(paths, params, register("good", validation="false"))
+    assert not decision.promote and "validation" in decision.reason
+
+
+def test_a_version_that_cannot_load_never_becomes_champion(store):
+    paths, params, register = store
+    good = register("good")
+    release.promote(paths, params, good)
+    broken = str(registry.client().create_model_version(NAME, str(paths.root / "no-such-model"), run_id=None).version)
+    with pytest.raises(release.PromotionError, match="cannot be loaded"):
+        release.promote(paths, params, broken)
+    with pytest.raises(release.PromotionError, match="cannot be loaded"):
+        release.manual_promote(NAME, broken, "operator insists", actor="ops")
+    assert champion() == good
+
+
+def test_manual_promotion_and_rollback_are_recorded(store):
+    paths, params, register = store
+    first = register("good")
+    release.promote(paths, params, first)
+    second = register("worse")
+    release.promote(paths, params, second)  # rejected: stays challenger
+    with pytest.raises(release.PromotionError, match="reason"):
+        release.manual_promote(NAME, second, "  ")
+    event = release.manual_promote(NAME, second, "hotfix requested by the ward", actor="alice")
+    assert champion() == second and event["previous_champion"] == first and event["actor"] == "alice"
+    back = release.rollback(NAME, "hotfix made things worse", actor="bob")
+    assert champion() == first and back["replaced"] == second
+    with pytest.raises(release.PromotionError, match="nothing to roll back"):
+        release.rollback(NAME, "again")
+    last = release.history(NAME)[-1]
+    assert (last["action"], last["actor"], last["reason"]) == ("rollback", "bob", "hotfix made things worse")
+
+
+def test_audit_gives_lineage_and_history(store):
+    paths, params, register = store
+    version = register("good")
+    release.promote(paths, params, version)
+    record = lineage(f"models:/{NAME}@champion", NAME)
+    assert record["version"] == version and record["aliases"] == ["champion"]
+    assert record["data"]["dvc_hash"] == "d41d8cd98f.dir"
+    assert record["holdout"]["dice"] == 0.5
+    assert record["history"][0]["action"] == "promote"
+
+
+def test_an_alias_moved_outside_the_project_commands_is_reported(store):
+    paths, params, register = store
+    first = register("good")
+    release.promote(paths, params, first)
+    second = register("worse")
+    release.promote(paths, params, second)
+    assert release.unrecorded_alias_move(NAME) is None
+    registry.set_alias(NAME, registry.CHAMPION, second)  # behind the ledger's back
+    warning = release.unrecorded_alias_move(NAME)
+    assert warning and f"points at version {second}" in warning and f"set version {first}" in warning
+    assert lineage(f"models:/{NAME}@champion", NAME)["warnings"] == [warning]
