@@ -16,15 +16,24 @@ def data_synth(
     subjects: Annotated[int, typer.Option(min=1)] = 12,
     frames_per_subject: Annotated[int, typer.Option(min=1)] = 30,
     seed: int = 2016,
+    hard: Annotated[bool, typer.Option("--hard", help="Add unlabelled nerve look-alikes and fainter nerves.")] = False,
+    defects: Annotated[Optional[str], typer.Option(
+        "--defects", help="Comma-separated defect kinds to plant for validation tests (see docs/phantom.md).")] = None,
 ) -> None:
     """Write a synthetic ultrasound phantom in the competition's layout."""
-    from pipeline.phantom import PhantomSpec, generate_phantom
+    from pipeline.phantom import DEFECT_KINDS, PhantomSpec, generate_phantom, plant_defects
 
-    table = generate_phantom(out, PhantomSpec(subjects, frames_per_subject, seed), progress=True)
+    kinds = [k.strip() for k in defects.split(",") if k.strip()] if defects else []
+    unknown = [k for k in kinds if k not in DEFECT_KINDS]
+    if unknown:
+        typer.secho(f"error: unknown defect kind(s) {unknown}; known: {', '.join(DEFECT_KINDS)}", err=True,
+                    fg=typer.colors.RED)
+        raise typer.Exit(2)
+    table = generate_phantom(out, PhantomSpec(subjects, frames_per_subject, seed, hard=hard), progress=True)
     typer.echo(f"wrote {len(table)} frames of {table.subject.nunique()} subjects to {out / 'train'} "
                f"({(~table.has_nerve).mean():.1%} without a nerve)")
-
-
+    for planted in plant_defects(out, kinds, seed=seed) if kinds else []:
+        typer.echo(f"  planted {planted['kind']}: {', '.join(planted['files'])}")
 
 
 ProjectOpt = Annotated[Path, typer.Option("--project", "-C", help="Project folder (holds params.yaml).")]

@@ -6,18 +6,25 @@ Stands in for the 2016 Kaggle brachial-plexus frames, in their layout
 How a frame is made (B-mode in miniature):
 
 1. Each subject gets a *world*: a tissue echogenicity map somewhat wider than the
-   frame (skin, fat, muscle layers with fibre texture, fascia lines, vessels,
-   an optional strong reflector with its shadow). The probe sweeps slowly
+   frame (skin, fat, muscle layers with fibre texture, fascia lines, curved bright
+   arcs, vessels, an optional strong reflector with its shadow, and 1-3 fainter look-alikes:
+   honeycomb-like clusters drawn like the nerve but without a mask). The probe sweeps slowly
    across it, so neighbouring frames are near-duplicates shifted by a few pixels.
 2. In runs of frames the nerve is in the imaging plane: a honeycomb of dark
-   fascicles in a brighter irregular rim, blended into the tissue. Its mask is
+   fascicles in a brighter irregular rim, blended into the tissue with a per-subject
+   contrast; at run edges and in some other frames it is fainter and blurred (partly
+   out of plane). Its mask is
    the smooth blob that outlines it. When it is out of plane the frame shows
    the same tissue without it.
 3. Speckle: complex Gaussian scatterers smoothed by an anisotropic point-spread
    function, part fixed to the tissue and part fresh each frame; its intensity is
    lightly smoothed as a scanner's speckle reduction does (real frames show soft,
-   laterally smeared grain rather than raw speckle). Envelope x echogenicity x
-   depth attenuation x gain, then log compression to 8 bits.
+   laterally smeared grain rather than raw speckle). Envelope x (echogenicity x
+   depth attenuation + receiver noise floor) x gain, then log compression to 8 bits.
+
+``plant_defects`` damages a written dataset on purpose (unreadable, wrong-size, RGB, 16-bit,
+blank or saturated frames, missing/orphan/non-binary/tiny masks, bad names, near-duplicates
+with contradicting masks) for the validation tests; the default phantom is clean.
 
 Everything is drawn from ``numpy.random.default_rng`` seeded from
 ``(seed, subject)`` for the anatomy and ``(seed, subject, frame)`` for the
@@ -30,6 +37,8 @@ from __future__ import annotations
 
 import math
 import os
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -40,7 +49,7 @@ import pandas as pd
 from PIL import Image
 from tqdm import tqdm
 
-__all__ = ["PhantomSpec", "generate_phantom", "synth_frame"]
+__all__ = ["DEFECT_KINDS", "PhantomSpec", "generate_phantom", "plant_defects", "synth_frame"]
 
 
 @dataclass(frozen=True)
@@ -52,6 +61,10 @@ class PhantomSpec:
     seed: int = 2016
     height: int = 420
     width: int = 580
+    # Harder, closer to real frames: fainter and sometimes blurred nerve, look-alike honeycombs
+    # and curved bright arcs in the tissue. Off by default: the default quickstart model
+    # (width 16, 96x128, 24 epochs) does not learn it (holdout Dice = the all-empty score).
+    hard: bool = False
 
 
 # --- figures the phantom is calibrated to (real data: datasets/kaggle-uns/README.md)
@@ -66,7 +79,10 @@ _SWEEP_SPEED = (1.0, 3.0)  # px/frame, peak lateral speed of the sweep
 _MARGIN = 48  # px of world on each side of the frame (> max sweep amplitude)
 _SPECKLE_KEEP = 0.75  # correlation of the speckle between frames (tissue-fixed part)
 _DYN_RANGE_DB = 46.0  # log-compression dynamic range
+_NOISE_FLOOR = 0.05  # amplitude of the receiver noise, relative to unit echo (about -26 dB)
 _GOLDEN = 0.6180339887498949
+_NERVE_CONTRAST = (0.8, 1.0)  # per subject: how much of the honeycomb shows over the tissue
+_OBLIQUE_SHARE = 0.15  # share of nerve frames (besides run edges) where it is faint and blurred
 
 
 # ---------------------------------------------------------------------------
@@ -110,16 +126,22 @@ def synth_frame(spec: PhantomSpec, subject: int, n: int) -> tuple[np.ndarray, np
     if not (1 <= subject and 1 <= n <= spec.frames_per_subject):
         raise ValueError(f"frame {subject}_{n} is outside the spec {spec}")
     plan = _subject_plan(spec.seed, subject, spec.height, spec.width, spec.frames_per_subject)
-    world = _subject_world(spec.seed, subject, spec.height, spec.width, spec.frames_per_subject)
+    world = _subject_world(spec.seed, subject, spec.height, spec.width, spec.frames_per_subject, spec.hard)
     rng = np.random.default_rng([spec.seed, subject, n])
     x0 = plan.offsets[n - 1]
     echo = world.echo[:, x0:x0 + spec.width].copy()
     poly = _frame_polygon(plan, n)
+    # How clearly the nerve shows: a subject-level figure, lower and blurred in some frames
+    # (entering/leaving the plane, or the probe tilted off the plexus's axis).
+    oblique = spec.hard and (plan.scales[n - 1] < 0.93 or rng.random() < _OBLIQUE_SHARE)
+    contrast = world.nerve_contrast * rng.uniform(0.85, 1.1) * (0.6 if oblique else 1.0) if spec.hard else 1.0
     if poly is not None:
-        _paint_nerve(echo, plan.nerve, poly, plan.scales[n - 1], x0)
+        _paint_nerve(echo, plan.nerve, poly, plan.scales[n - 1], x0, contrast=min(contrast, 1.0),
+                     blur=3.5 if oblique else 2.0)
     envelope = _speckle(world, rng, x0, spec.height, spec.width)
     gain_db = world.gain_db + rng.normal(0.0, 0.3)  # the operator's gain drifts a little
-    image = _log_compress(echo * envelope * world.attenuation, gain_db)
+    # The receiver's noise floor: anechoic lumen and deep tissue show dim grain, not black.
+    image = _log_compress(envelope * (echo * world.attenuation + _NOISE_FLOOR), gain_db)
     return image, _frame_mask(spec, subject, n)
 
 
@@ -179,6 +201,7 @@ class _World:
     attenuation: np.ndarray  # (H, 1) float32 depth attenuation
     psf_sigma: tuple[float, float]  # (lateral, axial) px
     gain_db: float
+    nerve_contrast: float = 0.7  # share of the nerve's honeycomb blended over the tissue
 
 
 def _subject_seeds(seed: int, subject: int) -> list[np.random.SeedSequence]:
@@ -197,12 +220,12 @@ def _subject_plan(seed: int, subject: int, height: int, width: int, frames: int)
 
 
 @lru_cache(maxsize=2)
-def _subject_world(seed: int, subject: int, height: int, width: int, frames: int) -> _World:
+def _subject_world(seed: int, subject: int, height: int, width: int, frames: int, hard: bool = False) -> _World:
     """Render one subject's tissue (cached: frames are made subject by subject)."""
     nerve = _subject_plan(seed, subject, height, width, frames).nerve
     rng = np.random.default_rng(_subject_seeds(seed, subject)[1])
     wh, ww = height, width + 2 * _MARGIN
-    echo = _tissue(rng, wh, ww, nerve)
+    echo = _tissue(rng, wh, ww, nerve, hard)
     psf = (rng.uniform(2.0, 2.8), rng.uniform(1.0, 1.3))  # lateral resolution is the worse one
     speckle = _blurred_noise(rng, wh, ww, psf)
     depth = np.arange(height, dtype=np.float32)[:, None] / height
@@ -211,7 +234,7 @@ def _subject_world(seed: int, subject: int, height: int, width: int, frames: int
     att_db = rng.uniform(8.0, 16.0) * depth + rng.uniform(0.0, 4.0) * depth**2
     attenuation = (10.0 ** (-att_db / 20.0)).astype(np.float32)
     return _World(echo=echo, speckle=speckle, attenuation=attenuation, psf_sigma=psf,
-                  gain_db=float(rng.normal(0.0, 2.0)))
+                  gain_db=float(rng.normal(0.0, 2.0)), nerve_contrast=float(rng.uniform(*_NERVE_CONTRAST)))
 
 
 def _empty_share(seed: int, subject: int) -> float:
@@ -277,7 +300,7 @@ def _draw_nerve(rng: np.random.Generator, height: int, width: int) -> _Nerve:
     return _Nerve(cx=rng.uniform(x_lo, x_hi), cy=rng.uniform(y_lo, y_hi), a=a, b=b, angle=angle,
                   harmonics=harmonics, fascicles=_draw_fascicles(rng),
                   rim_phases=tuple(rng.uniform(0, 2 * np.pi, 3)),
-                  base=rng.uniform(1.1, 1.6))
+                  base=rng.uniform(1.3, 1.9))
 
 
 def _draw_fascicles(rng: np.random.Generator) -> tuple[tuple[float, float, float, float, float], ...]:
@@ -289,7 +312,7 @@ def _draw_fascicles(rng: np.random.Generator) -> tuple[tuple[float, float, float
         rho, phi = (0.8 - r) * math.sqrt(rng.random()), rng.uniform(0, 2 * np.pi)
         u, v = rho * math.cos(phi), rho * math.sin(phi)
         if all(math.hypot(u - fu, v - fv) > r + fr + 0.08 for fu, fv, fr, *_ in found):
-            found.append((u, v, r, rng.uniform(0, np.pi), rng.uniform(0.15, 0.4)))
+            found.append((u, v, r, rng.uniform(0, np.pi), rng.uniform(0.2, 0.5)))
             if len(found) == wanted:
                 break
     return tuple(found)
@@ -300,7 +323,7 @@ def _draw_fascicles(rng: np.random.Generator) -> tuple[tuple[float, float, float
 # ---------------------------------------------------------------------------
 
 
-def _tissue(rng: np.random.Generator, h: int, w: int, nerve: _Nerve) -> np.ndarray:
+def _tissue(rng: np.random.Generator, h: int, w: int, nerve: _Nerve, hard: bool = False) -> np.ndarray:
     """Echogenicity of the subject's tissue (no nerve): layers, fibres, fascia, vessels."""
     x = np.arange(w, dtype=np.float32)
     skin = 4 + rng.uniform(-1, 1) * np.sin(x / 300)
@@ -316,8 +339,10 @@ def _tissue(rng: np.random.Generator, h: int, w: int, nerve: _Nerve) -> np.ndarr
     texture = np.where(tilted[layer], tilt, fine)
     echo = levels[layer] * np.exp(0.75 * texture)
     echo[yy[:, 0] < skin.max() + 1] = 1.0
-    echo *= _bright_lines(rng, h, w, skin, fat, fascias)
+    echo *= _bright_lines(rng, h, w, skin, fat, fascias, arcs=hard)
     _add_vessels(rng, echo, nerve)
+    if hard:
+        _add_decoys(rng, echo, nerve)
     _add_reflector(rng, echo, nerve)
     return cv2.GaussianBlur(echo.astype(np.float32), (0, 0), 1.0)
 
@@ -349,7 +374,7 @@ def _fibre_texture(rng: np.random.Generator, h: int, w: int) -> tuple[np.ndarray
 
 
 def _bright_lines(rng: np.random.Generator, h: int, w: int, skin: np.ndarray, fat: np.ndarray,
-                  fascias: list[np.ndarray]) -> np.ndarray:
+                  fascias: list[np.ndarray], arcs: bool = False) -> np.ndarray:
     """Multiplicative map of specular lines: skin, fat septa, fascia, intramuscular septa."""
     gain = np.zeros((h, w), np.float32)
     x = np.arange(w, dtype=np.float32)
@@ -374,6 +399,14 @@ def _bright_lines(rng: np.random.Generator, h: int, w: int, skin: np.ndarray, fa
         t = np.linspace(-length / 2, length / 2, 12)
         pts = np.stack([cx + t * math.cos(tilt), cy + t * math.sin(tilt) + bend * t**2], 1)
         draw(pts.astype(np.float32), rng.uniform(1.0, 5.0), int(rng.integers(2, 6)))
+    # Curved bright fragments (vessel walls, fascia folding round muscle bellies, tendons):
+    # the real frames are full of arcs, which is much of why the nerve's rim is hard to see.
+    for _ in range(int(rng.integers(25, 45)) if arcs else 0):
+        centre = (int(rng.uniform(0, w)), int(rng.uniform(top, bottom)))
+        axes = (int(rng.uniform(10, 45)), int(rng.uniform(6, 25)))
+        start = float(rng.uniform(0, 360))
+        cv2.ellipse(gain, centre, axes, float(rng.uniform(-40, 40)), start, start + rng.uniform(60, 200),
+                    float(rng.uniform(1.5, 5.0)), int(rng.integers(2, 5)), cv2.LINE_AA)
     return 1.0 + cv2.GaussianBlur(gain, (0, 0), 2.5, sigmaY=1.2)
 
 
@@ -410,6 +443,37 @@ def _add_vessels(rng: np.random.Generator, echo: np.ndarray, nerve: _Nerve) -> N
             echo *= 1.0 + 0.45 * below * band
 
 
+def _add_decoys(rng: np.random.Generator, echo: np.ndarray, nerve: _Nerve) -> None:
+    """Look-alikes without a mask: honeycomb-like clusters (other plexus trunks seen obliquely,
+    lymph nodes, knotted fascia, muscle with septa) drawn the way the nerve is drawn.
+
+    They stay in the tissue in every frame, so a model must learn more than "a ring with
+    dark dots"; one is often near the nerve, as the real plexus sits among similar structures.
+    """
+    h, w = echo.shape
+    frame_w = w - 2 * _MARGIN
+    placed = [(nerve.cx, nerve.cy, max(nerve.a, nerve.b))]
+    for _ in range(int(rng.integers(1, 4))):
+        template = _draw_nerve(rng, h, frame_w)
+        size = rng.uniform(0.45, 1.1)
+        contrast = rng.uniform(0.25, 0.5)  # fainter than the nerve: the model can still learn it
+        a, b = template.a * size, template.b * size
+        for _ in range(40):
+            near = rng.random() < 0.4
+            cx = nerve.cx + rng.uniform(-160, 160) if near else rng.uniform(a + 5, w - a - 5)
+            cy = float(np.clip(nerve.cy + rng.uniform(-90, 90) if near else rng.uniform(60 + b, 0.88 * h - b),
+                               60 + b, h - b - 10))
+            if all(math.hypot(cx - px, cy - py) > pr + a + 12 for px, py, pr in placed):
+                break
+        else:
+            continue
+        placed.append((cx, cy, a))
+        decoy = _Nerve(cx=cx, cy=cy, a=a, b=b, angle=template.angle, harmonics=template.harmonics,
+                       fascicles=template.fascicles if rng.random() < 0.4 else (),
+                       rim_phases=template.rim_phases, base=template.base)
+        _paint_nerve(echo, decoy, _nerve_polygon(decoy, 1.0, 0), 1.0, 0, contrast=contrast)
+
+
 def _add_reflector(rng: np.random.Generator, echo: np.ndarray, nerve: _Nerve) -> None:
     """Optional strong reflector (bone/pleura) deep below the nerve, casting a shadow."""
     h, w = echo.shape
@@ -440,8 +504,12 @@ def _nerve_polygon(nerve: _Nerve, scale: float, x0: int) -> np.ndarray:
     return np.stack([nerve.cx - x0 + c * u - s * v, nerve.cy + s * u + c * v], 1)
 
 
-def _paint_nerve(echo: np.ndarray, nerve: _Nerve, poly: np.ndarray, scale: float, x0: int) -> None:
+def _paint_nerve(echo: np.ndarray, nerve: _Nerve, poly: np.ndarray, scale: float, x0: int,
+                 contrast: float = 1.0, blur: float = 2.0) -> None:
     """Blend the honeycomb inside the outline ``poly`` into the echo map (in place).
+
+    ``contrast`` (0..1) is how much of the honeycomb replaces the tissue; ``blur`` (px) how
+    sharp it is (a nerve partly out of the imaging plane is fainter and blurred).
 
     The work happens in a small patch around the nerve: painting the whole frame would
     cost more than the rest of the frame together.
@@ -474,8 +542,8 @@ def _paint_nerve(echo: np.ndarray, nerve: _Nerve, poly: np.ndarray, scale: float
     # Borrow the surrounding tissue's texture so the inside is not a flat cartoon.
     texture = (view / view.mean()) ** 0.7
     honeycomb = inner * (1.0 + 2.5 * rim) * texture
-    alpha = cv2.GaussianBlur(patch.astype(np.float32) / 255.0, (0, 0), 1.5)
-    honeycomb = cv2.GaussianBlur(honeycomb, (0, 0), 2.0)
+    alpha = contrast * cv2.GaussianBlur(patch.astype(np.float32) / 255.0, (0, 0), 1.5)
+    honeycomb = cv2.GaussianBlur(honeycomb, (0, 0), blur)
     view[...] = view * (1.0 - alpha) + honeycomb * alpha
 
 
@@ -519,20 +587,171 @@ def _speckle(world: _World, rng: np.random.Generator, x0: int, h: int, w: int) -
 def _log_compress(intensity: np.ndarray, gain_db: float) -> np.ndarray:
     """Map linear amplitude to 8 bits over a fixed dB window, as a scanner's display does."""
     db = (20.0 / math.log(10.0)) * np.log(np.maximum(intensity, 1e-6)) + gain_db
-    # 0 dB (unit echo, no attenuation) lands at grey ~160, so typical muscle after
+    # 0 dB (unit echo, no attenuation) lands at grey ~128, so typical muscle after
     # attenuation sits near the real frames' median (~85-100) and fascia saturates.
-    grey = (db + 0.62 * _DYN_RANGE_DB) * (255.0 / _DYN_RANGE_DB)
+    grey = (db + 0.5 * _DYN_RANGE_DB) * (255.0 / _DYN_RANGE_DB)
     return np.clip(grey + 0.5, 0, 255).astype(np.uint8)
 
 
 def _write_tiff_atomic(path: Path, array: np.ndarray) -> None:
-    """Write an 8-bit grayscale TIFF via a temporary file in the same folder, then rename."""
+    """Write a TIFF (8-bit grayscale, or whatever ``array``'s dtype/shape says) via a
+    temporary file in the same folder, then rename."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         Image.fromarray(array).save(tmp, format="TIFF")
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _write_bytes_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------------------
+# Defects for the validation tests
+# ---------------------------------------------------------------------------
+
+DEFECT_KINDS = (
+    "unreadable_frame",  # the frame file is not an image (truncated/garbage bytes)
+    "wrong_size",  # the frame is 400x560 while its mask is 420x580
+    "non_binary_mask",  # a nerve mask with soft edges (values between 0 and 255)
+    "missing_mask",  # a frame whose mask file was deleted
+    "orphan_mask",  # a mask file without a frame
+    "blank_frame",  # a frame of one constant grey
+    "saturated_frame",  # a frame almost entirely at 255
+    "rgb_frame",  # the frame stored as 3-channel RGB
+    "contradicting_duplicate",  # a near-copy of a nerve frame, new id, same subject, empty mask
+    "bad_name",  # a frame/mask pair renamed outside the {subject}_{n}.tif pattern
+    "tiny_mask",  # a mask replaced by a small disc (~200 px), far below any real nerve
+    "frame_16bit",  # the frame stored as 16-bit grayscale
+)
+_NEEDS_NERVE = {"non_binary_mask", "contradicting_duplicate"}
+_FRAME_NAME = re.compile(r"^(\d+)_(\d+)\.tif$")
+
+
+def plant_defects(data_dir: Path, kinds: Sequence[str], seed: int = 0) -> list[dict]:
+    """Damage a phantom (or any dataset in the competition layout) under ``data_dir/train``.
+
+    Each kind in ``kinds`` (see ``DEFECT_KINDS``; a kind may repeat) hits a different frame,
+    picked deterministically from ``seed``. Every write is atomic (temporary file, then
+    rename). Returns one dict per planted defect: ``kind``, ``frame_id`` (the frame chosen),
+    ``files`` (paths relative to ``data_dir`` that were written, renamed or deleted) and
+    ``description``.
+    """
+    unknown = [k for k in kinds if k not in DEFECT_KINDS]
+    if unknown:
+        raise ValueError(f"unknown defect kind(s) {unknown}; known: {', '.join(DEFECT_KINDS)}")
+    data_dir = Path(data_dir)
+    train = data_dir / "train"
+    pairs = []  # (subject, n) with both files present
+    for path in train.glob("*.tif"):
+        m = _FRAME_NAME.match(path.name)
+        if m and (train / f"{m[1]}_{m[2]}_mask.tif").exists():
+            pairs.append((int(m[1]), int(m[2])))
+    pairs.sort()
+    rng = np.random.default_rng([seed, 20160])
+    order = [pairs[i] for i in rng.permutation(len(pairs))]
+
+    def has_nerve(key) -> bool:
+        with Image.open(train / f"{key[0]}_{key[1]}_mask.tif") as im:
+            return bool(np.asarray(im).any())
+
+    # Kinds that need a nerve choose first, so they are not starved by the others.
+    todo = sorted(range(len(kinds)), key=lambda i: kinds[i] not in _NEEDS_NERVE)
+    chosen: dict[int, tuple[int, int]] = {}
+    free = list(order)
+    for i in todo:
+        pick = next((k for k in free if kinds[i] not in _NEEDS_NERVE or has_nerve(k)), None)
+        if pick is None:
+            raise ValueError(f"{train}: not enough {'nerve ' if kinds[i] in _NEEDS_NERVE else ''}frames "
+                             f"to plant {len(kinds)} defects ({kinds[i]!r} found none left)")
+        free.remove(pick)
+        chosen[i] = pick
+    next_n: dict[int, int] = {}
+    for s, n in pairs:
+        next_n[s] = max(next_n.get(s, 0), n)
+    report = []
+    for i, kind in enumerate(kinds):
+        s, n = chosen[i]
+        frame, mask = train / f"{s}_{n}.tif", train / f"{s}_{n}_mask.tif"
+        files, text = _plant_one(kind, frame, mask, s, n, next_n, np.random.default_rng([seed, 20161, i]))
+        report.append({"kind": kind, "frame_id": f"{s}_{n}",
+                       "files": [str(f.relative_to(data_dir)) for f in files], "description": text})
+    return report
+
+
+def _read_array(path: Path) -> np.ndarray:
+    with Image.open(path) as im:
+        return np.array(im)
+
+
+def _plant_one(kind: str, frame: Path, mask: Path, s: int, n: int, next_n: dict[int, int],
+               rng: np.random.Generator) -> tuple[list[Path], str]:
+    """Plant one defect of ``kind`` at frame ``s_n``; returns (files touched, description)."""
+    train = frame.parent
+    if kind == "unreadable_frame":
+        data = frame.read_bytes()
+        _write_bytes_atomic(frame, b"not a TIFF: " + bytes(rng.integers(0, 256, 64, dtype=np.uint8)) + data[:16])
+        return [frame], f"{frame.name} overwritten with bytes that are not an image"
+    if kind == "wrong_size":
+        image = _read_array(frame)
+        _write_tiff_atomic(frame, cv2.resize(image, (560, 400), interpolation=cv2.INTER_AREA))
+        return [frame], f"{frame.name} resized to 400x560 (its mask stays {image.shape[0]}x{image.shape[1]})"
+    if kind == "non_binary_mask":
+        soft = cv2.GaussianBlur(_read_array(mask), (0, 0), 4.0)
+        _write_tiff_atomic(mask, soft)
+        return [mask], f"{mask.name} blurred: {len(np.unique(soft))} grey levels instead of {{0, 255}}"
+    if kind == "missing_mask":
+        mask.unlink()
+        return [mask], f"{mask.name} deleted; {frame.name} has no mask"
+    if kind == "orphan_mask":
+        next_n[s] += 1
+        orphan = train / f"{s}_{next_n[s]}_mask.tif"
+        _write_tiff_atomic(orphan, _read_array(mask))
+        return [orphan], f"{orphan.name} written (a copy of {mask.name}) with no frame {s}_{next_n[s]}.tif"
+    if kind == "blank_frame":
+        image = _read_array(frame)
+        _write_tiff_atomic(frame, np.full_like(image, int(rng.integers(0, 40))))
+        return [frame], f"{frame.name} replaced by one constant grey"
+    if kind == "saturated_frame":
+        image = _read_array(frame)
+        _write_tiff_atomic(frame, np.maximum(image, 255 - rng.integers(0, 3, image.shape, dtype=np.uint8)))
+        return [frame], f"{frame.name} driven to saturation (every pixel 253-255)"
+    if kind == "rgb_frame":
+        image = _read_array(frame)
+        _write_tiff_atomic(frame, np.repeat(image[..., None], 3, axis=2))
+        return [frame], f"{frame.name} stored as 3-channel RGB"
+    if kind == "contradicting_duplicate":
+        image = _read_array(frame).astype(np.int16)
+        noisy = np.clip(image + rng.integers(-2, 3, image.shape), 0, 255).astype(np.uint8)
+        next_n[s] += 1
+        twin, twin_mask = train / f"{s}_{next_n[s]}.tif", train / f"{s}_{next_n[s]}_mask.tif"
+        _write_tiff_atomic(twin_mask, np.zeros(image.shape, np.uint8))
+        _write_tiff_atomic(twin, noisy)
+        return [twin, twin_mask], (f"{twin.name}: {frame.name} with +-2 grey levels of noise, "
+                                   f"but an empty mask where {mask.name} has the nerve")
+    if kind == "bad_name":
+        new_frame, new_mask = train / f"subject{s}-frame{n}.tif", train / f"subject{s}-frame{n}_mask.tif"
+        os.replace(frame, new_frame)
+        os.replace(mask, new_mask)
+        return [new_frame, new_mask], f"{frame.name} and its mask renamed to {new_frame.name} / {new_mask.name}"
+    if kind == "tiny_mask":
+        shape = _read_array(mask).shape
+        tiny = np.zeros(shape, np.uint8)
+        cv2.circle(tiny, (int(rng.integers(100, shape[1] - 100)), int(rng.integers(100, shape[0] - 100))), 8, 255, -1)
+        _write_tiff_atomic(mask, tiny)
+        return [mask], f"{mask.name} replaced by a disc of {int((tiny > 0).sum())} px"
+    if kind == "frame_16bit":
+        image = _read_array(frame)
+        _write_tiff_atomic(frame, image.astype(np.uint16) * 257)
+        return [frame], f"{frame.name} stored as 16-bit grayscale"
+    raise AssertionError(kind)  # DEFECT_KINDS and this function disagree
 
 
 def _check_spec(spec: PhantomSpec) -> None:

@@ -145,3 +145,87 @@ def test_rejects_impossible_specs(tmp_path):
         synth_frame(PhantomSpec(height=100, width=100), 1, 1)
     with pytest.raises(ValueError, match="outside"):
         synth_frame(SMALL, 1, 5)
+
+
+# --- defects -----------------------------------------------------------------------------
+
+
+@pytest.fixture()
+def damaged(tmp_path):
+    """A fresh 3 x 8 phantom with every kind of defect planted once: (folder, manifest, report)."""
+    df = generate_phantom(tmp_path, PhantomSpec(subjects=3, frames_per_subject=8))
+    report = phantom.plant_defects(tmp_path, phantom.DEFECT_KINDS, seed=3)
+    return tmp_path, df, report
+
+
+def test_each_defect_does_what_it_says(damaged):
+    out, df, report = damaged
+    train = out / "train"
+    by_kind = {r["kind"]: r for r in report}
+    assert list(by_kind) == list(phantom.DEFECT_KINDS)
+    assert len({r["frame_id"] for r in report}) == len(report)  # each defect hits its own frame
+    nerve = dict(zip(df.frame_id, df.has_nerve))
+
+    def frame(kind):
+        return train / f"{by_kind[kind]['frame_id']}.tif"
+
+    def mask(kind):
+        return train / f"{by_kind[kind]['frame_id']}_mask.tif"
+
+    with pytest.raises(OSError):  # PIL.UnidentifiedImageError is an OSError
+        Image.open(frame("unreadable_frame")).load()
+    assert cv2.imread(str(frame("unreadable_frame")), cv2.IMREAD_UNCHANGED) is None
+    assert _read(frame("wrong_size")).shape == (400, 560) and _read(mask("wrong_size")).shape == (420, 580)
+    soft = _read(mask("non_binary_mask"))
+    assert nerve[by_kind["non_binary_mask"]["frame_id"]] and not set(np.unique(soft)) <= {0, 255}
+    assert frame("missing_mask").exists() and not mask("missing_mask").exists()
+    orphan = train / Path(by_kind["orphan_mask"]["files"][0]).name
+    assert orphan.exists() and not (train / orphan.name.replace("_mask", "")).exists()
+    assert _read(frame("blank_frame")).std() == 0
+    assert _read(frame("saturated_frame")).mean() > 250
+    with Image.open(frame("rgb_frame")) as im:
+        assert im.mode == "RGB" and im.size == (580, 420)
+    with Image.open(frame("frame_16bit")) as im:
+        assert im.mode.startswith("I;16") and np.array(im).max() > 255
+    tiny = _read(mask("tiny_mask"))
+    assert 0 < (tiny > 0).sum() < 500
+    # Bad name: the pair is gone from its proper name and lies under an improper one.
+    assert not frame("bad_name").exists() and not mask("bad_name").exists()
+    assert all((out / f).exists() for f in by_kind["bad_name"]["files"])
+    # Contradicting duplicate: a new frame of the same subject, nearly the nerve frame, empty mask.
+    dup = by_kind["contradicting_duplicate"]
+    twin, twin_mask = (out / f for f in dup["files"])
+    source = frame("contradicting_duplicate")
+    assert nerve[dup["frame_id"]] and twin.name.split("_")[0] == source.name.split("_")[0]
+    assert twin.name not in {f"{i}.tif" for i in df.frame_id}
+    diff = np.abs(_read(twin).astype(int) - _read(source).astype(int))
+    assert 0 < diff.max() <= 2
+    assert not _read(twin_mask).any() and _read(mask("contradicting_duplicate")).any()
+    assert not list(train.glob(".*.tmp"))  # atomic writes leave nothing behind
+    for r in report:
+        assert r["description"] and r["files"]
+
+
+def test_defects_are_deterministic_and_checked(tmp_path):
+    spec = PhantomSpec(subjects=3, frames_per_subject=6)
+    kinds = ["blank_frame", "contradicting_duplicate", "tiny_mask", "blank_frame"]
+    a, b = tmp_path / "a", tmp_path / "b"
+    generate_phantom(a, spec)
+    generate_phantom(b, spec)
+    ra, rb = phantom.plant_defects(a, kinds, seed=5), phantom.plant_defects(b, kinds, seed=5)
+    assert ra == rb
+    assert sorted(p.name for p in (a / "train").iterdir()) == sorted(p.name for p in (b / "train").iterdir())
+    for p in (a / "train").iterdir():
+        assert p.read_bytes() == (b / "train" / p.name).read_bytes(), p.name
+    with pytest.raises(ValueError, match="unknown defect"):
+        phantom.plant_defects(a, ["melted_frame"])
+    with pytest.raises(ValueError, match="not enough"):
+        phantom.plant_defects(a, ["blank_frame"] * 100)
+
+
+def test_hard_mode_changes_the_tissue_not_the_masks():
+    easy, hard = PhantomSpec(subjects=2, frames_per_subject=6), PhantomSpec(subjects=2, frames_per_subject=6, hard=True)
+    for n in range(1, 7):
+        e_img, e_mask = synth_frame(easy, 1, n)
+        h_img, h_mask = synth_frame(hard, 1, n)
+        assert np.array_equal(e_mask, h_mask) and not np.array_equal(e_img, h_img)
