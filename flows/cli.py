@@ -46,6 +46,15 @@ def _load(project: Path, params_file: str):
     return params, ProjectPaths.of(project, params)
 
 
+def _with_registry(project: Path, params_file: str):
+    """Settings, paths, and MLflow pointed at the project's store (or MLFLOW_TRACKING_URI)."""
+    params, paths = _load(project, params_file)
+    from pipeline import registry
+
+    registry.configure(paths.mlflow_dir, params.registry.experiment)
+    return params, paths
+
+
 def _run_flow(project: Path, params_file: str, force: bool = False) -> dict:
     from flows.retrain import retrain
     from pipeline.validation import DataValidationError
@@ -208,10 +217,9 @@ def models(
     params_file: ParamsOpt = "params.yaml",
 ) -> None:
     """Every registered version with its aliases, holdout metrics and data hash."""
-    params, paths = _load(project, params_file)
+    params, paths = _with_registry(project, params_file)
     from pipeline import registry
 
-    registry.configure(paths.mlflow_dir, params.registry.experiment)
     versions = [v.to_dict() for v in registry.list_versions(params.registry.model_name)]
     if as_json:
         typer.echo(json.dumps({"model": params.registry.model_name, "versions": versions}, indent=2))
@@ -245,10 +253,9 @@ def promote(
     params_file: ParamsOpt = "params.yaml",
 ) -> None:
     """Make a version champion by hand; it must load and run first, and the move is recorded."""
-    params, paths = _load(project, params_file)
-    from pipeline import registry, release
+    params, paths = _with_registry(project, params_file)
+    from pipeline import release
 
-    registry.configure(paths.mlflow_dir, params.registry.experiment)
     try:
         event = release.manual_promote(params.registry.model_name, version, reason, actor)
     except release.PromotionError as exc:
@@ -267,10 +274,9 @@ def rollback(
     params_file: ParamsOpt = "params.yaml",
 ) -> None:
     """Give champion back to the version the current champion replaced (checked to load and run)."""
-    params, paths = _load(project, params_file)
-    from pipeline import registry, release
+    params, paths = _with_registry(project, params_file)
+    from pipeline import release
 
-    registry.configure(paths.mlflow_dir, params.registry.experiment)
     try:
         event = release.rollback(params.registry.model_name, reason, actor)
     except release.PromotionError as exc:
@@ -288,11 +294,9 @@ def audit(
     params_file: ParamsOpt = "params.yaml",
 ) -> None:
     """The lineage of a model: run, code, parameters, data version, validation, metrics, promotions."""
-    params, paths = _load(project, params_file)
+    params, paths = _with_registry(project, params_file)
     from pipeline import audit as audit_lib
-    from pipeline import registry
 
-    registry.configure(paths.mlflow_dir, params.registry.experiment)
     try:
         record = audit_lib.lineage(model_uri, params.registry.model_name)
     except audit_lib.AuditError as exc:
@@ -307,10 +311,9 @@ def ledger(
     params_file: ParamsOpt = "params.yaml",
 ) -> None:
     """Every recorded move of the aliases (promote, reject, rollback): when, who, why, evidence."""
-    params, paths = _load(project, params_file)
-    from pipeline import registry, release
+    params, paths = _with_registry(project, params_file)
+    from pipeline import release
 
-    registry.configure(paths.mlflow_dir, params.registry.experiment)
     events = release.history(params.registry.model_name)
     warning = release.unrecorded_alias_move(params.registry.model_name)
     if as_json:
@@ -334,12 +337,10 @@ def card(
     params_file: ParamsOpt = "params.yaml",
 ) -> None:
     """One self-contained HTML page about a model version, for auditors."""
-    params, paths = _load(project, params_file)
+    params, paths = _with_registry(project, params_file)
     from pipeline import audit as audit_lib
-    from pipeline import registry
     from pipeline.model_card import write_card
 
-    registry.configure(paths.mlflow_dir, params.registry.experiment)
     try:
         write_card(model_uri, params.registry.model_name, out)
     except audit_lib.AuditError as exc:

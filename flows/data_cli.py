@@ -96,12 +96,11 @@ def data_versions(
     """Every version of data/raw: git revision, date, DVC hash, counts, empty share, models trained on it."""
     import json
 
-    from flows.cli import _load
+    from flows.cli import _with_registry
     from pipeline import registry
     from pipeline.data_versions import list_data_versions
 
-    params, paths = _load(project, params_file)
-    registry.configure(paths.mlflow_dir, params.registry.experiment)
+    params, paths = _with_registry(project, params_file)
     models = registry.list_versions(params.registry.model_name)
     rows = [r.to_dict() for r in list_data_versions(paths.root, paths.raw_dir, models)]
     if as_json:
