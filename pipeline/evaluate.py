@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import itertools
 import json
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,8 +36,6 @@ REPORT = "evaluation.html"
 PRESENCE_GRID = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
 MIN_AREA_GRID = (0, 1000, 2000, 3000, 4000)
 MASK_GRID = (0.4, 0.5, 0.6)
-
-MaskFunction = Callable[[np.ndarray], np.ndarray]
 
 
 @dataclass(frozen=True)
@@ -76,9 +73,8 @@ def tune_postprocess(predictor: Predictor, images: np.ndarray, masks: np.ndarray
     return Postprocess(float(best.mask_threshold), float(best.presence_threshold), int(best.min_area)), curve
 
 
-def score_frames(predict: MaskFunction, images: np.ndarray, masks: np.ndarray, frames: pd.DataFrame) -> pd.DataFrame:
-    """Per-frame Dice/IoU/areas for any model that maps (N,H,W) frames to (N,H,W) masks."""
-    pred = (np.asarray(predict(images)) > 0).astype(np.uint8)
+def frame_table(pred: np.ndarray, masks: np.ndarray, frames: pd.DataFrame) -> pd.DataFrame:
+    """Per-frame Dice, IoU and areas of predicted (N,H,W) masks against the true ones."""
     if pred.shape != masks.shape:
         raise ValueError(f"model returned masks of shape {pred.shape}, expected {masks.shape}")
     table = frames[["frame_id", "subject"]].copy()
@@ -86,7 +82,6 @@ def score_frames(predict: MaskFunction, images: np.ndarray, masks: np.ndarray, f
     table["iou"] = iou_per_frame(pred, masks)
     table["true_area"] = masks.reshape(len(masks), -1).sum(1)
     table["pred_area"] = pred.reshape(len(pred), -1).sum(1)
-    table.attrs["pred"] = pred
     return table
 
 
@@ -129,8 +124,7 @@ def evaluate(data_dir: Path, prepared_dir: Path, models_dir: Path, out_dir: Path
     images, masks = load_native(data_dir, holdout)
     probs, presence = predictor.probabilities(images)
     pred = predictor.masks_from_probabilities(probs, presence, masks.shape[1:])
-    table = score_frames(lambda _: pred, images, masks, holdout)
-    table.attrs.pop("pred")
+    table = frame_table(pred, masks, holdout)
     table["presence_probability"] = presence
     metrics = full_summary(pred, masks, presence)
     metrics["n_subjects"] = int(holdout["subject"].nunique())

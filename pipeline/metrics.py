@@ -56,22 +56,13 @@ def pixel_confusion(pred: np.ndarray, true: np.ndarray) -> dict[str, int]:
 
 
 def auroc(scores: np.ndarray, labels: np.ndarray) -> float:
-    """Area under the ROC curve (Mann-Whitney U with tied ranks); NaN with one class only."""
-    scores, labels = np.asarray(scores, float), np.asarray(labels, bool)
-    n_pos, n_neg = int(labels.sum()), int((~labels).sum())
-    if n_pos == 0 or n_neg == 0:
+    """Area under the ROC curve of a score against binary labels; NaN with one class only."""
+    from sklearn.metrics import roc_auc_score
+
+    labels = np.asarray(labels, bool)
+    if labels.all() or not labels.any():
         return float("nan")
-    order = np.argsort(scores, kind="mergesort")
-    ranks = np.empty(len(scores))
-    sorted_scores = scores[order]
-    i = 0
-    while i < len(scores):  # average ranks over ties
-        j = i
-        while j + 1 < len(scores) and sorted_scores[j + 1] == sorted_scores[i]:
-            j += 1
-        ranks[order[i : j + 1]] = (i + j) / 2 + 1
-        i = j + 1
-    return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+    return float(roc_auc_score(labels, np.asarray(scores, float)))
 
 
 def hausdorff95(pred: np.ndarray, true: np.ndarray) -> float:

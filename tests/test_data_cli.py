@@ -33,7 +33,6 @@ def _raw_files(root: Path) -> list[str]:
 def _register_model(root: Path, data_hash: str) -> str:
     """A registered version that says it was trained on ``data_hash`` (no training needed)."""
     import mlflow
-
     from pipeline import registry
     from pipeline.config import load_params
     from pipeline.paths import ProjectPaths

@@ -35,3 +35,16 @@ def test_presence_accuracy_and_summary():
     assert summary["n_frames"] == 4
     assert summary["dice"] == pytest.approx((1 + 1 + 0 + 0) / 4)
     assert summary["dice_nerve_frames"] == pytest.approx(0.5)
+
+
+def test_presence_auroc_and_boundary_distance():
+    from pipeline.metrics import auroc, hausdorff95
+
+    assert auroc(np.array([0.1, 0.4, 0.35, 0.8]), np.array([0, 0, 1, 1])) == pytest.approx(0.75)
+    assert np.isnan(auroc(np.array([0.2, 0.9]), np.array([1, 1])))
+    true = np.zeros((50, 50), np.uint8)
+    true[10:20, 10:20] = 1
+    shifted = np.roll(true, 2, axis=0)
+    assert hausdorff95(true, true) == 0.0
+    assert hausdorff95(shifted, true) == pytest.approx(2.0)
+    assert np.isnan(hausdorff95(np.zeros_like(true), true))

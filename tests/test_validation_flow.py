@@ -154,7 +154,6 @@ def _restore(train: Path, snapshot: dict[str, bytes]) -> None:
 
 def test_defect_corpus_stops_the_flow_before_training(tmp_path, prefect_server):
     import mlflow
-
     from flows.retrain import retrain
     from pipeline import registry, versioning
     from pipeline.validation import DataValidationError
