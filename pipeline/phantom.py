@@ -7,20 +7,26 @@ How a frame is made (B-mode in miniature):
 
 1. Each subject gets a *world*: a tissue echogenicity map somewhat wider than the
    frame (skin, fat, muscle layers with fibre texture, fascia lines, curved bright
-   arcs, vessels, an optional strong reflector with its shadow, and 1-3 fainter look-alikes:
-   honeycomb-like clusters drawn like the nerve but without a mask). The probe sweeps slowly
-   across it, so neighbouring frames are near-duplicates shifted by a few pixels.
+   arcs, vessels, an optional strong reflector with its shadow, and in some subjects a fainter
+   look-alike: a honeycomb-like cluster or a hypoechoic bundle in a bright rim, drawn like the
+   nerve but without a mask). The probe sweeps slowly across it, so neighbouring frames are
+   near-duplicates shifted by a few pixels. In some subjects a small superficial reflector
+   shadows one side of the nerve.
 2. In runs of frames the nerve is in the imaging plane: a honeycomb of dark
    fascicles in a brighter irregular rim, blended into the tissue with a per-subject
-   contrast; at run edges and in some other frames it is fainter and blurred (partly
-   out of plane). Its mask is
-   the smooth blob that outlines it. When it is out of plane the frame shows
-   the same tissue without it.
+   contrast, so it is hard to tell from its surroundings (its conspicuity matches the real
+   frames'); at run edges and in some other frames it is fainter and blurred (partly
+   out of plane). Its size swings slowly along the sweep. Its mask is the smooth blob that
+   outlines it. When it is out of plane the frame shows the same tissue without it.
 3. Speckle: complex Gaussian scatterers smoothed by an anisotropic point-spread
    function, part fixed to the tissue and part fresh each frame; its intensity is
    lightly smoothed as a scanner's speckle reduction does (real frames show soft,
    laterally smeared grain rather than raw speckle). Envelope x (echogenicity x
-   depth attenuation + receiver noise floor) x gain, then log compression to 8 bits.
+   depth attenuation + receiver noise floor) x gain (drifting slowly over the sweep), then
+   log compression to 8 bits.
+
+How hard the nerve is to find is set by ``_DEFAULT`` (learnable by the default quickstart
+model, but far from trivial: docs/phantom.md) or ``_HARD`` (``PhantomSpec(hard=True)``).
 
 ``plant_defects`` damages a written dataset on purpose (unreadable, wrong-size, RGB, 16-bit,
 blank or saturated frames, missing/orphan/non-binary/tiny masks, bad names, near-duplicates
@@ -42,6 +48,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from statistics import NormalDist
 
 import cv2
 import numpy as np
@@ -61,15 +68,48 @@ class PhantomSpec:
     seed: int = 2016
     height: int = 420
     width: int = 580
-    # Harder, closer to real frames: fainter and sometimes blurred nerve, look-alike honeycombs
-    # and curved bright arcs in the tissue. Off by default: the default quickstart model
-    # (width 16, 96x128, 24 epochs) does not learn it (holdout Dice = the all-empty score).
+    # Harder still (same masks): a fainter nerve, more and stronger look-alikes, more curved
+    # bright arcs. Off by default: the default is tuned to be learnable by the quickstart model
+    # but not trivial (docs/phantom.md, bench/phantom_learnability.py).
     hard: bool = False
+
+
+@dataclass(frozen=True)
+class _Difficulty:
+    """How hard the nerve is to tell from its surroundings."""
+
+    nerve_contrast: tuple[float, float]  # per subject: share of the honeycomb blended over the tissue
+    rim: tuple[float, float]  # per subject: brightness of the epineurium rim over the septa
+    oblique_share: float  # share of nerve frames (besides run edges) where it is faint and blurred
+    oblique_contrast: float  # contrast factor in those frames
+    decoys: tuple[int, int]  # look-alikes per subject (numpy integers range: lo inclusive, hi exclusive)
+    decoy_contrast: tuple[float, float]
+    arcs: tuple[int, int]  # curved bright fragments per subject
+    nerve_shadow: float  # share of subjects where a superficial reflector shadows part of the nerve
+
+
+# Tuned with bench/phantom_learnability.py (docs/phantom.md): a fainter nerve than this
+# (contrast 0.65-0.9, rim 1.8-2.5) left the default quickstart model at the all-empty solution
+# (early stopping fires before it learns); 1-2 look-alikes of contrast 0.12-0.28 made it take
+# one for the nerve in every frame of a holdout subject (holdout Dice 0.58); 0-1 of contrast
+# 0.08-0.2 left it at 0.95; this gives 0.85. The nerve's conspicuity (inside vs ring) is close
+# to the real one anyway: oblique frames, shadows and the tissue it lies in do that part.
+_DEFAULT = _Difficulty(nerve_contrast=(0.85, 1.0), rim=(2.3, 2.8), oblique_share=0.15, oblique_contrast=0.65,
+                       decoys=(0, 2), decoy_contrast=(0.1, 0.26), arcs=(6, 14), nerve_shadow=0.3)
+_HARD = _Difficulty(nerve_contrast=(0.55, 0.8), rim=(1.4, 2.2), oblique_share=0.25, oblique_contrast=0.6,
+                    decoys=(1, 4), decoy_contrast=(0.25, 0.5), arcs=(25, 45), nerve_shadow=0.5)
 
 
 # --- figures the phantom is calibrated to (real data: datasets/kaggle-uns/README.md)
 _AREA_MEDIAN = 6976.0  # px, non-empty mask area median
-_AREA_LOG_SD_SUBJECT = 0.26  # between-subject spread; with per-frame jitter gives 5-95 % ~ 4.7k-10.3k
+# Spread of log(area): real masks vary less between subjects (sd 0.13) than within one (0.21),
+# as the plexus's section changes along the sweep. Subjects are spread evenly over the
+# between-subject distribution (a low-discrepancy sequence), so even 12 subjects hit the real
+# percentiles; within a subject the size swings slowly along the sweep.
+_AREA_LOG_SD_SUBJECT = 0.13
+_AREA_LOG_SWING = 0.27  # amplitude of the slow within-subject swing of log(area)
+_AREA_LOG_JITTER = 0.06  # frame-to-frame jitter of log(area)
+_SQRT2_FRAC = 0.41421356237309515  # a second irrational step, independent of the golden one
 _EMPTY_MIN, _EMPTY_MAX = 0.12, 0.97  # per-subject empty share range (real: 11 %-98 %)
 _EMPTY_SHAPE = 0.75  # u**k with u uniform: mean empty share 0.12 + 0.85/(1+k) ~ 0.6
 
@@ -77,12 +117,12 @@ _EMPTY_SHAPE = 0.75  # u**k with u uniform: mean empty share 0.12 + 0.85/(1+k) ~
 _SWEEP_AMP = (25.0, 45.0)  # px, half-width of the lateral back-and-forth sweep
 _SWEEP_SPEED = (1.0, 3.0)  # px/frame, peak lateral speed of the sweep
 _MARGIN = 48  # px of world on each side of the frame (> max sweep amplitude)
-_SPECKLE_KEEP = 0.75  # correlation of the speckle between frames (tissue-fixed part)
+_SPECKLE_KEEP = 0.6  # correlation of the speckle between frames (tissue-fixed part)
 _DYN_RANGE_DB = 46.0  # log-compression dynamic range
 _NOISE_FLOOR = 0.05  # amplitude of the receiver noise, relative to unit echo (about -26 dB)
 _GOLDEN = 0.6180339887498949
-_NERVE_CONTRAST = (0.8, 1.0)  # per subject: how much of the honeycomb shows over the tissue
-_OBLIQUE_SHARE = 0.15  # share of nerve frames (besides run edges) where it is faint and blurred
+_GAIN_SWING_DB = (0.5, 2.0)  # per subject: slow drift of the operator's gain over the sweep
+_GAIN_JITTER_DB = 0.4
 
 
 # ---------------------------------------------------------------------------
@@ -127,19 +167,24 @@ def synth_frame(spec: PhantomSpec, subject: int, n: int) -> tuple[np.ndarray, np
         raise ValueError(f"frame {subject}_{n} is outside the spec {spec}")
     plan = _subject_plan(spec.seed, subject, spec.height, spec.width, spec.frames_per_subject)
     world = _subject_world(spec.seed, subject, spec.height, spec.width, spec.frames_per_subject, spec.hard)
+    level = _HARD if spec.hard else _DEFAULT
     rng = np.random.default_rng([spec.seed, subject, n])
     x0 = plan.offsets[n - 1]
     echo = world.echo[:, x0:x0 + spec.width].copy()
     poly = _frame_polygon(plan, n)
     # How clearly the nerve shows: a subject-level figure, lower and blurred in some frames
     # (entering/leaving the plane, or the probe tilted off the plexus's axis).
-    oblique = spec.hard and (plan.scales[n - 1] < 0.93 or rng.random() < _OBLIQUE_SHARE)
-    contrast = world.nerve_contrast * rng.uniform(0.85, 1.1) * (0.6 if oblique else 1.0) if spec.hard else 1.0
+    oblique = plan.edges[n - 1] or rng.random() < level.oblique_share
+    contrast = world.nerve_contrast * rng.uniform(0.85, 1.1) * (level.oblique_contrast if oblique else 1.0)
     if poly is not None:
         _paint_nerve(echo, plan.nerve, poly, plan.scales[n - 1], x0, contrast=min(contrast, 1.0),
-                     blur=3.5 if oblique else 2.0)
+                     blur=3.5 if oblique else 2.0, rim_gain=world.rim)
+    if world.shadow is not None:  # a superficial reflector shadows part of the nerve
+        echo *= world.shadow[:, x0:x0 + spec.width]
     envelope = _speckle(world, rng, x0, spec.height, spec.width)
-    gain_db = world.gain_db + rng.normal(0.0, 0.3)  # the operator's gain drifts a little
+    # The operator's gain drifts slowly over the sweep, and a little from frame to frame.
+    gain_db = (world.gain_db + world.gain_swing * math.sin(world.gain_omega * n + world.gain_phase)
+               + rng.normal(0.0, _GAIN_JITTER_DB))
     # The receiver's noise floor: anechoic lumen and deep tissue show dim grain, not black.
     image = _log_compress(envelope * (echo * world.attenuation + _NOISE_FLOOR), gain_db)
     return image, _frame_mask(spec, subject, n)
@@ -190,6 +235,7 @@ class _Plan:
     offsets: tuple[int, ...]  # per frame: world column of the frame's left edge
     present: tuple[bool, ...]  # per frame: is the nerve in the imaging plane
     scales: tuple[float, ...]  # per frame: linear size factor of the nerve
+    edges: tuple[bool, ...]  # per frame: first or last frame of a run (nerve entering/leaving the plane)
 
 
 @dataclass(frozen=True)
@@ -202,6 +248,11 @@ class _World:
     psf_sigma: tuple[float, float]  # (lateral, axial) px
     gain_db: float
     nerve_contrast: float = 0.7  # share of the nerve's honeycomb blended over the tissue
+    rim: float = 2.5  # brightness of the nerve's rim (epineurium) over its septa
+    shadow: np.ndarray | None = None  # (H, W + 2*margin) multiplicative shadow over the nerve, or None
+    gain_swing: float = 0.0  # dB, amplitude of the slow gain drift over the sweep
+    gain_omega: float = 0.0  # rad/frame
+    gain_phase: float = 0.0
 
 
 def _subject_seeds(seed: int, subject: int) -> list[np.random.SeedSequence]:
@@ -214,9 +265,9 @@ def _subject_plan(seed: int, subject: int, height: int, width: int, frames: int)
     """Draw one subject's geometry (cheap; cached because every frame needs it)."""
     rng = np.random.default_rng(_subject_seeds(seed, subject)[0])
     offsets = _sweep_offsets(rng, frames)
-    nerve = _draw_nerve(rng, height, width)
-    present, scales = _nerve_plan(rng, _empty_share(seed, subject), frames)
-    return _Plan(nerve=nerve, offsets=offsets, present=present, scales=scales)
+    nerve = _draw_nerve(rng, height, width, area=_subject_area(seed, subject))
+    present, scales, edges = _nerve_plan(rng, _empty_share(seed, subject), frames)
+    return _Plan(nerve=nerve, offsets=offsets, present=present, scales=scales, edges=edges)
 
 
 @lru_cache(maxsize=2)
@@ -224,8 +275,9 @@ def _subject_world(seed: int, subject: int, height: int, width: int, frames: int
     """Render one subject's tissue (cached: frames are made subject by subject)."""
     nerve = _subject_plan(seed, subject, height, width, frames).nerve
     rng = np.random.default_rng(_subject_seeds(seed, subject)[1])
+    level = _HARD if hard else _DEFAULT
     wh, ww = height, width + 2 * _MARGIN
-    echo = _tissue(rng, wh, ww, nerve, hard)
+    echo = _tissue(rng, wh, ww, nerve, level)
     psf = (rng.uniform(2.0, 2.8), rng.uniform(1.0, 1.3))  # lateral resolution is the worse one
     speckle = _blurred_noise(rng, wh, ww, psf)
     depth = np.arange(height, dtype=np.float32)[:, None] / height
@@ -233,8 +285,19 @@ def _subject_world(seed: int, subject: int, height: int, width: int, frames: int
     # undoes it, so deep tissue is darker.
     att_db = rng.uniform(8.0, 16.0) * depth + rng.uniform(0.0, 4.0) * depth**2
     attenuation = (10.0 ** (-att_db / 20.0)).astype(np.float32)
-    return _World(echo=echo, speckle=speckle, attenuation=attenuation, psf_sigma=psf,
-                  gain_db=float(rng.normal(0.0, 2.0)), nerve_contrast=float(rng.uniform(*_NERVE_CONTRAST)))
+    gain_db = float(rng.normal(0.0, 2.0))
+    shadow = _nerve_shadow(rng, wh, ww, nerve) if rng.random() < level.nerve_shadow else None
+    return _World(echo=echo, speckle=speckle, attenuation=attenuation, psf_sigma=psf, gain_db=gain_db,
+                  nerve_contrast=float(rng.uniform(*level.nerve_contrast)), rim=float(rng.uniform(*level.rim)),
+                  shadow=shadow, gain_swing=float(rng.uniform(*_GAIN_SWING_DB)),
+                  gain_omega=float(2 * np.pi / rng.uniform(15, 60)), gain_phase=float(rng.uniform(0, 2 * np.pi)))
+
+
+def _subject_area(seed: int, subject: int) -> float:
+    """Median nerve area of a subject: evenly spread quantiles of a log-normal (see _empty_share)."""
+    start = np.random.default_rng([seed, 1]).random()
+    u = (start + subject * _SQRT2_FRAC) % 1.0
+    return _AREA_MEDIAN * math.exp(_AREA_LOG_SD_SUBJECT * NormalDist().inv_cdf(0.02 + 0.96 * u))
 
 
 def _empty_share(seed: int, subject: int) -> float:
@@ -250,12 +313,13 @@ def _empty_share(seed: int, subject: int) -> float:
 
 
 def _nerve_plan(rng: np.random.Generator, empty_share: float, frames: int):
-    """Which frames show the nerve (1-2 contiguous runs) and its size factor in each."""
+    """Which frames show the nerve (1-2 contiguous runs), its size factor in each, and the run edges."""
     n_pos = round((1.0 - empty_share) * frames)
     n_empty = frames - n_pos
     # Sometimes the probe passes the plexus twice: two runs, with at least one empty frame between.
     n_runs = 2 if n_pos >= 6 and n_empty >= 1 and rng.random() < 0.5 else 1
     present = np.zeros(frames, bool)
+    edges = np.zeros(frames, bool)
     scales = np.ones(frames)
     if n_pos:
         # Split the positives into runs, and the empties into the n_runs + 1 gaps around them.
@@ -269,9 +333,14 @@ def _nerve_plan(rng: np.random.Generator, empty_share: float, frames: int):
             # Entering or leaving the imaging plane the nerve's section is smaller.
             if length >= 3:
                 scales[start] = scales[start + length - 1] = 0.9
+                edges[start] = edges[start + length - 1] = True
             start += length + gap
-        scales *= np.exp(rng.normal(0.0, 0.035, frames))
-    return tuple(bool(p) for p in present), tuple(float(s) for s in scales)
+        # Along the sweep the plexus's section grows and shrinks slowly (log-area swing), plus jitter.
+        period = rng.uniform(12.0, 30.0)
+        swing = _AREA_LOG_SWING * np.sin(2 * np.pi * np.arange(frames) / period + rng.uniform(0, 2 * np.pi))
+        scales *= np.exp(0.5 * (swing + rng.normal(0.0, _AREA_LOG_JITTER, frames)))
+    return (tuple(bool(p) for p in present), tuple(float(s) for s in scales),
+            tuple(bool(e) for e in edges))
 
 
 def _sweep_offsets(rng: np.random.Generator, frames: int) -> tuple[int, ...]:
@@ -282,16 +351,18 @@ def _sweep_offsets(rng: np.random.Generator, frames: int) -> tuple[int, ...]:
     return tuple(round(_MARGIN + amp * math.sin(omega * i + phase)) for i in range(frames))
 
 
-def _draw_nerve(rng: np.random.Generator, height: int, width: int) -> _Nerve:
-    """Size, shape, position and inner structure of this subject's nerve."""
-    area = _AREA_MEDIAN * math.exp(rng.normal(0.0, _AREA_LOG_SD_SUBJECT))
+def _draw_nerve(rng: np.random.Generator, height: int, width: int, area: float | None = None) -> _Nerve:
+    """Size, shape, position and inner structure of a nerve (``area`` at scale 1; drawn if None)."""
+    if area is None:
+        area = _AREA_MEDIAN * math.exp(rng.normal(0.0, 0.2))
     aspect = rng.uniform(1.15, 1.6)
     b = math.sqrt(area / (math.pi * aspect))
     a = aspect * b
     # Mostly lying (wider than tall) as in the real frames, sometimes tilted up to ~40 degrees.
     angle = rng.normal(0.0, 0.35)
-    half_w = abs(a * math.cos(angle)) + abs(b * math.sin(angle))
-    half_h = abs(a * math.sin(angle)) + abs(b * math.cos(angle))
+    # Room for the largest size swing along the sweep (scale up to ~1.2).
+    half_w = 1.2 * (abs(a * math.cos(angle)) + abs(b * math.sin(angle)))
+    half_h = 1.2 * (abs(a * math.sin(angle)) + abs(b * math.cos(angle)))
     x_lo, x_hi = _MARGIN + _SWEEP_AMP[1] + half_w + 10, _MARGIN + width - _SWEEP_AMP[1] - half_w - 10
     y_lo = 75 + half_h
     y_hi = max(y_lo, min(0.72 * height, height - half_h - 20))
@@ -323,7 +394,7 @@ def _draw_fascicles(rng: np.random.Generator) -> tuple[tuple[float, float, float
 # ---------------------------------------------------------------------------
 
 
-def _tissue(rng: np.random.Generator, h: int, w: int, nerve: _Nerve, hard: bool = False) -> np.ndarray:
+def _tissue(rng: np.random.Generator, h: int, w: int, nerve: _Nerve, level: _Difficulty) -> np.ndarray:
     """Echogenicity of the subject's tissue (no nerve): layers, fibres, fascia, vessels."""
     x = np.arange(w, dtype=np.float32)
     skin = 4 + rng.uniform(-1, 1) * np.sin(x / 300)
@@ -339,10 +410,9 @@ def _tissue(rng: np.random.Generator, h: int, w: int, nerve: _Nerve, hard: bool 
     texture = np.where(tilted[layer], tilt, fine)
     echo = levels[layer] * np.exp(0.75 * texture)
     echo[yy[:, 0] < skin.max() + 1] = 1.0
-    echo *= _bright_lines(rng, h, w, skin, fat, fascias, arcs=hard)
+    echo *= _bright_lines(rng, h, w, skin, fat, fascias, arcs=level.arcs)
     _add_vessels(rng, echo, nerve)
-    if hard:
-        _add_decoys(rng, echo, nerve)
+    _add_decoys(rng, echo, nerve, level)
     _add_reflector(rng, echo, nerve)
     return cv2.GaussianBlur(echo.astype(np.float32), (0, 0), 1.0)
 
@@ -374,7 +444,7 @@ def _fibre_texture(rng: np.random.Generator, h: int, w: int) -> tuple[np.ndarray
 
 
 def _bright_lines(rng: np.random.Generator, h: int, w: int, skin: np.ndarray, fat: np.ndarray,
-                  fascias: list[np.ndarray], arcs: bool = False) -> np.ndarray:
+                  fascias: list[np.ndarray], arcs: tuple[int, int] = (0, 1)) -> np.ndarray:
     """Multiplicative map of specular lines: skin, fat septa, fascia, intramuscular septa."""
     gain = np.zeros((h, w), np.float32)
     x = np.arange(w, dtype=np.float32)
@@ -401,7 +471,7 @@ def _bright_lines(rng: np.random.Generator, h: int, w: int, skin: np.ndarray, fa
         draw(pts.astype(np.float32), rng.uniform(1.0, 5.0), int(rng.integers(2, 6)))
     # Curved bright fragments (vessel walls, fascia folding round muscle bellies, tendons):
     # the real frames are full of arcs, which is much of why the nerve's rim is hard to see.
-    for _ in range(int(rng.integers(25, 45)) if arcs else 0):
+    for _ in range(int(rng.integers(*arcs))):
         centre = (int(rng.uniform(0, w)), int(rng.uniform(top, bottom)))
         axes = (int(rng.uniform(10, 45)), int(rng.uniform(6, 25)))
         start = float(rng.uniform(0, 360))
@@ -443,7 +513,7 @@ def _add_vessels(rng: np.random.Generator, echo: np.ndarray, nerve: _Nerve) -> N
             echo *= 1.0 + 0.45 * below * band
 
 
-def _add_decoys(rng: np.random.Generator, echo: np.ndarray, nerve: _Nerve) -> None:
+def _add_decoys(rng: np.random.Generator, echo: np.ndarray, nerve: _Nerve, level: _Difficulty) -> None:
     """Look-alikes without a mask: honeycomb-like clusters (other plexus trunks seen obliquely,
     lymph nodes, knotted fascia, muscle with septa) drawn the way the nerve is drawn.
 
@@ -453,10 +523,10 @@ def _add_decoys(rng: np.random.Generator, echo: np.ndarray, nerve: _Nerve) -> No
     h, w = echo.shape
     frame_w = w - 2 * _MARGIN
     placed = [(nerve.cx, nerve.cy, max(nerve.a, nerve.b))]
-    for _ in range(int(rng.integers(1, 4))):
+    for _ in range(int(rng.integers(*level.decoys))):
         template = _draw_nerve(rng, h, frame_w)
         size = rng.uniform(0.45, 1.1)
-        contrast = rng.uniform(0.25, 0.5)  # fainter than the nerve: the model can still learn it
+        contrast = rng.uniform(*level.decoy_contrast)  # fainter than the nerve: the model can still learn it
         a, b = template.a * size, template.b * size
         for _ in range(40):
             near = rng.random() < 0.4
@@ -471,7 +541,32 @@ def _add_decoys(rng: np.random.Generator, echo: np.ndarray, nerve: _Nerve) -> No
         decoy = _Nerve(cx=cx, cy=cy, a=a, b=b, angle=template.angle, harmonics=template.harmonics,
                        fascicles=template.fascicles if rng.random() < 0.4 else (),
                        rim_phases=template.rim_phases, base=template.base)
-        _paint_nerve(echo, decoy, _nerve_polygon(decoy, 1.0, 0), 1.0, 0, contrast=contrast)
+        _paint_nerve(echo, decoy, _nerve_polygon(decoy, 1.0, 0), 1.0, 0, contrast=contrast,
+                     rim_gain=rng.uniform(*level.rim))
+
+
+def _nerve_shadow(rng: np.random.Generator, h: int, w: int, nerve: _Nerve) -> np.ndarray:
+    """A small superficial strong reflector (a calcified fascia knot, a tendon, the clavicle's
+    edge) above the nerve whose shadow falls over one side of it: multiplicative map, 1 outside.
+
+    The reflector itself is drawn bright; the shadow darkens what lies below it, the nerve
+    included (the caller applies it after painting the nerve).
+    """
+    half_w = abs(nerve.a * math.cos(nerve.angle)) + abs(nerve.b * math.sin(nerve.angle))
+    half_h = abs(nerve.a * math.sin(nerve.angle)) + abs(nerve.b * math.cos(nerve.angle))
+    side = rng.choice([-1.0, 1.0])
+    # Lateral extent: from beyond one side of the nerve to cover 20-55 % of its width.
+    inner = nerve.cx + side * half_w * (1.0 - 2.0 * rng.uniform(0.2, 0.55))
+    outer = nerve.cx + side * (half_w + rng.uniform(10, 60))
+    lo, hi = sorted((inner, outer))
+    top = rng.uniform(max(20.0, nerve.cy - half_h - 90), max(25.0, nerve.cy - half_h - 25))
+    xx = np.arange(w, dtype=np.float32)
+    yy = np.arange(h, dtype=np.float32)[:, None]
+    across = np.clip((xx - lo) / 6.0, 0, 1) * np.clip((hi - xx) / 6.0, 0, 1)
+    depth = np.clip((yy - top - 4.0) / 8.0, 0, 1)
+    shadow = 1.0 - rng.uniform(0.45, 0.75) * depth * across
+    surface = np.exp(-(((yy - top) / 3.0) ** 2)) * across
+    return ((1.0 + rng.uniform(6.0, 14.0) * surface) * shadow).astype(np.float32)
 
 
 def _add_reflector(rng: np.random.Generator, echo: np.ndarray, nerve: _Nerve) -> None:
@@ -505,7 +600,7 @@ def _nerve_polygon(nerve: _Nerve, scale: float, x0: int) -> np.ndarray:
 
 
 def _paint_nerve(echo: np.ndarray, nerve: _Nerve, poly: np.ndarray, scale: float, x0: int,
-                 contrast: float = 1.0, blur: float = 2.0) -> None:
+                 contrast: float = 1.0, blur: float = 2.0, rim_gain: float = 2.5) -> None:
     """Blend the honeycomb inside the outline ``poly`` into the echo map (in place).
 
     ``contrast`` (0..1) is how much of the honeycomb replaces the tissue; ``blur`` (px) how
@@ -536,12 +631,12 @@ def _paint_nerve(echo: np.ndarray, nerve: _Nerve, poly: np.ndarray, scale: float
     theta = np.arctan2(yy - cy, xx - cx)
     p1, p2, p3 = nerve.rim_phases
     # Irregular rim: bright on some sides, nearly absent on others.
-    rim_gain = 1.0 + 0.7 * np.cos(2 * theta + p1) + 0.4 * np.cos(3 * theta + p2) + 0.3 * np.cos(5 * theta + p3)
-    rim = np.exp(-((dist - 5.0) / 4.5) ** 2) * np.clip(rim_gain, 0.0, None)
+    around = 1.0 + 0.7 * np.cos(2 * theta + p1) + 0.4 * np.cos(3 * theta + p2) + 0.3 * np.cos(5 * theta + p3)
+    rim = np.exp(-((dist - 5.0) / 4.5) ** 2) * np.clip(around, 0.0, None)
     view = echo[y_lo:y_hi, x_lo:x_hi]
     # Borrow the surrounding tissue's texture so the inside is not a flat cartoon.
     texture = (view / view.mean()) ** 0.7
-    honeycomb = inner * (1.0 + 2.5 * rim) * texture
+    honeycomb = inner * (1.0 + rim_gain * rim) * texture
     alpha = contrast * cv2.GaussianBlur(patch.astype(np.float32) / 255.0, (0, 0), 1.5)
     honeycomb = cv2.GaussianBlur(honeycomb, (0, 0), blur)
     view[...] = view * (1.0 - alpha) + honeycomb * alpha
