@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class _Section(BaseModel):
@@ -80,14 +80,28 @@ class PreprocessParams(_Section):
 
 class SplitParams(_Section):
     seed: int = 42
-    validation_fraction: float = Field(0.17, gt=0, lt=1)
+    validation_fraction: float = Field(0.17, gt=0, lt=1)  # used when folds == 1
     holdout_fraction: float = Field(0.25, gt=0, lt=1)
+    # Subject-grouped k-fold cross-validation of the non-holdout subjects: with folds = k > 1,
+    # fold i validates on the i-th group of subjects and trains on the others. The flow trains
+    # one fold (``fold``); ``nerveseg cv`` trains all of them.
+    folds: int = Field(1, ge=1)
+    fold: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _fold_in_range(self) -> "SplitParams":
+        if self.fold >= self.folds:
+            raise ValueError(f"split.fold is {self.fold} but must be below split.folds ({self.folds})")
+        return self
 
 
 class ModelParams(_Section):
     depth: int = Field(4, ge=1, le=6)
     base_width: int = Field(16, ge=2)
     dropout: float = Field(0.1, ge=0, lt=1)
+    norm: Literal["batch", "instance", "group", "none"] = "batch"
+    residual: bool = False
+    upsample: Literal["transpose", "resize"] = "transpose"
 
 
 class LossParams(_Section):
@@ -97,12 +111,23 @@ class LossParams(_Section):
 
 
 class AugmentParams(_Section):
+    """Each transform with its probability; frame and mask get the same geometry."""
+
     hflip_p: float = Field(0.5, ge=0, le=1)
-    affine_p: float = Field(0.7, ge=0, le=1)
+    affine_p: float = Field(0.7, ge=0, le=1)  # shift, scale, rotate and shear together
     shift_limit: float = Field(0.06, ge=0)
     scale_limit: float = Field(0.1, ge=0)
     rotate_limit: float = Field(10, ge=0)
+    shear_limit: float = Field(0, ge=0)  # degrees
+    elastic_p: float = Field(0, ge=0, le=1)
+    grid_distortion_p: float = Field(0, ge=0, le=1)
     brightness_contrast_p: float = Field(0.5, ge=0, le=1)
+    brightness_limit: float = Field(0.15, ge=0)
+    contrast_limit: float = Field(0.15, ge=0)
+    gamma_p: float = Field(0, ge=0, le=1)
+    gamma_limit: tuple[int, int] = (80, 120)  # percent
+    speckle_p: float = Field(0, ge=0, le=1)  # multiplicative noise, like speckle
+    speckle_limit: float = Field(0.1, ge=0, lt=1)
 
 
 class TrainParams(_Section):
@@ -113,9 +138,18 @@ class TrainParams(_Section):
     learning_rate: float = Field(0.003, ge=0)
     weight_decay: float = Field(0.0001, ge=0)
     early_stopping_patience: int = Field(8, ge=1)
+    min_epochs: int = Field(1, ge=1)  # early stopping only from this epoch on
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: bool = True
     threads: int = Field(0, ge=0)
+    lr_schedule: Literal["cosine", "constant"] = "cosine"
+    warmup_epochs: int = Field(0, ge=0)
+    channels_last: bool = True  # NHWC tensors on CUDA (faster convolutions); no effect on the CPU
+    compile: bool = False       # torch.compile the network (measured in docs/benchmarks.md)
+    # inductor generates fused kernels (minutes of compiling on a CPU); aot_eager only traces,
+    # which checks that the network compiles without the wait.
+    compile_backend: Literal["inductor", "aot_eager", "eager"] = "inductor"
+    loader_workers: int = Field(0, ge=0)  # data-loader processes; 0 loads in the training process
     loss: LossParams = LossParams()
     augment: AugmentParams = AugmentParams()
 
@@ -125,6 +159,8 @@ class PostprocessParams(_Section):
     mask_threshold: float = Field(0.5, gt=0, lt=1)
     presence_threshold: float = Field(0.5, ge=0, le=1)
     min_area: int = Field(0, ge=0)
+    largest_component: bool = False  # keep only the largest predicted blob
+    tta_hflip: bool = False          # test-time augmentation: mean over the frame and its mirror
 
 
 class EvaluateParams(_Section):
@@ -145,6 +181,26 @@ class PromotionParams(_Section):
     confidence: float = Field(0.95, gt=0.5, lt=1)
     presence_tolerance: float = Field(0.02, ge=0, le=1)  # allowed drop in presence accuracy
     seed: int = 0
+    # Hold a promotion that passed the gate for a person's approve/reject (nerveseg approve/reject);
+    # no answer within approval_timeout_s seconds means no promotion.
+    require_approval: bool = False
+    approval_timeout_s: int = Field(3600, ge=1)
+
+
+class NotifyParams(_Section):
+    """Where failure notices go besides the Prefect artifact and log (NERVESEG_WEBHOOK_URL overrides)."""
+
+    webhook_url: str = ""
+    timeout_s: float = Field(5.0, gt=0, le=60)
+
+
+class RunnerParams(_Section):
+    """How the per-file work of validation and preprocessing runs: a thread pool in the flow's
+    process (default) or Prefect's Dask task runner on a local or an existing Dask cluster."""
+
+    kind: Literal["thread", "dask"] = "thread"
+    dask_address: str = ""      # e.g. tcp://10.0.0.5:8786; empty: a local cluster of `workers`
+    workers: int = Field(2, ge=1)
 
 
 class Params(_Section):
@@ -158,10 +214,26 @@ class Params(_Section):
     evaluate: EvaluateParams = EvaluateParams()
     registry: RegistryParams = RegistryParams()
     promotion: PromotionParams = PromotionParams()
+    notify: NotifyParams = NotifyParams()
+    runner: RunnerParams = RunnerParams()
+
+    # Operational settings that change neither the data, the model nor the gate: left out of the
+    # digest, so changing them does not make the next run retrain (and digests stay comparable).
+    OPERATIONAL: ClassVar[dict[str, tuple[str, ...] | None]] = {
+        "notify": None, "runner": None, "promotion": ("require_approval", "approval_timeout_s"),
+    }
 
     def digest(self) -> str:
-        """A stable hash of every setting: two runs with the same digest used the same numbers."""
-        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        """A stable hash of every setting that shapes the model and its gate: two runs with the same
+        digest used the same numbers (operational settings, see ``OPERATIONAL``, are left out)."""
+        settings = self.model_dump(mode="json")
+        for section, keys in self.OPERATIONAL.items():
+            if keys is None:
+                settings.pop(section, None)
+            else:
+                for key in keys:
+                    settings.get(section, {}).pop(key, None)
+        canonical = json.dumps(settings, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import itertools
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -62,7 +62,7 @@ def tune_postprocess(predictor: Predictor, images: np.ndarray, masks: np.ndarray
     probs, presence = predictor.probabilities(images)
     rows = []
     for m_thr, p_thr, min_area in itertools.product(MASK_GRID, PRESENCE_GRID, MIN_AREA_GRID):
-        candidate = Postprocess(m_thr, p_thr, min_area)
+        candidate = replace(base, mask_threshold=m_thr, presence_threshold=p_thr, min_area=min_area)
         pred = predictor.masks_from_probabilities(probs, presence, masks.shape[1:], candidate)
         rows.append({"mask_threshold": m_thr, "presence_threshold": p_thr, "min_area": min_area,
                      "dice": float(dice_per_frame(pred, masks).mean())})
@@ -70,7 +70,8 @@ def tune_postprocess(predictor: Predictor, images: np.ndarray, masks: np.ndarray
     # Ties go to the first maximum in grid order (the lowest thresholds and area).
     best = grid.loc[grid["dice"].idxmax()]
     curve = grid.groupby("presence_threshold", as_index=False)["dice"].max()
-    return Postprocess(float(best.mask_threshold), float(best.presence_threshold), int(best.min_area)), curve
+    return replace(base, mask_threshold=float(best.mask_threshold), presence_threshold=float(best.presence_threshold),
+                   min_area=int(best.min_area)), curve
 
 
 def frame_table(pred: np.ndarray, masks: np.ndarray, frames: pd.DataFrame) -> pd.DataFrame:
@@ -107,9 +108,8 @@ def evaluate(data_dir: Path, prepared_dir: Path, models_dir: Path, out_dir: Path
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     frames = pd.read_csv(Path(prepared_dir) / FRAMES)
     model, config = load_trained(models_dir)
-    base = Postprocess(
-        params.postprocess.mask_threshold, params.postprocess.presence_threshold, params.postprocess.min_area
-    )
+    pp = params.postprocess
+    base = Postprocess(pp.mask_threshold, pp.presence_threshold, pp.min_area, pp.largest_component, pp.tta_hflip)
     predictor = Predictor(model, config, base)
 
     validation = frames[frames.split == "validation"].reset_index(drop=True)

@@ -29,15 +29,45 @@ class Postprocess:
     mask_threshold: float = 0.5
     presence_threshold: float = 0.5
     min_area: int = 0  # native pixels
+    largest_component: bool = False  # keep only the largest blob (a nerve mask is one blob)
+    tta_hflip: bool = False          # average the network over the frame and its mirror image
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
+def fuse_conv_bn(model: torch.nn.Module) -> torch.nn.Module:
+    """Fold every BatchNorm that follows a convolution into that convolution (eval only).
+
+    Same outputs up to rounding, one layer less per pair: measurably faster on the CPU
+    (docs/benchmarks.md). Works on a copy; the trained model is left as it is.
+    """
+    import copy
+
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    model = copy.deepcopy(model).eval()
+    for module in model.modules():
+        if isinstance(module, torch.nn.Sequential):
+            layers = list(module)
+            for i in range(len(layers) - 1):
+                if isinstance(layers[i], torch.nn.Conv2d) and isinstance(layers[i + 1], torch.nn.BatchNorm2d):
+                    module[i] = fuse_conv_bn_eval(layers[i], layers[i + 1])
+                    module[i + 1] = torch.nn.Identity()
+    return model
+
+
 class Predictor:
-    def __init__(self, model: torch.nn.Module, config: ModelConfig, post: Postprocess, device: str = "cpu"):
+    """``fuse`` folds BatchNorm into the convolutions; ``channels_last`` uses NHWC tensors."""
+
+    def __init__(self, model: torch.nn.Module, config: ModelConfig, post: Postprocess, device: str = "cpu",
+                 fuse: bool = True, channels_last: bool = False):
         self.device = torch.device(device)
-        self.model = model.to(self.device).eval()
+        model = model.to(self.device).eval()
+        self.model = fuse_conv_bn(model) if fuse else model
+        self.channels_last = channels_last
+        if channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
         self.config = config
         self.post = post
 
@@ -58,7 +88,8 @@ class Predictor:
         c = self.config
         small = np.stack([cv2.resize(f, (c.width, c.height), interpolation=cv2.INTER_AREA) for f in frames])
         x = (small.astype(np.float32) / 255.0 - c.intensity_mean) / c.intensity_std
-        return torch.from_numpy(x)[:, None].to(self.device)
+        x = torch.from_numpy(x)[:, None].to(self.device)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
     @torch.inference_mode()
     def probabilities(self, frames: np.ndarray, batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
@@ -66,10 +97,19 @@ class Predictor:
         frames = as_frames(frames)
         probs, presence = [], []
         for start in range(0, len(frames), batch_size):
-            mask_logits, presence_logits = self.model(self._to_input(frames[start : start + batch_size]))
-            probs.append(torch.sigmoid(mask_logits)[:, 0].cpu().numpy())
-            presence.append(torch.sigmoid(presence_logits).cpu().numpy())
+            x = self._to_input(frames[start : start + batch_size])
+            prob, pres = self._network(x)
+            if self.post.tta_hflip:
+                flipped_prob, flipped_pres = self._network(x.flip(-1))
+                prob, pres = (prob + flipped_prob.flip(-1)) / 2, (pres + flipped_pres) / 2
+            probs.append(prob[:, 0].cpu().numpy())
+            presence.append(pres.cpu().numpy())
         return np.concatenate(probs), np.concatenate(presence)
+
+    def _network(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+            mask_logits, presence_logits = self.model(x)
+        return torch.sigmoid(mask_logits.float()), torch.sigmoid(presence_logits.float())
 
     def masks_from_probabilities(self, probs: np.ndarray, presence: np.ndarray, shape: tuple[int, int],
                                  post: Postprocess | None = None) -> np.ndarray:
@@ -82,6 +122,8 @@ class Predictor:
                 continue
             native = cv2.resize(prob, (width, height), interpolation=cv2.INTER_LINEAR)
             mask = (native > post.mask_threshold).astype(np.uint8)
+            if post.largest_component:
+                mask = largest_component(mask)
             if post.min_area and mask.sum() < post.min_area:
                 continue
             out[i] = mask
@@ -91,6 +133,15 @@ class Predictor:
         frames = as_frames(frames)
         probs, presence = self.probabilities(frames)
         return self.masks_from_probabilities(probs, presence, frames.shape[1:])
+
+
+def largest_component(mask: np.ndarray) -> np.ndarray:
+    """Keep the largest 8-connected blob of a {0,1} mask (all of it when there is one or none)."""
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
+    if count <= 2:
+        return mask
+    keep = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
+    return (labels == keep).astype(mask.dtype)
 
 
 def as_frames(frames) -> np.ndarray:

@@ -1,8 +1,9 @@
-"""The seed's U-Net with a second head for nerve presence.
+"""The seed's U-Net with a second head for nerve presence, configurable from ``params.yaml``.
 
 Encoder/decoder with skip connections; the presence head pools the bottleneck and says
 whether a nerve is in the frame at all (58.8 % of real frames have none, and one
-false-positive pixel on such a frame scores 0).
+false-positive pixel on such a frame scores 0). Options: depth, base width, normalisation,
+dropout, residual blocks, and transposed-convolution or resize-convolution upsampling.
 """
 
 from __future__ import annotations
@@ -10,12 +11,20 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+NORMS = ("batch", "instance", "group", "none")
+UPSAMPLES = ("transpose", "resize")
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Everything needed to rebuild the network and feed it: frozen into the registered model."""
+    """Everything needed to rebuild the network and feed it: frozen into the registered model.
+
+    Fields added after the first release have defaults equal to the old behaviour, so configs
+    of older registered versions still load.
+    """
 
     depth: int
     base_width: int
@@ -24,40 +33,85 @@ class ModelConfig:
     width: int
     intensity_mean: float  # normalisation of the 0-1 intensities, from the training frames
     intensity_std: float
+    norm: str = "batch"
+    residual: bool = False
+    upsample: str = "transpose"
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def _conv_block(c_in: int, c_out: int) -> nn.Sequential:
-    return nn.Sequential(
-        nn.Conv2d(c_in, c_out, 3, padding=1, bias=False),
-        nn.BatchNorm2d(c_out),
-        nn.ReLU(inplace=True),
-        nn.Conv2d(c_out, c_out, 3, padding=1, bias=False),
-        nn.BatchNorm2d(c_out),
-        nn.ReLU(inplace=True),
-    )
+def _norm(kind: str, channels: int) -> nn.Module:
+    if kind == "batch":
+        return nn.BatchNorm2d(channels)
+    if kind == "instance":
+        return nn.InstanceNorm2d(channels, affine=True)
+    if kind == "group":
+        # 8 channels per group at most; small widths fall back to fewer groups.
+        return nn.GroupNorm(max(1, channels // 8), channels)
+    return nn.Identity()
+
+
+class ConvBlock(nn.Module):
+    """Two 3x3 conv-norm-ReLU layers, optionally with a residual (1x1-projected) shortcut."""
+
+    def __init__(self, c_in: int, c_out: int, norm: str = "batch", residual: bool = False):
+        super().__init__()
+        bias = norm == "none"
+        self.body = nn.Sequential(
+            nn.Conv2d(c_in, c_out, 3, padding=1, bias=bias),
+            _norm(norm, c_out),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(c_out, c_out, 3, padding=1, bias=bias),
+            _norm(norm, c_out),
+        )
+        self.shortcut = None
+        if residual:
+            self.shortcut = nn.Identity() if c_in == c_out else nn.Conv2d(c_in, c_out, 1, bias=False)
+        self.act = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.body(x)
+        if self.shortcut is not None:
+            out = out + self.shortcut(x)
+        return self.act(out)
+
+
+class ResizeConv(nn.Module):
+    """Nearest-neighbour 2x upsampling then a 3x3 conv: no checkerboard artefacts."""
+
+    def __init__(self, c_in: int, c_out: int):
+        super().__init__()
+        self.conv = nn.Conv2d(c_in, c_out, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
 
 
 class UNet(nn.Module):
     """U-Net returning ``(mask_logits (N,1,H,W), presence_logits (N,))``."""
 
-    def __init__(self, depth: int = 4, base_width: int = 16, dropout: float = 0.1, in_channels: int = 1):
+    def __init__(self, depth: int = 4, base_width: int = 16, dropout: float = 0.1, in_channels: int = 1,
+                 norm: str = "batch", residual: bool = False, upsample: str = "transpose"):
         super().__init__()
+        if norm not in NORMS:
+            raise ValueError(f"model.norm must be one of {NORMS}, got {norm!r}")
+        if upsample not in UPSAMPLES:
+            raise ValueError(f"model.upsample must be one of {UPSAMPLES}, got {upsample!r}")
         widths = [base_width * 2**i for i in range(depth + 1)]
         self.down = nn.ModuleList()
         c_in = in_channels
         for w in widths:
-            self.down.append(_conv_block(c_in, w))
+            self.down.append(ConvBlock(c_in, w, norm, residual))
             c_in = w
         self.pool = nn.MaxPool2d(2)
         self.bottleneck_dropout = nn.Dropout2d(dropout)
         self.up = nn.ModuleList()
         self.merge = nn.ModuleList()
         for w_low, w_high in zip(reversed(widths[1:]), reversed(widths[:-1])):
-            self.up.append(nn.ConvTranspose2d(w_low, w_high, 2, stride=2))
-            self.merge.append(_conv_block(2 * w_high, w_high))
+            self.up.append(nn.ConvTranspose2d(w_low, w_high, 2, stride=2) if upsample == "transpose"
+                           else ResizeConv(w_low, w_high))
+            self.merge.append(ConvBlock(2 * w_high, w_high, norm, residual))
         self.mask_head = nn.Conv2d(widths[0], 1, 1)
         self.presence_head = nn.Sequential(nn.Dropout(dropout), nn.Linear(2 * widths[-1], 1))
         self.depth = depth
@@ -85,4 +139,5 @@ def build_model(config: ModelConfig) -> UNet:
             f"working size {config.height}x{config.width} must be divisible by 2**depth = {factor}; "
             "change preprocess.height/width or model.depth in params.yaml"
         )
-    return UNet(depth=config.depth, base_width=config.base_width, dropout=config.dropout)
+    return UNet(depth=config.depth, base_width=config.base_width, dropout=config.dropout,
+                norm=config.norm, residual=config.residual, upsample=config.upsample)

@@ -48,6 +48,7 @@ class TrainResult:
     device: str
     seconds: float
     train_frames_per_second: float
+    world_size: int = 1
 
 
 class FrameDataset(Dataset):
@@ -109,6 +110,56 @@ def _save_atomic(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def model_config(params: Params, height: int, width: int, intensity_mean: float, intensity_std: float) -> ModelConfig:
+    m = params.model
+    return ModelConfig(depth=m.depth, base_width=m.base_width, dropout=m.dropout, height=height, width=width,
+                       intensity_mean=intensity_mean, intensity_std=intensity_std, norm=m.norm,
+                       residual=m.residual, upsample=m.upsample)
+
+
+def stop_early(epoch: int, stale: int, tp) -> bool:
+    """Early stopping: ``early_stopping_patience`` epochs without a better validation Dice, but never
+    before ``min_epochs`` (on a hard set the first epochs all score the "everything empty" Dice, and
+    counting patience from there would stop before the network learned anything)."""
+    return stale >= tp.early_stopping_patience and epoch >= tp.min_epochs
+
+
+def lr_factor(step: int, steps: int, warmup_steps: int, schedule: str) -> float:
+    """Linear warm-up, then constant or cosine decay to 0 at the last step."""
+    if warmup_steps and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup_steps) / max(1, steps - warmup_steps)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+@dataclass(frozen=True)
+class Distributed:
+    """Where this process sits in a ``torchrun`` launch (world 1 when not launched by it)."""
+
+    rank: int = 0
+    local_rank: int = 0
+    world: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def from_env(cls) -> "Distributed":
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world <= 1:
+            return cls()
+        return cls(int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0")), world)
+
+
+def _reseed_worker(worker_id: int) -> None:
+    """Data-loader workers start with a copy of the transform: give each its own stream."""
+    info = torch.utils.data.get_worker_info()
+    info.dataset.transform.set_random_seed(torch.initial_seed() % 2**32)
+
+
 def train(
     prepared_dir: Path,
     out_dir: Path,
@@ -117,131 +168,199 @@ def train(
     progress: bool = True,
     max_epochs_this_call: int | None = None,
 ) -> TrainResult:
-    """Train, or resume an unfinished training of the same settings and data.
-
-    ``max_epochs_this_call`` stops after that many epochs without marking the run finished,
-    the way a killed process would; tests use it to prove resume.
-    """
-    tp = params.train
-    prepared_dir, out_dir = Path(prepared_dir), Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if tp.threads:
-        torch.set_num_threads(tp.threads)
-    device = pick_device(tp.device)
-    amp = tp.amp and device.type == "cuda"
-    data = load_prepared(prepared_dir)
-    config = ModelConfig(
-        depth=params.model.depth,
-        base_width=params.model.base_width,
-        dropout=params.model.dropout,
-        height=data.summary.height,
-        width=data.summary.width,
-        intensity_mean=data.summary.intensity_mean,
-        intensity_std=data.summary.intensity_std,
-    )
+    """Train on the prepared train part with early stopping on the validation part, or resume
+    an unfinished training of the same settings and data (see :func:`fit`)."""
+    data = load_prepared(Path(prepared_dir))
+    config = model_config(params, data.summary.height, data.summary.width, data.summary.intensity_mean,
+                          data.summary.intensity_std)
     train_x, train_y, _ = data.part("train")
     val_x, val_y, _ = data.part("validation")
     if len(train_x) == 0 or len(val_x) == 0:
         raise ValueError(f"{prepared_dir}: the train or validation part is empty; add subjects")
+    identity = {"params": params.digest(), "data": data.summary.__dict__}
+    return fit(train_x, train_y, val_x, val_y, config, params, Path(out_dir), identity, on_epoch=on_epoch,
+               progress=progress, max_epochs_this_call=max_epochs_this_call)
+
+
+def fit(
+    train_x: np.ndarray,
+    train_y: np.ndarray,
+    val_x: np.ndarray,
+    val_y: np.ndarray,
+    config: ModelConfig,
+    params: Params,
+    out_dir: Path,
+    identity: dict,
+    on_epoch: EpochCallback | None = None,
+    progress: bool = True,
+    max_epochs_this_call: int | None = None,
+) -> TrainResult:
+    """Train the network on prepared uint8 arrays; the core of the train stage and of
+    cross-validation.
+
+    Every epoch ends with a checkpoint (weights, optimiser, schedule, random state); a rerun with
+    the same ``identity`` (settings and data) continues from it instead of starting over, and
+    because the shuffle and augmentation streams are re-seeded from the epoch number, the result
+    equals that of an uninterrupted run. ``max_epochs_this_call`` stops after that many epochs
+    without marking the run finished, the way a killed process would; tests use it.
+
+    Under ``torchrun`` (``WORLD_SIZE`` > 1) the network is wrapped in DistributedDataParallel
+    (NCCL on CUDA, gloo on the CPU), each process trains on its share of every epoch's frames
+    (``train.batch_size`` is the global batch) and only rank 0 writes files.
+    """
+    tp = params.train
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if tp.threads:
+        torch.set_num_threads(tp.threads)
+    dist = Distributed.from_env()
+    device = pick_device(tp.device)
+    if dist.world > 1:
+        if device.type == "cuda":
+            device = torch.device("cuda", dist.local_rank)
+            torch.cuda.set_device(device)
+        if not torch.distributed.is_initialized():
+            torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    amp = tp.amp and device.type == "cuda"
+    channels_last = tp.channels_last and device.type == "cuda"
 
     _seed_everything(tp.seed)
     model = build_model(config).to(device)
-    if device.type == "cuda":
+    if channels_last:
         model = model.to(memory_format=torch.channels_last)
+    transform = training_transform(tp.augment, tp.seed)
+    dataset = FrameDataset(train_x, train_y, config, transform)
+    batch = max(1, tp.batch_size // dist.world)
+    shuffle_gen = torch.Generator()
+    sampler = None
+    if dist.world > 1:
+        sampler = torch.utils.data.DistributedSampler(dataset, dist.world, dist.rank, shuffle=True, seed=tp.seed,
+                                                      drop_last=True)
     loader = DataLoader(
-        FrameDataset(train_x, train_y, config, training_transform(tp.augment, tp.seed)),
-        batch_size=tp.batch_size,
-        shuffle=True,
-        drop_last=len(train_x) > tp.batch_size,
-        generator=torch.Generator().manual_seed(tp.seed),
+        dataset,
+        batch_size=batch,
+        shuffle=sampler is None,
+        sampler=sampler,
+        drop_last=len(train_x) // dist.world > batch,
+        generator=shuffle_gen,
+        num_workers=tp.loader_workers,
+        worker_init_fn=_reseed_worker if tp.loader_workers else None,
         pin_memory=device.type == "cuda",
     )
     optimizer = torch.optim.AdamW(model.parameters(), lr=tp.learning_rate, weight_decay=tp.weight_decay)
-    steps = tp.epochs * max(1, len(loader))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))  # cosine decay to 0
-    )
+    per_epoch = max(1, len(loader))
+    steps, warmup = tp.epochs * per_epoch, tp.warmup_epochs * per_epoch
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, steps, warmup, tp.lr_schedule))
 
     # Resume only a checkpoint of the same settings and data that did not finish.
-    identity = {"params": params.digest(), "data": data.summary.__dict__}
-    start_epoch, best, best_epoch, history, resumed = 1, -1.0, 0, [], None
+    identity_key = json.dumps({**identity, "world": dist.world}, sort_keys=True, default=str)
+    start_epoch, best, best_epoch, stale, history, resumed = 1, -1.0, 0, 0, [], None
     ckpt_path = out_dir / CHECKPOINT
     if ckpt_path.is_file():
         state = torch.load(ckpt_path, map_location=device, weights_only=True)
-        if state.get("identity") == json.dumps(identity, sort_keys=True) and not state["finished"]:
+        if state.get("identity") == identity_key and not state["finished"]:
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
             torch.set_rng_state(state["rng"])
             start_epoch, best, best_epoch = state["epoch"] + 1, state["best"], state["best_epoch"]
+            stale = state.get("stale", 0)
             history = json.loads(state["history"])
             resumed = state["epoch"]
-    if resumed is None and (out_dir / WEIGHTS).exists():
+    if dist.main and resumed is None and (out_dir / WEIGHTS).exists():
         (out_dir / WEIGHTS).unlink()  # never leave the previous run's weights beside new history
+    if dist.world > 1:
+        torch.distributed.barrier()
 
-    began, frames_seen, stale, epoch = time.perf_counter(), 0, 0, start_epoch - 1
-    for epoch in range(start_epoch, tp.epochs + 1):
-        model.train()
-        sums = {"loss": 0.0, "dice_loss": 0.0, "bce_loss": 0.0, "presence_loss": 0.0}
-        bar = tqdm(loader, desc=f"epoch {epoch}/{tp.epochs}", disable=not progress, leave=False)
-        for x, y in bar:
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            if device.type == "cuda":
-                x = x.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                mask_logits, presence_logits = model(x)
-            loss, parts = segmentation_loss(mask_logits, presence_logits, y, tp.loss)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            sums["loss"] += float(loss.detach()) * len(x)
-            for key, value in parts.items():
-                sums[key] += value * len(x)
-            frames_seen += len(x)
-            bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
-        n = len(loader.dataset)
-        row = {key: value / n for key, value in sums.items()}
+    net = model
+    if dist.world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if tp.compile:
+        net = torch.compile(net, backend=tp.compile_backend)
 
-        prob, presence = predict_prepared(model, val_x, config, device, amp=amp)
-        val_pred = combine_outputs(prob, presence, 0.5, 0.5)
-        row["val_dice"] = float(dice_per_frame(val_pred, val_y).mean())
-        row["val_presence_accuracy"] = float(((presence >= 0.5) == val_y.reshape(len(val_y), -1).any(1)).mean())
-        row["lr"] = scheduler.get_last_lr()[0]
-        row["epoch"] = epoch
-        history.append(row)
-        if row["val_dice"] > best:
-            best, best_epoch, stale = row["val_dice"], epoch, 0
-            _save_atomic(model.state_dict(), out_dir / WEIGHTS)
-        else:
-            stale += 1
-        finished = epoch == tp.epochs or stale >= tp.early_stopping_patience
-        _save_atomic(
-            {
-                "identity": json.dumps(identity, sort_keys=True),
-                "finished": finished,
-                "epoch": epoch,
-                "best": best,
-                "best_epoch": best_epoch,
-                "history": json.dumps(history),
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "rng": torch.get_rng_state(),
-            },
-            ckpt_path,
-        )
-        if on_epoch is not None:
-            on_epoch(epoch, row)
-        if progress:
-            tqdm.write(
-                f"epoch {epoch:3d}  loss {row['loss']:.4f}  val Dice {row['val_dice']:.4f}"
-                f"  presence acc {row['val_presence_accuracy']:.3f}"
-            )
-        if finished:
-            break
-        if max_epochs_this_call is not None and epoch - start_epoch + 1 >= max_epochs_this_call:
-            break
+    began, frames_seen, epoch = time.perf_counter(), 0, start_epoch - 1
+    try:
+        for epoch in range(start_epoch, tp.epochs + 1):
+            # Streams from the epoch number: a resumed run sees the same frames in the same order.
+            shuffle_gen.manual_seed(tp.seed * 1_000_003 + epoch)
+            transform.set_random_seed(tp.seed * 1_000_003 + epoch)
+            if sampler is not None:
+                sampler.set_epoch(epoch)
+            net.train()
+            sums = {"loss": 0.0, "dice_loss": 0.0, "bce_loss": 0.0, "presence_loss": 0.0}
+            seen = 0
+            bar = tqdm(loader, desc=f"epoch {epoch}/{tp.epochs}", disable=not (progress and dist.main), leave=False)
+            for x, y in bar:
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                if channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                    mask_logits, presence_logits = net(x)
+                loss, parts = segmentation_loss(mask_logits, presence_logits, y, tp.loss)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
+                sums["loss"] += float(loss.detach()) * len(x)
+                for key, value in parts.items():
+                    sums[key] += value * len(x)
+                seen += len(x)
+                bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
+            frames_seen += seen * dist.world
+            if dist.world > 1:
+                # Each rank updated its own BatchNorm statistics: take rank 0's everywhere.
+                for buffer in model.buffers():
+                    torch.distributed.broadcast(buffer, 0)
+            row = {key: value / max(1, seen) for key, value in sums.items()}
+
+            # Every rank scores the same validation frames with the same (synchronised) weights,
+            # so every rank takes the same early-stopping decision.
+            prob, presence = predict_prepared(model, val_x, config, device, amp=amp)
+            val_pred = combine_outputs(prob, presence, 0.5, 0.5)
+            row["val_dice"] = float(dice_per_frame(val_pred, val_y).mean())
+            row["val_presence_accuracy"] = float(((presence >= 0.5) == val_y.reshape(len(val_y), -1).any(1)).mean())
+            row["lr"] = scheduler.get_last_lr()[0]
+            row["epoch"] = epoch
+            history.append(row)
+            improved = row["val_dice"] > best
+            if improved:
+                best, best_epoch, stale = row["val_dice"], epoch, 0
+            else:
+                stale += 1
+            finished = epoch == tp.epochs or stop_early(epoch, stale, tp)
+            if dist.main:
+                if improved:
+                    _save_atomic(model.state_dict(), out_dir / WEIGHTS)
+                _save_atomic(
+                    {
+                        "identity": identity_key,
+                        "finished": finished,
+                        "epoch": epoch,
+                        "best": best,
+                        "best_epoch": best_epoch,
+                        "stale": stale,
+                        "history": json.dumps(history),
+                        "model": model.state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(),
+                        "rng": torch.get_rng_state(),
+                    },
+                    ckpt_path,
+                )
+                if on_epoch is not None:
+                    on_epoch(epoch, row)
+                if progress:
+                    tqdm.write(
+                        f"epoch {epoch:3d}  loss {row['loss']:.4f}  val Dice {row['val_dice']:.4f}"
+                        f"  presence acc {row['val_presence_accuracy']:.3f}"
+                    )
+            if finished:
+                break
+            if max_epochs_this_call is not None and epoch - start_epoch + 1 >= max_epochs_this_call:
+                break
+    finally:
+        if dist.world > 1 and torch.distributed.is_initialized():
+            torch.distributed.barrier()
+            torch.distributed.destroy_process_group()
 
     seconds = time.perf_counter() - began
     result = TrainResult(
@@ -252,13 +371,16 @@ def train(
         device=str(device),
         seconds=round(seconds, 2),
         train_frames_per_second=round(frames_seen / seconds, 2) if seconds > 0 else 0.0,
+        world_size=dist.world,
     )
-    atomic_write_text(out_dir / CONFIG, json.dumps(config.to_dict(), indent=2))
-    atomic_write_text(out_dir / HISTORY, pd.DataFrame(history).to_csv(index=False))
-    atomic_write_text(
-        out_dir / METRICS,
-        json.dumps({"best_epoch": best_epoch, "best_val_dice": result.best_val_dice, "epochs_run": epoch}, indent=2),
-    )
+    if dist.main:
+        atomic_write_text(out_dir / CONFIG, json.dumps(config.to_dict(), indent=2))
+        atomic_write_text(out_dir / HISTORY, pd.DataFrame(history).to_csv(index=False))
+        atomic_write_text(
+            out_dir / METRICS,
+            json.dumps({"best_epoch": best_epoch, "best_val_dice": result.best_val_dice, "epochs_run": epoch,
+                        "world_size": dist.world}, indent=2),
+        )
     return result
 
 

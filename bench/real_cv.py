@@ -1,0 +1,226 @@
+"""Subject-grouped k-fold cross-validation on the real nerve frames of ``positives-256``.
+
+    python bench/real_cv.py [--settings bench/real_cv.yaml] [--folds-to-run 0,1] [--epochs N]
+
+All 47 subjects, nerve frames only (``positives-256`` holds no empty frame). Each letterboxed
+256x256 export is cropped to its content (rows 35-220, the 580x420 frame scaled to 256x186)
+and resized to the working size, which is exactly what the inference path does to a native
+420x580 frame, so the fold models can also score the full-size frames of ``train/`` whose
+subject they did not train on, through :class:`pipeline.inference.Predictor` at native size.
+
+The held-out fold is scored with the weights of the *last* epoch (no model selection on the
+scored frames), at 420x580 like a native frame, with and without the inference options
+(largest blob, mirror TTA); ``--rescore`` scores trained folds again without training. Writes ``bench/results/real_cv.json`` and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from pipeline.config import Params  # noqa: E402
+from pipeline.inference import Postprocess, Predictor, largest_component  # noqa: E402
+from pipeline.metrics import dice_per_frame  # noqa: E402
+from pipeline.split import fold_groups  # noqa: E402
+from pipeline.train import combine_outputs, fit, load_trained, model_config, predict_prepared  # noqa: E402
+
+DATA = ROOT.parent / "shared" / "datasets" / "kaggle-uns"
+TOP, ROWS = 35, 186  # letterbox geometry of positives-256 (its README)
+NAME = re.compile(r"^(\d+)_(\d+)$")
+
+
+def deep_update(base: dict, changes: dict) -> dict:
+    out = dict(base)
+    for key, value in changes.items():
+        out[key] = deep_update(out.get(key, {}), value) if isinstance(value, dict) else value
+    return out
+
+
+def load_positives(height: int, width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    images, masks, subjects, names = [], [], [], []
+    for path in sorted((DATA / "positives-256" / "images").glob("*.jpg")):
+        match = NAME.match(path.stem)
+        mask_path = DATA / "positives-256" / "masks" / f"{path.stem}_mask.jpg"
+        image = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)[TOP : TOP + ROWS]
+        mask = cv2.imread(str(mask_path), cv2.IMREAD_GRAYSCALE)[TOP : TOP + ROWS]
+        images.append(cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA))
+        small = cv2.resize((mask > 127).astype(np.float32), (width, height), interpolation=cv2.INTER_AREA)
+        masks.append((small >= 0.5).astype(np.uint8))
+        subjects.append(int(match.group(1)))
+        names.append(path.stem)
+    return np.stack(images), np.stack(masks), np.asarray(subjects), np.asarray(names)
+
+
+def native_train_frames() -> list[tuple[int, str, np.ndarray, np.ndarray]]:
+    out = []
+    for path in sorted((DATA / "train").glob("*.tif")):
+        if path.stem.endswith("_mask"):
+            continue
+        frame = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+        mask = cv2.imread(str(path.with_name(path.stem + "_mask.tif")), cv2.IMREAD_GRAYSCALE) > 127
+        out.append((int(path.stem.split("_")[0]), path.stem, frame, mask.astype(np.uint8)))
+    return out
+
+
+def folds_variants(variants: dict[str, np.ndarray]) -> str:
+    return ", ".join(f"{k} {v.mean():.4f}" for k, v in variants.items())
+
+
+# The headline is the plain path: picking the best option on the held-out frames would be selection.
+SCORED = "plain"
+
+
+def native_masks(names: list[str]) -> np.ndarray:
+    """The held-out masks at the competition's 420x580, un-letterboxed as the importer does."""
+    out = np.zeros((len(names), 420, 580), np.uint8)
+    for i, name in enumerate(names):
+        mask = cv2.imread(str(DATA / "positives-256" / "masks" / f"{name}_mask.jpg"), cv2.IMREAD_GRAYSCALE)
+        out[i] = cv2.resize(mask[TOP : TOP + ROWS], (580, 420), interpolation=cv2.INTER_LINEAR) > 127
+    return out
+
+
+def score_variants(model, config, val_x: np.ndarray, val_y: np.ndarray, native: np.ndarray) -> dict[str, np.ndarray]:
+    """Per-frame Dice of the held-out frames under each inference option, at 420x580: the
+    probabilities are resized back to the frame's size and thresholded there, as the inference
+    path does with a native frame (scoring at the small working size would also count the
+    working size's own rounding of the true outline against the model)."""
+    cpu = torch.device("cpu")
+    prob, presence = predict_prepared(model, val_x, config, cpu)
+    mirrored, _ = predict_prepared(model, np.ascontiguousarray(val_x[:, :, ::-1]), config, cpu)
+    tta = (prob + mirrored[:, :, ::-1]) / 2
+    out = {}
+    for name, p, largest in (("plain", prob, False), ("largest blob", prob, True),
+                             ("mirror TTA", tta, False), (SCORED, tta, True)):
+        masks = np.zeros_like(native)
+        for i, frame_prob in enumerate(p):
+            mask = (cv2.resize(frame_prob, (580, 420), interpolation=cv2.INTER_LINEAR) > 0.5).astype(np.uint8)
+            masks[i] = largest_component(mask) if largest else mask
+        out[name] = dice_per_frame(masks, native)
+    small = combine_outputs(prob, presence, 0.5, 0.0)
+    out["plain, at the working size"] = dice_per_frame(small, val_y)
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--settings", default=str(ROOT / "bench" / "real_cv.yaml"))
+    parser.add_argument("--folds-to-run", default="", help="comma-separated fold numbers (default: all)")
+    parser.add_argument("--epochs", type=int, default=0, help="override train.epochs")
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "real_cv.json"))
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads (default: 2 when idle, else 1)")
+    parser.add_argument("--rescore", action="store_true", help="score the fold models in --work again, no training")
+    parser.add_argument("--work", default="/tmp/nerveseg-real-cv")
+    args = parser.parse_args()
+    if not DATA.is_dir():
+        print(f"{DATA}: not found; this benchmark needs the real frames", file=sys.stderr)
+        return 2
+
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw = deep_update(raw, yaml.safe_load(Path(args.settings).read_text()))
+    if args.epochs:
+        raw["train"]["epochs"] = args.epochs
+    params = Params.model_validate(raw)
+    h, w, k = params.preprocess.height, params.preprocess.width, params.split.folds
+
+    began = time.perf_counter()
+    images, masks, subjects, names = load_positives(h, w)
+    print(f"loaded {len(images)} nerve frames of {len(set(subjects))} subjects at {h}x{w} "
+          f"in {time.perf_counter() - began:.1f} s")
+    order = [int(s) for s in np.random.default_rng(params.split.seed).permutation(sorted(set(subjects)))]
+    groups = fold_groups(order, k)
+    wanted = [int(f) for f in args.folds_to_run.split(",") if f] or list(range(k))
+    native = native_train_frames()
+
+    # A rescore keeps the training figures of the run that trained the folds.
+    trained, trained_minutes = {}, None
+    if args.rescore and Path(args.out).is_file():
+        previous = json.loads(Path(args.out).read_text())
+        trained = {f["fold"]: f for f in previous["folds"]}
+        trained_minutes = previous.get("training_minutes", previous.get("minutes"))
+    folds = []
+    for fold in wanted:
+        held = np.isin(subjects, groups[fold])
+        train_x, train_y = images[~held], masks[~held]
+        val_x, val_y = images[held], masks[held]
+        scaled = train_x.astype(np.float32) / 255.0
+        config = model_config(params, h, w, round(float(scaled.mean()), 6), round(float(scaled.std()), 6))
+        out_dir = Path(args.work) / f"fold{fold}"
+        print(f"fold {fold}: train {len(train_x)} frames / {int((~held).sum() and len(set(subjects[~held])))} "
+              f"subjects, held out {len(val_x)} frames / {len(groups[fold])} subjects")
+        # The machine may be shared: two threads of one process only when it is otherwise idle
+        # (OpenMP threads that wait on a busy core slow everything down).
+        threads = args.threads or (2 if os.getloadavg()[0] < 1.5 else 1)
+        torch.set_num_threads(threads)
+        t0 = time.perf_counter()
+        if args.rescore:  # score the finished fold models again (e.g. other inference options)
+            metrics = json.loads((out_dir / "train_metrics.json").read_text())
+            result = argparse.Namespace(best_val_dice=metrics["best_val_dice"], epochs_run=metrics["epochs_run"],
+                                        train_frames_per_second=None)
+        else:
+            result = fit(train_x, train_y, val_x, val_y, config, params, out_dir,
+                         identity={"bench": "real_cv", "fold": fold, "params": params.digest()})
+        seconds = time.perf_counter() - t0
+        # Score the last epoch's weights (the checkpoint), not the best: no selection on these frames.
+        state = torch.load(out_dir / "checkpoint.pt", map_location="cpu", weights_only=True)
+        model, _ = load_trained(out_dir)
+        model.load_state_dict(state["model"])
+        variants = score_variants(model, config, val_x, val_y, native_masks(list(names[held])))
+        dice = variants[SCORED]
+        native_rows = [(s, n, f, m) for s, n, f, m in native if s in groups[fold]]
+        native_dice = None
+        if native_rows:
+            predictor = Predictor(model, config, Postprocess(0.5, 0.0, 0))
+            pred = predictor.predict(np.stack([r[2] for r in native_rows]))
+            truth = np.stack([r[3] for r in native_rows])
+            has = truth.reshape(len(truth), -1).any(1)
+            d = dice_per_frame(pred, truth)
+            native_dice = {"frames": len(native_rows), "nerve_frames": int(has.sum()),
+                           "dice_nerve_frames": round(float(d[has].mean()), 4) if has.any() else None,
+                           "subjects": sorted({r[0] for r in native_rows})}
+        if fold in trained:
+            seconds, threads = trained[fold]["seconds"], trained[fold].get("threads")
+            result.train_frames_per_second = trained[fold]["train_fps"]
+        folds.append({"fold": fold, "subjects": groups[fold], "frames": int(held.sum()),
+                      "dice": round(float(dice.mean()), 4), "best_epoch_dice": result.best_val_dice,
+                      "dice_by_inference": {k: round(float(v.mean()), 4) for k, v in variants.items()},
+                      "epochs": result.epochs_run, "seconds": round(seconds, 1),
+                      "train_fps": result.train_frames_per_second, "threads": threads, "native_train_frames": native_dice})
+        print(f"fold {fold}: Dice {dice.mean():.4f} (last epoch) in {seconds / 60:.1f} min, "
+              f"{result.train_frames_per_second} frames/s; by inference option: {folds_variants(variants)}" +
+              (f"; native train/ frames of its subjects: Dice {native_dice['dice_nerve_frames']} on "
+               f"{native_dice['nerve_frames']} nerve frames" if native_dice else ""))
+
+    mean = float(np.mean([f["dice"] for f in folds]))
+    report = {"mean_dice": round(mean, 4), "folds": folds, "settings": json.loads(params.model_dump_json()),
+              "minutes": round((time.perf_counter() - began) / 60, 1),
+              "training_minutes": trained_minutes or round((time.perf_counter() - began) / 60, 1), "machine": platform.processor() or platform.machine(),
+              "cpu_threads": torch.get_num_threads(), "torch": torch.__version__,
+              "command": "python " + " ".join(sys.argv)}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=2))
+    print("\n| fold | held-out subjects | frames | Dice | minutes |\n|---|---|---|---|---|")
+    for f in folds:
+        print(f"| {f['fold']} | {len(f['subjects'])} | {f['frames']} | {f['dice']:.4f} | {f['seconds'] / 60:.1f} |")
+    print(f"| mean | | | **{mean:.4f}** | {report['training_minutes']} total |")
+    for name in folds[0]["dice_by_inference"]:
+        values = [f["dice_by_inference"][name] for f in folds]
+        print(f"mean Dice with inference option {name!r}: {np.mean(values):.4f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

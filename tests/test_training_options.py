@@ -1,0 +1,243 @@
+"""Every training option of params.yaml is a real code path: model variants, augmentations,
+schedules, k-fold cross-validation, resume that reproduces an uninterrupted run, data-loader
+workers, torch.compile and DistributedDataParallel under torchrun (gloo, two CPU processes)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline import stages
+from pipeline.config import AugmentParams, Params, SplitParams
+from pipeline.inference import Postprocess, Predictor, fuse_conv_bn
+from pipeline.model import ModelConfig, ResizeConv, build_model
+from pipeline.split import assign_subjects
+from pipeline.train import METRICS, WEIGHTS, load_trained, lr_factor
+
+from .conftest import REPO, deep_update
+
+
+def _with(params: Params, changes: dict) -> Params:
+    return Params.model_validate(deep_update(params.model_dump(), changes))
+
+
+@pytest.mark.parametrize("norm", ["batch", "instance", "group", "none"])
+@pytest.mark.parametrize("residual", [False, True])
+@pytest.mark.parametrize("upsample", ["transpose", "resize"])
+def test_every_model_variant_builds_and_keeps_the_shapes(norm, residual, upsample):
+    config = ModelConfig(depth=2, base_width=8, dropout=0.2, height=16, width=24, intensity_mean=0.3,
+                         intensity_std=0.2, norm=norm, residual=residual, upsample=upsample)
+    net = build_model(config)
+    mask, presence = net(torch.randn(2, 1, 16, 24))
+    assert mask.shape == (2, 1, 16, 24) and presence.shape == (2,)
+    norms = {type(m).__name__ for m in net.modules()}
+    expected = {"batch": "BatchNorm2d", "instance": "InstanceNorm2d", "group": "GroupNorm"}.get(norm)
+    if expected:
+        assert expected in norms
+    else:
+        assert not norms & {"BatchNorm2d", "InstanceNorm2d", "GroupNorm"}
+    assert any(b.shortcut is not None for b in net.down) == residual
+    assert any(isinstance(m, ResizeConv) for m in net.up) == (upsample == "resize")
+    assert any(isinstance(m, torch.nn.ConvTranspose2d) for m in net.up) == (upsample == "transpose")
+
+
+def test_old_model_configs_without_the_new_fields_still_load():
+    old = {"depth": 2, "base_width": 4, "dropout": 0.0, "height": 16, "width": 16, "intensity_mean": 0.5,
+           "intensity_std": 0.2}
+    config = ModelConfig(**old)
+    assert (config.norm, config.residual, config.upsample) == ("batch", False, "transpose")
+
+
+def test_augmentations_are_each_switched_by_their_probability_and_move_mask_with_frame():
+    from pipeline.augment import training_transform
+
+    off = training_transform(AugmentParams(), seed=0)
+    names_off = {type(t).__name__ for t in off.transforms}
+    assert not names_off & {"ElasticTransform", "GridDistortion", "RandomGamma", "MultiplicativeNoise"}
+    on = training_transform(AugmentParams(elastic_p=1, grid_distortion_p=1, gamma_p=1, speckle_p=1, affine_p=1,
+                                          shear_limit=10, hflip_p=1), seed=0)
+    names_on = {type(t).__name__ for t in on.transforms}
+    assert {"ElasticTransform", "GridDistortion", "RandomGamma", "MultiplicativeNoise", "Affine"} <= names_on
+    # Geometry is shared: a frame that *is* its mask stays its mask after every transform
+    # (only the intensity transforms, which leave the mask alone, change the frame's values).
+    mask = np.zeros((64, 96), np.uint8)
+    mask[20:44, 30:70] = 1
+    geometric = training_transform(AugmentParams(elastic_p=1, grid_distortion_p=1, affine_p=1, shear_limit=10,
+                                                 hflip_p=1, brightness_contrast_p=0), seed=3)
+    out = geometric(image=mask * 255, mask=mask)
+    agreement = ((out["image"] > 127) == (out["mask"] > 0)).mean()
+    assert agreement > 0.98
+    assert not np.array_equal(out["mask"], mask)  # it did move
+
+
+def test_learning_rate_schedules():
+    assert lr_factor(0, 100, 10, "cosine") == pytest.approx(0.1)      # warm-up starts low
+    assert lr_factor(9, 100, 10, "cosine") == pytest.approx(1.0)
+    assert lr_factor(10, 100, 10, "cosine") == pytest.approx(1.0)     # cosine from the top ...
+    assert lr_factor(99, 100, 10, "cosine") < 0.01                     # ... to zero
+    assert lr_factor(50, 100, 0, "constant") == 1.0
+
+
+def test_k_fold_split_keeps_the_holdout_and_validates_every_other_subject_once():
+    subjects = list(range(1, 48))
+    folds = [assign_subjects(subjects, SplitParams(seed=4, folds=5, fold=f)) for f in range(5)]
+    holdouts = [{s for s, p in parts.items() if p == "holdout"} for parts in folds]
+    assert all(h == holdouts[0] for h in holdouts)
+    validated = [s for parts in folds for s, p in parts.items() if p == "validation"]
+    assert sorted(validated) == sorted(set(subjects) - holdouts[0])  # each exactly once
+    with pytest.raises(ValueError, match="split.fold"):
+        SplitParams(folds=3, fold=3)
+
+
+def test_cross_validation_trains_every_fold(prepared, tiny_params):
+    from pipeline.cross_validation import cross_validate
+
+    params = _with(tiny_params, {"split": {"folds": 3}, "train": {"epochs": 1}})
+    outcome = cross_validate(prepared.prepared_dir, prepared.models_dir / "cv", params, progress=False)
+    assert [f.fold for f in outcome.folds] == [0, 1, 2]
+    seen = [s for f in outcome.folds for s in f.validation_subjects]
+    assert len(seen) == len(set(seen)) == 4  # 6 subjects, 2 in the holdout
+    assert json.loads((prepared.models_dir / "cv" / "cv.json").read_text())["mean_dice"] == outcome.mean_dice
+    for fold in range(3):
+        assert (prepared.models_dir / "cv" / f"fold{fold}" / WEIGHTS).is_file()
+
+
+def test_resumed_training_equals_an_uninterrupted_one(prepared, tiny_params, tmp_path):
+    """Seeded and reproducible: stopping after an epoch and rerunning gives the same weights."""
+    params = _with(tiny_params, {"train": {"epochs": 3, "warmup_epochs": 1, "augment": {"speckle_p": 0.5}}})
+    whole = stages.fit(prepared, params, progress=False)
+    reference = torch.load(prepared.models_dir / "checkpoint.pt", weights_only=True)["model"]
+    shutil.rmtree(prepared.models_dir)
+    first = stages.fit(prepared, params, progress=False, max_epochs_this_call=1)
+    second = stages.fit(prepared, params, progress=False)
+    assert first.epochs_run == 1 and second.resumed_from_epoch == 1
+    resumed = torch.load(prepared.models_dir / "checkpoint.pt", weights_only=True)["model"]
+    for key, value in reference.items():
+        assert torch.allclose(value.float(), resumed[key].float(), atol=1e-6), key
+    assert second.best_val_dice == whole.best_val_dice
+
+
+def test_variant_network_with_loader_workers_trains_and_serves(prepared, tiny_params):
+    params = _with(tiny_params, {
+        "model": {"norm": "group", "residual": True, "upsample": "resize"},
+        "train": {"epochs": 1, "loader_workers": 2, "lr_schedule": "constant"},
+    })
+    result = stages.fit(prepared, params, progress=False)
+    assert result.epochs_run == 1
+    model, config = load_trained(prepared.models_dir)
+    assert (config.norm, config.residual, config.upsample) == ("group", True, "resize")
+    masks = Predictor(model, config, Postprocess()).predict(np.zeros((2, 420, 580), np.uint8))
+    assert masks.shape == (2, 420, 580)
+
+
+def test_folded_batchnorm_and_channels_last_give_the_same_masks(prepared, tiny_params):
+    stages.fit(prepared, _with(tiny_params, {"train": {"epochs": 1}}), progress=False)
+    model, config = load_trained(prepared.models_dir)
+    x = torch.randn(3, 1, config.height, config.width)
+    with torch.inference_mode():
+        plain_mask, plain_presence = model(x)
+        fused = fuse_conv_bn(model)
+        fused_mask, fused_presence = fused(x)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fused.modules())
+    assert torch.allclose(plain_mask, fused_mask, atol=1e-4)
+    assert torch.allclose(plain_presence, fused_presence, atol=1e-4)
+    frames = np.random.default_rng(0).integers(0, 255, (2, 420, 580), dtype=np.uint8)
+    post = Postprocess(0.5, 0.0, 0)
+    eager = Predictor(model, config, post, fuse=False).probabilities(frames)[0]
+    fast = Predictor(model, config, post, fuse=True, channels_last=True).probabilities(frames)[0]
+    assert np.abs(eager - fast).max() < 1e-3
+
+
+def test_compiled_training_runs(prepared, tiny_params):
+    # aot_eager traces forward and backward graphs like inductor does, without generating C++
+    # kernels (minutes on two cores); inductor itself is timed by bench/train_throughput.py.
+    params = _with(tiny_params, {"model": {"depth": 1, "base_width": 4},
+                                 "train": {"epochs": 1, "compile": True, "compile_backend": "aot_eager"}})
+    result = stages.fit(prepared, params, progress=False)
+    assert result.epochs_run == 1 and (prepared.models_dir / WEIGHTS).is_file()
+
+
+@pytest.mark.e2e
+def test_distributed_data_parallel_trains_on_two_cpu_processes(prepared, tiny_params):
+    """``torchrun`` starts two processes; gloo all-reduces their gradients; rank 0 writes."""
+    from pipeline.config import write_params
+
+    params = _with(tiny_params, {"train": {"epochs": 2, "device": "cpu", "threads": 1}})
+    write_params(params, prepared.root / "params.yaml")
+    torchrun = Path(sys.executable).with_name("torchrun")
+    nerveseg = Path(sys.executable).with_name("nerveseg")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [str(torchrun), "--standalone", "--nproc-per-node", "2", "--no-python", str(nerveseg), "stage", "train",
+         "--project", str(prepared.root)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    assert len(results) == 1 and results[0]["world_size"] == 2  # rank 0 reports, once
+    metrics = json.loads((prepared.models_dir / METRICS).read_text())
+    assert metrics["world_size"] == 2 and metrics["epochs_run"] == 2
+    model, config = load_trained(prepared.models_dir)
+    assert Predictor(model, config, Postprocess()).predict(np.zeros((420, 580), np.uint8)).shape == (1, 420, 580)
+
+
+def test_largest_blob_and_mirror_averaging_in_the_inference_path():
+    from pipeline.inference import largest_component
+
+    mask = np.zeros((40, 60), np.uint8)
+    mask[5:10, 5:10] = 1       # 25 px
+    mask[20:35, 30:50] = 1     # 300 px: the one kept
+    kept = largest_component(mask)
+    assert kept.sum() == 300 and kept[25, 40] == 1 and kept[7, 7] == 0
+    assert np.array_equal(largest_component(np.zeros_like(mask)), np.zeros_like(mask))
+
+    config = ModelConfig(depth=2, base_width=4, dropout=0.0, height=16, width=24, intensity_mean=0.3,
+                         intensity_std=0.2)
+    torch.manual_seed(0)
+    model = build_model(config).eval()
+    frames = np.random.default_rng(1).integers(0, 255, (2, 420, 580), dtype=np.uint8)
+    plain = Predictor(model, config, Postprocess(), fuse=False)
+    tta = Predictor(model, config, Postprocess(tta_hflip=True), fuse=False)
+    p_plain, _ = plain.probabilities(frames)
+    p_mirror, _ = plain.probabilities(np.ascontiguousarray(frames[:, :, ::-1]))
+    p_tta, _ = tta.probabilities(frames)
+    assert np.allclose(p_tta, (p_plain + p_mirror[:, :, ::-1]) / 2, atol=1e-5)
+
+
+def test_cv_command_logs_every_fold_to_mlflow(prepared, tiny_params):
+    import mlflow
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+    from pipeline.config import write_params
+
+    write_params(_with(tiny_params, {"split": {"folds": 2}, "train": {"epochs": 1}}), prepared.root / "params.yaml")
+    done = CliRunner().invoke(app, ["cv", "--project", str(prepared.root), "--json"])
+    assert done.exit_code == 0, done.output
+    outcome = json.loads(done.output[done.output.index("{"):])
+    assert [f["fold"] for f in outcome["folds"]] == [0, 1]
+    runs = mlflow.search_runs(search_all_experiments=True, filter_string="tags.mlflow.runName = 'cv-2-fold'")
+    assert len(runs) == 1
+    assert runs.iloc[0]["metrics.cv_mean_dice"] == pytest.approx(outcome["mean_dice"])
+
+    write_params(tiny_params, prepared.root / "params.yaml")  # folds: 1
+    refused = CliRunner().invoke(app, ["cv", "--project", str(prepared.root)])
+    assert refused.exit_code == 2 and "split.folds" in refused.output
+
+
+def test_early_stopping_waits_for_min_epochs():
+    from pipeline.config import TrainParams
+    from pipeline.train import stop_early
+
+    tp = TrainParams(early_stopping_patience=2, min_epochs=10)
+    assert not stop_early(epoch=5, stale=4, tp=tp)   # patience used up, but too early
+    assert stop_early(epoch=10, stale=2, tp=tp)
+    assert not stop_early(epoch=12, stale=1, tp=tp)  # still improving
