@@ -7,6 +7,7 @@ load); 2 bad usage or settings (a wrong option, ``params.yaml`` breaking a rule,
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -22,16 +23,8 @@ stage_app = typer.Typer(no_args_is_help=True, help="Run one DVC stage (what dvc.
 app.add_typer(stage_app, name="stage")
 app.add_typer(data_app, name="data")
 
-ProjectOpt = Annotated[Path, typer.Option("--project", "-C", help="Project folder (holds params.yaml).")]
-ParamsOpt = Annotated[str, typer.Option("--params", help="Settings file, relative to the project folder.")]
-
-EXIT_FAILED = 1
-EXIT_USAGE = 2
-
-
-def _fail(message: str, code: int = EXIT_FAILED) -> None:
-    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(code)
+from flows.cli_options import EXIT_FAILED, EXIT_USAGE, ParamsOpt, ProjectOpt
+from flows.cli_options import fail as _fail
 
 
 def _load(project: Path, params_file: str):
@@ -56,6 +49,7 @@ def _with_registry(project: Path, params_file: str):
 
 
 def _run_flow(project: Path, params_file: str, force: bool = False) -> dict:
+    from flows.approval import ApprovalTimeout
     from flows.retrain import retrain
     from pipeline.validation import DataValidationError
     from pipeline.versioning import CommandError, DataVersionError
@@ -65,7 +59,7 @@ def _run_flow(project: Path, params_file: str, force: bool = False) -> dict:
         return retrain(project_dir=str(project.resolve()), params_file=params_file, force=force)
     except DataValidationError as exc:
         _fail(f"data validation failed; nothing was trained or registered.\n{exc}")
-    except (DataVersionError, CommandError, WorkspaceBusy, FileNotFoundError, ValueError) as exc:
+    except (DataVersionError, CommandError, WorkspaceBusy, FileNotFoundError, ValueError, ApprovalTimeout) as exc:
         _fail(str(exc))
 
 
@@ -91,8 +85,11 @@ def _print_result(result: dict, paths, elapsed: float | None = None) -> None:
     typer.echo("\nwhere to look next:")
     typer.echo(f"  overlays:        {paths.reports_dir / 'overlays.png'}")
     typer.echo(f"  training curves: {paths.reports_dir / 'training_curves.png'}")
-    typer.echo(f"  MLflow UI:       mlflow ui --backend-store-uri {result['tracking_uri']} --port 5000"
-               "   then open http://127.0.0.1:5000")
+    if result["tracking_uri"].startswith("http"):  # the services are up: their UI is already there
+        typer.echo(f"  MLflow UI:       {result['tracking_uri']}")
+    else:
+        typer.echo(f"  MLflow UI:       mlflow ui --backend-store-uri {result['tracking_uri']} --port 5000"
+                   "   then open http://127.0.0.1:5000")
     typer.echo("  models:          nerveseg models --json")
     typer.echo(f"  predict:         nerveseg predict {paths.rel(paths.raw_dir)}/train/1_1.tif --out predictions")
 
@@ -285,6 +282,44 @@ def rollback(
                f"recorded: {event['actor']} at {event['time']}: {event['reason']}")
 
 
+def _answer_approval(run_id: str, decision: str, reason: str, actor: Optional[str], project: Path) -> None:
+    configure_environment(project)
+    from flows.approval import ApprovalError, answer
+
+    try:
+        name = answer(run_id, decision, reason, actor)
+    except ApprovalError as exc:
+        _fail(str(exc))
+    verb = "approved" if decision == "approve" else "rejected"
+    typer.echo(f"{verb} the held promotion of flow run {name} ({run_id}); it resumes now and records the "
+               f"answer in the ledger (`nerveseg ledger`)")
+
+
+RunIdArg = Annotated[str, typer.Argument(help="The paused flow run's id (printed by the run, shown in the UI).")]
+
+
+@app.command()
+def approve(
+    run_id: RunIdArg,
+    reason: Annotated[str, typer.Option("--reason", help="Why; recorded in the ledger.")],
+    actor: ActorOpt = None,
+    project: ProjectOpt = Path("."),
+) -> None:
+    """Approve a promotion held for approval (promotion.require_approval): champion moves."""
+    _answer_approval(run_id, "approve", reason, actor, project)
+
+
+@app.command()
+def reject(
+    run_id: RunIdArg,
+    reason: Annotated[str, typer.Option("--reason", help="Why; recorded in the ledger.")],
+    actor: ActorOpt = None,
+    project: ProjectOpt = Path("."),
+) -> None:
+    """Reject a promotion held for approval: the champion stays, the version becomes challenger."""
+    _answer_approval(run_id, "reject", reason, actor, project)
+
+
 @app.command()
 def audit(
     model_uri: Annotated[str, typer.Argument(help="models:/NAME@ALIAS, models:/NAME/VERSION or a version.")] =
@@ -377,7 +412,48 @@ def stage_train(project: ProjectOpt = Path("."), params_file: ParamsOpt = "param
     from pipeline import stages
 
     result = stages.fit(paths, params)
-    typer.echo(json.dumps(result.__dict__))
+    if result.world_size == 1 or os.environ.get("RANK", "0") == "0":  # one line under torchrun too
+        typer.echo(json.dumps(result.__dict__))
+
+
+@app.command()
+def cv(
+    project: ProjectOpt = Path("."),
+    params_file: ParamsOpt = "params.yaml",
+    as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
+) -> None:
+    """Subject-grouped k-fold cross-validation (split.folds) on data/prepared; each fold to MLflow."""
+    import mlflow
+
+    from pipeline.cross_validation import cross_validate
+
+    params, paths = _with_registry(project, params_file)
+    if params.split.folds < 2:
+        _fail(f"{params_file}: split.folds is {params.split.folds}; set it to 2 or more for cross-validation",
+              EXIT_USAGE)
+    if not (paths.prepared_dir / "arrays.npz").is_file():
+        _fail(f"{paths.prepared_dir}: not prepared; run `nerveseg stage preprocess` first", EXIT_USAGE)
+    with mlflow.start_run(run_name=f"cv-{params.split.folds}-fold") as parent:
+        mlflow.log_params({"split.folds": params.split.folds, "params_digest": params.digest()})
+
+        def on_epoch_of(fold: int):
+            return lambda epoch, row: mlflow.log_metrics(
+                {f"fold{fold}.{k}": float(v) for k, v in row.items() if k != "epoch"}, step=epoch,
+                run_id=parent.info.run_id)
+
+        def on_fold(fold: int, result) -> None:
+            mlflow.log_metric("fold_val_dice", result.best_val_dice, step=fold, run_id=parent.info.run_id)
+
+        outcome = cross_validate(paths.prepared_dir, paths.models_dir / "cv", params, progress=not as_json,
+                                 on_fold=on_fold, on_epoch_of=on_epoch_of)
+        mlflow.log_metrics({"cv_mean_dice": outcome.mean_dice, "cv_std_dice": outcome.std_dice})
+    if as_json:
+        typer.echo(json.dumps(outcome.to_dict(), indent=2))
+        return
+    for f in outcome.folds:
+        typer.echo(f"fold {f.fold}: validation subjects {f.validation_subjects}  Dice {f.best_val_dice:.4f}"
+                   f"  (epoch {f.best_epoch} of {f.epochs_run})")
+    typer.echo(f"mean Dice {outcome.mean_dice:.4f} ± {outcome.std_dice:.4f}; report {paths.models_dir / 'cv'}/cv.json")
 
 
 @stage_app.command("evaluate")
@@ -388,6 +464,11 @@ def stage_evaluate(project: ProjectOpt = Path("."), params_file: ParamsOpt = "pa
 
     result = stages.score(paths, params)
     typer.echo(json.dumps(result.metrics))
+
+
+from flows.services_cli import register as _register_services  # noqa: E402  services, schedule, worker
+
+_register_services(app)
 
 
 def main() -> None:

@@ -7,6 +7,8 @@ from typing import Annotated, Optional
 
 import typer
 
+from flows.cli_options import ParamsOpt, ProjectOpt
+
 data_app = typer.Typer(no_args_is_help=True, help="Datasets: the embedded phantom, imports and versions.")
 
 
@@ -36,8 +38,6 @@ def data_synth(
         typer.echo(f"  planted {planted['kind']}: {', '.join(planted['files'])}")
 
 
-ProjectOpt = Annotated[Path, typer.Option("--project", "-C", help="Project folder (holds params.yaml).")]
-ParamsOpt = Annotated[str, typer.Option("--params", help="Settings file, relative to the project folder.")]
 
 
 @data_app.command("add")
@@ -54,10 +54,14 @@ def data_add(
                                                                         "files (e.g. native TIFFs over a lossy "
                                                                         "re-export).")] = False,
     push: Annotated[bool, typer.Option("--push/--no-push", help="Push the new version to the DVC remote.")] = True,
+    trigger: Annotated[bool, typer.Option("--trigger/--no-trigger", help="Start a run of the retraining "
+                                          "deployment for a new data version (when the services are up and "
+                                          "the deployment exists).")] = True,
     project: ProjectOpt = Path("."),
     params_file: ParamsOpt = "params.yaml",
 ) -> None:
-    """Import SRC into data/raw, validate it, version it with DVC, commit data/raw.dvc and push."""
+    """Import SRC into data/raw, validate it, version it with DVC, commit data/raw.dvc and push; then start
+    a retraining run of the deployment when the servers are up (--no-trigger to skip)."""
     from flows.cli import EXIT_USAGE, _fail, _load
     from pipeline.data_versions import DataAddError, add_data
     from pipeline.importers import DataImportError
@@ -85,6 +89,38 @@ def data_add(
     typer.secho(f"new data version {v['dvc_hash']} (commit {v['git_revision'][:12]}"
                 f"{', pushed' if push else ', not pushed'})", fg=typer.colors.GREEN)
     typer.echo(f"  {result.message}")
+    if not trigger:
+        typer.echo("no retraining run started (--no-trigger); `nerveseg run` retrains here and now")
+        return
+    _trigger_retraining(paths.root, v, params_file)
+
+
+def _trigger_retraining(root: Path, version: dict, params_file: str) -> str | None:
+    """Start a run of the retraining deployment for a new data version; say which, or why not. Never fails
+    the command: the data version is already made."""
+    why_not = None
+    try:
+        from flows.deployment import api_url, deployment_exists, trigger_run
+    except ImportError as exc:
+        why_not = f"the deployment helpers are not available ({exc})"
+    else:
+        try:
+            if not deployment_exists(root):
+                why_not = ("no Prefect server runs for this project, or it holds no retraining deployment "
+                           "(`nerveseg services up`, then `nerveseg schedule --cron ...`)")
+            else:
+                run_id = trigger_run(root, reason=f"data add {version['dvc_hash'][:12]}",
+                                     parameters={"params_file": params_file})
+                ui = (api_url(root) or "").rstrip("/").removesuffix("/api")
+                typer.secho(f"started retraining run {run_id} for data version {version['dvc_hash']}",
+                            fg=typer.colors.GREEN)
+                if ui:
+                    typer.echo(f"  watch it: {ui}/runs/flow-run/{run_id}")
+                return run_id
+        except Exception as exc:  # noqa: BLE001 (server gone meanwhile, refused): the data is versioned anyway
+            why_not = f"{type(exc).__name__}: {exc}"
+    typer.echo(f"no retraining run started: {why_not}; `nerveseg run` retrains here and now")
+    return None
 
 
 @data_app.command("versions")

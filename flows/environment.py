@@ -17,3 +17,23 @@ def configure_environment(project_dir: Path) -> None:
     os.environ.setdefault("DVC_NO_ANALYTICS", "1")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
+    use_running_services(project_dir)
+
+
+def use_running_services(project_dir: Path) -> None:
+    """While `nerveseg services up` runs this project's servers, talk to its Prefect server.
+
+    Only for a process whose Prefect home is the project's own (``.prefect/``, the server's): one with
+    another home (the test suite's throw-away one, say) keeps its own Prefect, and an explicit
+    ``PREFECT_API_URL`` wins. MLflow follows the project's services in ``pipeline/registry.py``.
+    """
+    from pipeline.service_state import prefect_api_url
+
+    project_dir = Path(project_dir).resolve()
+    if os.environ.get("PREFECT_API_URL"):
+        return
+    if Path(os.environ.get("PREFECT_HOME", "")).resolve() != project_dir / ".prefect":
+        return
+    url = prefect_api_url(project_dir)
+    if url:
+        os.environ["PREFECT_API_URL"] = url

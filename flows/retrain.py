@@ -7,15 +7,21 @@ and then records it with ``dvc commit``, so ``dvc status`` agrees with what the 
 from __future__ import annotations
 
 import json
+from dataclasses import fields
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
+from prefect.tasks import exponential_backoff
 
+from flows.approval import Answer, ApprovalTimeout, evidence_markdown, wait_for_approval
+from flows.notices import notify_failure
+from flows.runner import make_mapper
 from pipeline import registry, release, stages, versioning
 from pipeline.config import Params, load_params
+from pipeline.promotion import PromotionDecision
 from pipeline.paths import ProjectPaths
 from pipeline.validation import DataValidationError
 from pipeline.workspace_lock import exclusive_run
@@ -23,6 +29,9 @@ from pipeline.workspace_lock import exclusive_run
 # Decide "nothing changed" from DVC and explicit hashes, never from Prefect's task cache
 # (see docs/architecture.md): every task here opts out of it.
 TASK = dict(cache_policy=NO_CACHE, persist_result=False)
+# Tasks that talk to the tracking server retry with exponential backoff (2, 4, 8, 16 s, +-20 %): a server
+# restart or a dropped connection costs a retry, not the run (docs/operations.md, "Faults").
+MLFLOW_RETRIES = dict(retries=4, retry_delay_seconds=exponential_backoff(backoff_factor=2), retry_jitter_factor=0.2)
 
 
 @task(name="data-version", **TASK)
@@ -35,7 +44,7 @@ def data_version_task(paths: ProjectPaths) -> versioning.DataVersion:
     return version
 
 
-@task(name="start-mlflow-run", retries=2, retry_delay_seconds=3, **TASK)
+@task(name="start-mlflow-run", **MLFLOW_RETRIES, **TASK)
 def start_run_task(paths: ProjectPaths, params: Params, tags: dict[str, str]) -> str:
     import mlflow
 
@@ -66,7 +75,7 @@ def validate_task(paths: ProjectPaths, params: Params, run_id: str) -> dict:
 
     client = mlflow.MlflowClient()
     try:
-        manifest, report = stages.validate(paths, params)
+        manifest, report = stages.validate(paths, params, mapper=make_mapper(params.runner, "validate"))
     except DataValidationError as exc:
         client.set_tag(run_id, registry.TAG_VALIDATION, "false")
         client.log_text(run_id, exc.report.to_markdown(), "validation/summary.md")
@@ -104,13 +113,13 @@ def preprocess_task(paths: ProjectPaths, params: Params) -> dict:
     if reused:
         logger.info("preprocess: data, parameters and code unchanged; reusing the DVC-cached output")
     else:
-        summary = stages.prepare(paths, params)
+        summary = stages.prepare(paths, params, mapper=make_mapper(params.runner, "preprocess"))
         logger.info("preprocess: %d frames, subjects %s", summary.n_frames, summary.subjects)
         versioning.commit_stage(paths.root, "preprocess")
     return {**json.loads((paths.prepared_dir / "summary.json").read_text()), "reused": reused}
 
 
-@task(name="train", **TASK)
+@task(name="train", retries=1, retry_delay_seconds=10, **TASK)  # a retry resumes from the checkpoint
 def train_task(paths: ProjectPaths, params: Params, run_id: str) -> dict:
     import mlflow
 
@@ -162,7 +171,7 @@ def evaluate_task(paths: ProjectPaths, params: Params, run_id: str) -> dict:
     return result.metrics
 
 
-@task(name="register", retries=2, retry_delay_seconds=5, **TASK)
+@task(name="register", **MLFLOW_RETRIES, **TASK)
 def register_task(paths: ProjectPaths, params: Params, run_id: str, tags: dict[str, str], metrics: dict) -> str:
     version = release.register_model(paths, params, run_id, tags, metrics)
     get_run_logger().info("registered %s version %s", params.registry.model_name, version)
@@ -171,18 +180,64 @@ def register_task(paths: ProjectPaths, params: Params, run_id: str, tags: dict[s
 
 @task(name="promote", **TASK)
 def promote_task(paths: ProjectPaths, params: Params, version: str) -> dict:
+    """The gate, then the ledger entry and the alias; with ``promotion.require_approval`` a version that
+    passes the gate is only marked as awaiting approval (the flow then pauses, see ``_retrain``)."""
+    name = params.registry.model_name
+    decision, evidence = release.gate(paths, params, version)
+    if decision.promote and params.promotion.require_approval:
+        release.await_approval(name, version, decision)
+        get_run_logger().info("promotion: the gate passed (%s); waiting for a person's approval", decision.reason)
+        return {**decision.to_dict(), "awaiting_approval": True, "evidence": evidence}
+    release.apply_decision(name, version, decision, evidence)
+    _log_decision(params, version, decision)
+    return decision.to_dict()
+
+
+def _log_decision(params: Params, version: str, decision: PromotionDecision) -> None:
     from pipeline.model_card import log_card
 
-    decision = release.promote(paths, params, version)
     get_run_logger().info("promotion: %s", decision.reason)
     create_markdown_artifact(decision.to_markdown(), key="promotion-decision")
     run_id = registry.client().get_model_version(params.registry.model_name, version).run_id
     card = log_card(params.registry.model_name, version, run_id)
     get_run_logger().info("model card logged to run %s as %s", run_id, card)
-    return decision.to_dict()
 
 
-@task(name="check-unchanged", **TASK)
+def _gated(result: dict) -> PromotionDecision:
+    return PromotionDecision(**{f.name: result[f.name] for f in fields(PromotionDecision)})
+
+
+@task(name="apply-approval", **TASK)
+def approval_task(params: Params, version: str, gated: dict, answer: Answer) -> dict:
+    """Record the approver's answer in the ledger, then move the alias (approve) or not (reject)."""
+    final = release.apply_approval(params.registry.model_name, version, _gated(gated), gated["evidence"],
+                                   answer.decision, answer.reason, answer.actor, flow_run=str(flow_run.id or ""))
+    _log_decision(params, version, final)
+    return {**final.to_dict(), "approval": {"answer": answer.decision, "actor": answer.actor,
+                                            "reason": answer.reason}}
+
+
+def _approve(params: Params, version: str, gated: dict) -> dict:
+    """Pause the flow run for approve/reject (in the flow body, as Prefect requires) and apply the answer."""
+    name, timeout_s = params.registry.model_name, params.promotion.approval_timeout_s
+    run_id = str(flow_run.id or "")
+    description = evidence_markdown(name, version, _gated(gated), run_id, timeout_s)
+    create_markdown_artifact(description, key="approval-request",
+                             description=f"version {version} waits for approval")
+    get_run_logger().info("waiting up to %d s for approval of %s version %s: nerveseg approve %s --reason ... "
+                          "(or nerveseg reject %s --reason ...)", timeout_s, name, version, run_id, run_id)
+    answer = wait_for_approval(description, timeout_s)
+    if answer.decision != "timeout":
+        return approval_task(params, version, gated, answer)
+    # The pause has expired: Prefect runs no more tasks in this flow run, which ends Failed. Record first.
+    release.apply_approval(name, version, _gated(gated), gated["evidence"], "timeout", answer.reason,
+                           flow_run=run_id)
+    raise ApprovalTimeout(f"{name} version {version} passed the gate but nobody approved or rejected it within "
+                          f"{timeout_s} s: not promoted (recorded in the ledger; it is the challenger). "
+                          f"Promote it by hand with `nerveseg promote {version} --reason ...` if wanted.")
+
+
+@task(name="check-unchanged", **MLFLOW_RETRIES, **TASK)
 def unchanged_task(paths: ProjectPaths, params: Params, tags: dict[str, str]) -> str | None:
     """Why this run would repeat the champion's (same data, settings and code), or None."""
     registry.configure(paths.mlflow_dir, params.registry.experiment)
@@ -199,7 +254,7 @@ def unchanged_task(paths: ProjectPaths, params: Params, tags: dict[str, str]) ->
     return None
 
 
-@flow(name="retrain", log_prints=True)
+@flow(name="retrain", log_prints=True, on_failure=[notify_failure], on_crashed=[notify_failure])
 def retrain(project_dir: str = ".", params_file: str = "params.yaml", force: bool = False) -> dict:
     """Validate, preprocess, train, evaluate, register and promote on the current data version.
 
@@ -250,6 +305,11 @@ def _retrain(root: Path, params_file: str, force: bool) -> dict:
         version = register_task(paths, params, run_id, {**tags, **data_tags, registry.TAG_VALIDATION: "true"},
                                 metrics)
         decision = promote_task(paths, params, version)
+        if decision.get("awaiting_approval"):
+            decision = _approve(params, version, decision)
+    except ApprovalTimeout:
+        mlflow.MlflowClient().set_terminated(run_id, "FINISHED")  # trained and registered; only not promoted
+        raise
     except BaseException:
         mlflow.MlflowClient().set_terminated(run_id, "FAILED")
         raise

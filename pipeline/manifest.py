@@ -180,6 +180,16 @@ def _mask_fields(path: Path) -> dict:
     return out
 
 
+def read_file_fields(job: tuple[str, bool]) -> dict:
+    """The per-file unit of the manifest: ``(path, is_mask)`` -> that file's figures. Never raises
+    (an odd file is recorded as not decoding). Module-level, so a Dask worker can run it."""
+    path, is_mask = job
+    try:
+        return _mask_fields(Path(path)) if is_mask else _image_fields(Path(path))
+    except Exception:  # never let one odd file stop the scan
+        return {"mask_decodes": False} if is_mask else {"image_decodes": False}
+
+
 def _scan(train: Path, data_dir: Path) -> list[_Entry]:
     entries: dict[str, _Entry] = {}
     odd: list[_Entry] = []
@@ -241,7 +251,7 @@ def _save_cache(cache_file: Path, files: dict) -> None:
 
 
 def build_manifest(
-    data_dir: Path, workers: int | None = None, cache_file: Path | None = None
+    data_dir: Path, workers: int | None = None, cache_file: Path | None = None, mapper=None
 ) -> pd.DataFrame:
     """Read every frame and mask under ``data_dir/train`` into a table, one row per frame id.
 
@@ -254,6 +264,9 @@ def build_manifest(
     With ``cache_file``, files whose path, size and ``mtime_ns`` match a cached entry are not
     read again, and the cache is rewritten with the current files. ``df.attrs["files_read"]``
     and ``df.attrs["files_cached"]`` say how many files were read and how many reused.
+
+    ``mapper(read_file_fields, jobs) -> results`` (same order) runs the per-file work elsewhere, e.g.
+    on a Dask cluster (``flows/runner.py``); without it, a thread pool of ``workers`` threads does.
 
     Raises ``FileNotFoundError`` only when ``data_dir`` itself does not exist. A missing
     ``train/`` folder gives an empty manifest (which then fails validation on the row count).
@@ -285,20 +298,18 @@ def build_manifest(
             else:
                 jobs.append((e, path, is_mask, rel, stat))
 
-    def run(job) -> dict:
-        _, path, is_mask, _, _ = job
-        try:
-            return _mask_fields(path) if is_mask else _image_fields(path)
-        except Exception:  # never let one odd file stop the scan
-            return {"mask_decodes": False} if is_mask else {"image_decodes": False}
-
     workers = workers or min(16, (os.cpu_count() or 2) * 2)
     if jobs:
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            for (entry, _, _, rel, stat), result in zip(jobs, pool.map(run, jobs, chunksize=16)):
-                entry.fields.update(result)
-                if stat is not None:
-                    fresh_cache[rel] = [*stat, result]
+        units = [(str(path), is_mask) for _, path, is_mask, _, _ in jobs]
+        if mapper is not None:
+            results = list(mapper(read_file_fields, units))
+        else:
+            with ThreadPoolExecutor(max_workers=workers) as pool:
+                results = list(pool.map(read_file_fields, units, chunksize=16))
+        for (entry, _, _, rel, stat), result in zip(jobs, results, strict=True):
+            entry.fields.update(result)
+            if stat is not None:
+                fresh_cache[rel] = [*stat, result]
     if cache_file is not None:
         try:
             _save_cache(Path(cache_file), fresh_cache)

@@ -53,12 +53,22 @@ def resize_mask(mask: np.ndarray, height: int, width: int) -> np.ndarray:
 
 
 def _load_pair(data_dir: Path, row: pd.Series, height: int, width: int):
-    image = read_gray(data_dir / row.image_path)
-    mask = read_gray(data_dir / row.mask_path)
+    return load_pair((str(data_dir / row.image_path), str(data_dir / row.mask_path), height, width))
+
+
+def load_pair(job: tuple[str, str, int, int]) -> tuple[np.ndarray, np.ndarray, int]:
+    """The per-file unit of preprocessing: ``(frame path, mask path, height, width)`` -> the resized
+    frame and mask and the native mask area. Module-level, so a Dask worker can run it."""
+    image_path, mask_path, height, width = job
+    image = read_gray(Path(image_path))
+    mask = read_gray(Path(mask_path))
     return resize_frame(image, height, width), resize_mask(mask, height, width), int((mask > 0).sum())
 
 
-def preprocess(data_dir: Path, out_dir: Path, params: Params, progress: bool = True) -> PreparedSummary:
+def preprocess(data_dir: Path, out_dir: Path, params: Params, progress: bool = True,
+               mapper=None) -> PreparedSummary:
+    """``mapper(load_pair, jobs) -> results`` (same order) runs the per-file work elsewhere (e.g. a Dask
+    cluster, see ``flows/runner.py``); without it, a pool of 4 threads does."""
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     frames = list_frame_pairs(data_dir)
     if frames.empty:
@@ -70,15 +80,19 @@ def preprocess(data_dir: Path, out_dir: Path, params: Params, progress: bool = T
     assert_no_subject_leak(frames)
     h, w = params.preprocess.height, params.preprocess.width
 
-    with ThreadPoolExecutor(max_workers=4) as pool:  # decoding releases the GIL
-        loaded = list(
-            tqdm(
-                pool.map(lambda r: _load_pair(data_dir, r, h, w), frames.itertuples(index=False)),
-                total=len(frames),
-                desc="preprocess",
-                disable=not progress,
+    if mapper is not None:
+        loaded = list(mapper(load_pair, [(str(data_dir / r.image_path), str(data_dir / r.mask_path), h, w)
+                                         for r in frames.itertuples(index=False)]))
+    else:
+        with ThreadPoolExecutor(max_workers=4) as pool:  # decoding releases the GIL
+            loaded = list(
+                tqdm(
+                    pool.map(lambda r: _load_pair(data_dir, r, h, w), frames.itertuples(index=False)),
+                    total=len(frames),
+                    desc="preprocess",
+                    disable=not progress,
+                )
             )
-        )
     images = np.stack([item[0] for item in loaded])
     masks = np.stack([item[1] for item in loaded])
     frames["mask_area"] = [item[2] for item in loaded]

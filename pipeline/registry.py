@@ -31,7 +31,12 @@ def default_tracking_uri(mlflow_dir: Path) -> str:
 
 
 def tracking_uri(mlflow_dir: Path) -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(mlflow_dir)
+    """``MLFLOW_TRACKING_URI``, else the project's running tracking server (``nerveseg services up``),
+    else the embedded SQLite store."""
+    from pipeline.service_state import mlflow_tracking_uri
+
+    return (os.environ.get("MLFLOW_TRACKING_URI") or mlflow_tracking_uri(Path(mlflow_dir).resolve().parent)
+            or default_tracking_uri(mlflow_dir))
 
 
 def configure(mlflow_dir: Path, experiment: str) -> str:
@@ -56,8 +61,13 @@ def configure(mlflow_dir: Path, experiment: str) -> str:
     found = client.get_experiment_by_name(experiment)
     if found is not None:
         return found.experiment_id
-    # With the local default, keep artifacts beside the database rather than in ./mlruns.
-    location = (Path(mlflow_dir).resolve() / "artifacts").as_uri() if local else None
+    # With the local default, keep artifacts beside the database rather than in ./mlruns. So does the
+    # project's own tracking server on that same SQLite file (`services up`, sqlite profile): the runs
+    # stay readable embedded after `services down` (a proxied mlflow-artifacts:/ location would not be).
+    from pipeline.service_state import mlflow_shares_project_store
+
+    shared = mlflow_shares_project_store(Path(mlflow_dir).resolve().parent, uri)
+    location = (Path(mlflow_dir).resolve() / "artifacts").as_uri() if local or shared else None
     return client.create_experiment(experiment, artifact_location=location)
 
 

@@ -112,6 +112,13 @@ def _move_champion(name: str, version: str, previous: str | None) -> None:
 
 def promote(paths: ProjectPaths, params: Params, version: str, actor: str | None = None) -> PromotionDecision:
     """The automatic gate of the flow: score both on the same holdout frames, record, then alias."""
+    decision, evidence = gate(paths, params, version)
+    return apply_decision(params.registry.model_name, version, decision, evidence, actor)
+
+
+def gate(paths: ProjectPaths, params: Params, version: str) -> tuple[PromotionDecision, dict]:
+    """Score the version and the champion on the same holdout frames and decide; the decision is
+    written as tags on both versions. Records no event and moves no alias (:func:`apply_decision`)."""
     name = params.registry.model_name
     holdout = holdout_table(paths)
     images, masks = load_native(paths.raw_dir, holdout)
@@ -132,7 +139,6 @@ def promote(paths: ProjectPaths, params: Params, version: str, actor: str | None
                 "champion_dice": decision.champion_dice, "interval": [decision.interval_low, decision.interval_high],
                 "data_hash": tags.get(registry.TAG_DATA_HASH), "validation_passed": validation_passed,
                 "flow_run": tags.get(registry.TAG_FLOW_RUN), "n_frames": decision.n_frames}
-    record_event(name, version, "promote" if decision.promote else "reject", decision.reason, actor, **evidence)
     if champion_version is not None:
         registry.set_tags(name, champion_version, {  # the decision on both versions
             "promotion.last_challenge": f"v{version}: {decision.tags()['promotion.decision']}",
@@ -141,11 +147,52 @@ def promote(paths: ProjectPaths, params: Params, version: str, actor: str | None
                                                f"challenger {decision.challenger_dice:.6f}",
             "promotion.last_challenge_interval": decision.tags()["promotion.interval"],
         })
+    return decision, evidence
+
+
+def apply_decision(name: str, version: str, decision: PromotionDecision, evidence: dict,
+                   actor: str | None = None) -> PromotionDecision:
+    """Record the gate's decision in the ledger, then move ``champion`` (or set ``challenger``)."""
+    record_event(name, version, "promote" if decision.promote else "reject", decision.reason, actor, **evidence)
     if decision.promote:
-        _move_champion(name, version, champion_version)
+        _move_champion(name, version, evidence.get("champion_version"))
     else:
         registry.set_alias(name, registry.CHALLENGER, version)
     return decision
+
+
+APPROVAL_DECISIONS = ("approve", "reject", "timeout")
+
+
+def await_approval(name: str, version: str, decision: PromotionDecision) -> None:
+    """Mark a version that passed the gate as waiting for a person's decision (a tag, no alias)."""
+    registry.set_tags(name, version, {"promotion.decision": "awaiting_approval",
+                                      "promotion.gate_reason": decision.reason})
+
+
+def apply_approval(name: str, version: str, decision: PromotionDecision, evidence: dict, answer: str,
+                   reason: str, actor: str | None = None, **approval) -> PromotionDecision:
+    """A person's answer to a held promotion: ``approve`` promotes; ``reject`` and ``timeout`` do not
+    (the version becomes ``challenger``). The answer, with its actor and reason, is recorded in the
+    ledger first, with the gate's evidence, and only then does an alias move."""
+    from dataclasses import replace
+
+    if answer not in APPROVAL_DECISIONS:
+        raise ValueError(f"unknown approval answer {answer!r}; expected one of {APPROVAL_DECISIONS}")
+    actor = "timeout" if answer == "timeout" else (actor or getpass.getuser())
+    promote_it = answer == "approve" and decision.promote
+    final = replace(decision, promote=promote_it, alias="champion" if promote_it else "challenger",
+                    reason=f"{'approved' if promote_it else 'not approved'} by {actor}: {reason} "
+                           f"(gate: {decision.reason})")
+    registry.set_tags(name, version, {**final.tags(), "promotion.approval": answer,
+                                      "promotion.approval_actor": actor, "promotion.approval_reason": reason})
+    record_event(name, version, "promote" if promote_it else "reject", reason, actor,
+                 approval={"answer": answer, "gate_reason": decision.reason, **approval}, **evidence)
+    if promote_it:
+        _move_champion(name, version, evidence.get("champion_version"))
+    else:
+        registry.set_alias(name, registry.CHALLENGER, version)
+    return final
 
 
 def manual_promote(name: str, version: str, reason: str, actor: str | None = None) -> dict:

@@ -16,7 +16,7 @@ VALIDATION_REPORT = "validation.json"
 STAGES = ("validate", "preprocess", "train", "evaluate")
 
 
-def validate(paths: ProjectPaths, params: Params, build_docs: bool = True):
+def validate(paths: ProjectPaths, params: Params, build_docs: bool = True, mapper=None):
     """Check ``data/raw`` with the GX suite; write ``reports/validation.json``.
 
     Drift is judged against the profile of the previous data version (the newest earlier git
@@ -44,7 +44,8 @@ def validate(paths: ProjectPaths, params: Params, build_docs: bool = True):
     except Exception:  # noqa: BLE001 (not versioned, no git: validate without drift)
         pass
     manifest, report = validate_data_dir(
-        paths.raw_dir, params.validation, paths.gx_dir, build_docs=build_docs, previous_profile=previous
+        paths.raw_dir, params.validation, paths.gx_dir, build_docs=build_docs, previous_profile=previous,
+        mapper=mapper,
     )
     if current_hash and report.success:
         save_profile(paths.gx_dir, current_hash, report.profile)
@@ -57,8 +58,9 @@ def validate(paths: ProjectPaths, params: Params, build_docs: bool = True):
     return manifest, report
 
 
-def prepare(paths: ProjectPaths, params: Params, progress: bool = True) -> PreparedSummary:
-    return preprocess(paths.raw_dir, paths.prepared_dir, params, progress=progress)
+def prepare(paths: ProjectPaths, params: Params, progress: bool = True, mapper=None) -> PreparedSummary:
+    """``mapper`` runs the per-frame work elsewhere (the flow's Dask runner); default: threads here."""
+    return preprocess(paths.raw_dir, paths.prepared_dir, params, progress=progress, mapper=mapper)
 
 
 def fit(paths: ProjectPaths, params: Params, on_epoch: EpochCallback | None = None, progress: bool = True,

@@ -972,13 +972,14 @@ def validate_data_dir(
     build_docs: bool = True,
     previous_profile: dict | None = None,
     use_cache: bool = True,
+    mapper=None,
 ) -> tuple[pd.DataFrame, ValidationReport]:
     """Build the manifest of ``data_dir`` (reusing cached rows of unchanged files) and
-    validate it; returns both."""
+    validate it; returns both. ``mapper``: see :func:`pipeline.manifest.build_manifest`."""
     from pipeline.manifest import build_manifest
 
     cache = manifest_cache_file(gx_dir, data_dir) if use_cache else None
-    manifest = build_manifest(Path(data_dir), cache_file=cache)
+    manifest = build_manifest(Path(data_dir), cache_file=cache, mapper=mapper)
     report = validate_manifest(
         manifest, rules, gx_dir, build_docs=build_docs, previous_profile=previous_profile
     )

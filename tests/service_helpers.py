@@ -1,0 +1,100 @@
+"""Helpers for the tests that start real servers on loopback (services, schedules, faults)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+NERVESEG = str(Path(sys.executable).parent / "nerveseg")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def project_env(root: Path, **extra: str) -> dict:
+    """The environment of a `nerveseg` command run by an operator in ``root``: the project's own Prefect
+    home, no tracking server or Prefect API inherited from the test process."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "PREFECT_HOME")}
+    env["PREFECT_HOME"] = str(Path(root) / ".prefect")
+    env.update(extra)
+    return env
+
+
+def nerveseg(root: Path, *args: str, timeout: float = 300, check: bool = True, **env) -> subprocess.CompletedProcess:
+    """Run the `nerveseg` console script as a separate process, as an operator would."""
+    done = subprocess.run([NERVESEG, *args], cwd=root, env=project_env(root, **env), capture_output=True,
+                          text=True, timeout=timeout)
+    if check and done.returncode != 0:
+        raise AssertionError(f"nerveseg {' '.join(args)} exited {done.returncode}\n"
+                             f"stdout:\n{done.stdout[-4000:]}\nstderr:\n{done.stderr[-6000:]}")
+    return done
+
+
+def last_json(text: str) -> dict:
+    """The JSON object a command printed last (progress lines may come before it)."""
+    start = text.rfind("\n{")
+    return json.loads(text[start + 1 if start >= 0 else text.index("{"):])
+
+
+@contextmanager
+def services(root: Path, profile: str | None = None, worker: bool = False, **settings):
+    """Both servers of ``root`` up on free ports for the block; always down afterwards."""
+    from flows.services import down, load_config, up
+
+    config = load_config(root, profile=profile, prefect_port=free_port(), mlflow_port=free_port(), **settings)
+    try:
+        state = up(root, config, worker=worker, echo=lambda _: None)
+        yield state, config
+    finally:
+        down(root, config, echo=lambda _: None)
+
+
+def postgres_reachable(host: str = "127.0.0.1", port: int = 5432) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=2):
+            return True
+    except OSError:
+        return False
+
+
+POSTGRES = "postgresql://postgres@127.0.0.1:5432"
+
+
+@contextmanager
+def temporary_databases(*roles: str):
+    """Uniquely named PostgreSQL databases (created by the code under test), dropped afterwards."""
+    import psycopg2
+
+    tag = uuid.uuid4().hex[:10]
+    names = {role: f"nerveseg_test_{tag}_{role}" for role in roles}
+    try:
+        yield names
+    finally:
+        conn = psycopg2.connect(f"{POSTGRES}/postgres", connect_timeout=5)
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            for name in names.values():
+                cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        conn.close()
+
+
+def wait_for(predicate, timeout: float, interval: float = 0.5, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")

@@ -1,0 +1,148 @@
+"""Failure notices of the real flow: a run that fails on a blocking data defect leaves a Prefect
+artifact, a log line, and a JSON notice POSTed to a webhook on loopback (retried on a 5xx), and the
+run's own error is what the caller still sees, also when the webhook is unreachable."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from tests.conftest import TINY_SETTINGS, deep_update, make_project, write_settings
+
+pytestmark = pytest.mark.e2e
+
+
+class Hook:
+    """A webhook receiver on 127.0.0.1 (random port) that answers 500 to the first ``fail_first`` posts."""
+
+    def __init__(self, fail_first: int = 0):
+        self.posts: list[dict] = []
+        self.attempts = 0
+        hook = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                hook.attempts += 1
+                if hook.attempts <= fail_first:
+                    self.send_response(500)
+                    self.end_headers()
+                    return
+                hook.posts.append({"path": self.path, "type": self.headers.get("Content-Type"),
+                                   "json": json.loads(body)})
+                self.send_response(204)
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hooks/nerveseg"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture(scope="module")
+def broken_project(tmp_path_factory, prefect_server):
+    """A tiny project whose current data version has an unreadable frame (a blocking defect)."""
+    from pipeline import versioning
+    from pipeline.phantom import plant_defects
+
+    root = make_project(tmp_path_factory.mktemp("notices") / "project")
+    planted = plant_defects(root / "data" / "raw", ["unreadable_frame"], seed=3)
+    versioning.version_data(root, root / "data" / "raw", "data: an unreadable frame")
+    return root, planted[0]["frame_id"]
+
+
+def _logs(flow_run_id, needle: str, limit: float = 20.0) -> list[str]:
+    from prefect import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    deadline = time.monotonic() + limit
+    while True:
+        with get_client(sync_client=True) as client:
+            logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
+        found = [log.message for log in logs if needle in log.message]
+        if found or time.monotonic() > deadline:
+            return found
+        time.sleep(0.5)
+
+
+def test_failed_run_posts_its_notice_with_link_task_error_and_data_version(broken_project, monkeypatch):
+    from flows.retrain import retrain
+    from pipeline import versioning
+    from pipeline.validation import DataValidationError
+
+    monkeypatch.delenv("NERVESEG_WEBHOOK_URL", raising=False)
+    with Hook(fail_first=1) as hook:
+        root, frame_id = broken_project
+        write_settings(root, deep_update(TINY_SETTINGS, {"notify": {"webhook_url": hook.url, "timeout_s": 2}}))
+        with pytest.raises(DataValidationError):
+            retrain(project_dir=str(root))
+    assert hook.attempts == 2 and len(hook.posts) == 1  # the first try got a 500 and was retried
+    post = hook.posts[0]
+    notice = post["json"]
+    assert post["path"] == "/hooks/nerveseg" and post["type"] == "application/json"
+    data = versioning.read_dvc_file(root / "data" / "raw.dvc")
+    assert notice["failed_task"] == "validate"
+    assert frame_id in notice["error"] and "DataValidationError" in notice["error"]
+    assert notice["data_version"]["dvc_hash"] == data["md5"] and notice["data_version"]["git_revision"]
+    assert notice["flow"] == "retrain" and notice["state"] == "Failed"
+    run_id = notice["flow_run_id"]
+    assert notice["url"].endswith(f"/runs/flow-run/{run_id}") and notice["url"].startswith("http://127.0.0.1:")
+    assert run_id in notice["text"] or notice["url"] in notice["text"]
+
+    from prefect import get_client
+
+    with get_client(sync_client=True) as client:
+        notices = [a for a in client.read_artifacts() if a.key == "failure-notice" and str(a.flow_run_id) == run_id]
+    assert len(notices) == 1
+    assert "failed task | validate" in notices[0].data and data["md5"] in notices[0].data
+    assert _logs(run_id, "FAILURE NOTICE"), "the notice is not in the run's log"
+
+
+def test_unreachable_webhook_never_masks_the_error_and_the_environment_wins(broken_project, monkeypatch):
+    from flows.retrain import retrain
+    from pipeline.validation import DataValidationError
+
+    with socket.socket() as sock:  # a port with nobody listening
+        sock.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{sock.getsockname()[1]}/gone"
+    with Hook() as configured:
+        monkeypatch.setenv("NERVESEG_WEBHOOK_URL", dead)
+        root, _ = broken_project
+        write_settings(root, deep_update(TINY_SETTINGS, {"notify": {"webhook_url": configured.url, "timeout_s": 1}}))
+        began = time.monotonic()
+        with pytest.raises(DataValidationError):
+            retrain(project_dir=str(root))
+    assert configured.posts == []  # NERVESEG_WEBHOOK_URL overrides params.yaml
+    assert time.monotonic() - began < 120
+
+
+def test_notice_without_ui_url_names_the_run_id():
+    from types import SimpleNamespace
+
+    from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL, temporary_settings
+
+    from flows.notices import run_link, to_markdown
+
+    with temporary_settings(updates={PREFECT_UI_URL: "http://ui.example:4200/"}):
+        assert run_link("abc") == "http://ui.example:4200/runs/flow-run/abc"
+    with temporary_settings(restore_defaults={PREFECT_API_URL, PREFECT_UI_URL}):
+        assert run_link("abc") is None
+    notice = {"flow_run_name": "brave-otter", "flow_run_id": "abc", "url": None, "state": "Failed",
+              "failed_task": None, "data_version": {}, "time": "t", "error": "boom"}
+    text = to_markdown(SimpleNamespace(**notice).__dict__)
+    assert "flow run id `abc`" in text and "outside any task" in text
