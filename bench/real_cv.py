@@ -104,7 +104,7 @@ def score_variants(model, config, val_x: np.ndarray, val_y: np.ndarray, native: 
     tta = (prob + mirrored[:, :, ::-1]) / 2
     out = {}
     for name, p, largest in (("plain", prob, False), ("largest blob", prob, True),
-                             ("mirror TTA", tta, False), (SCORED, tta, True)):
+                             ("mirror TTA", tta, False), ("largest blob + mirror TTA", tta, True)):
         masks = np.zeros_like(native)
         for i, frame_prob in enumerate(p):
             mask = (cv2.resize(frame_prob, (580, 420), interpolation=cv2.INTER_LINEAR) > 0.5).astype(np.uint8)

@@ -49,6 +49,9 @@ class ServicesConfig(BaseModel):
     database_url: str = "postgresql://postgres@127.0.0.1:5432"
     mlflow_database: str = "nerveseg_mlflow"
     prefect_database: str = "nerveseg_prefect"
+    # where the MLflow server keeps artifacts (model files, reports): empty = the project's mlflow/artifacts;
+    # s3://BUCKET/PREFIX for S3-compatible storage (docs/operations.md, "Beyond one machine")
+    artifacts_destination: str = ""
     # scheduling: the deployment retrain/<deployment> on the process work pool <work_pool>
     work_pool: str = "nerveseg"
     deployment: str = "nerveseg"
@@ -157,7 +160,7 @@ def _commands(root: Path, config: ServicesConfig, backends: dict[str, str]) -> d
     prefect = [_bin("prefect"), "server", "start", "--host", config.host, "--port", str(config.prefect_port)]
     mlflow = [_bin("mlflow"), "server", "--host", config.host, "--port", str(config.mlflow_port),
               "--backend-store-uri", backends["mlflow"],
-              "--artifacts-destination", (root / "mlflow" / "artifacts").as_uri(),
+              "--artifacts-destination", config.artifacts_destination or (root / "mlflow" / "artifacts").as_uri(),
               "--workers", "1"]
     return {"prefect": (prefect, prefect_env), "mlflow": (mlflow, dict(base))}
 
