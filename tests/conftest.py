@@ -27,6 +27,11 @@ for _var in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
 from flows.environment import configure_environment  # noqa: E402
 
 configure_environment(REPO)
+# Prefect's console log handler keeps the stream it was created with: create it now, on the real
+# stderr, not inside a typer CliRunner call whose captured stream is closed when the call ends.
+from prefect.logging.configuration import setup_logging  # noqa: E402
+
+setup_logging()
 
 
 

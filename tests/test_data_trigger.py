@@ -1,7 +1,7 @@
 """`nerveseg data add` starts a run of the retraining deployment when the project's services are up and
 the deployment exists (real Prefect server on loopback); without them, or with --no-trigger, it says
-that no run was started and why, and still exits 0. (That such a deployment run completes on a process
-worker is tested in tests/test_schedule.py.)"""
+that no run was started and why, and still exits 0. The run it starts is executed to the end by a
+process worker."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from tests.conftest import make_project, write_simple_dataset
-from tests.service_helpers import services
+from tests.service_helpers import services, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -50,7 +50,7 @@ def test_data_add_starts_a_deployment_run_only_when_the_services_and_deployment_
     out = _add(root, _subjects(tmp_path, 1, 3))  # no services for this project
     assert "no retraining run started: no Prefect server runs for this project" in out
 
-    with services(root):
+    with services(root) as (_, config):
         url = deployment.api_url(root)
         assert url
         from flows.data_cli import _trigger_retraining  # server up, but no deployment yet
@@ -74,6 +74,19 @@ def test_data_add_starts_a_deployment_run_only_when_the_services_and_deployment_
         assert run.deployment_id == held.id
         assert run.parameters["params_file"] == "params.yaml" and "nerveseg" in run.tags
         assert run.state is not None and not run.state.is_final()  # waiting for a worker
+
+        # A process worker picks the run up and trains on the new data version to the end.
+        from flows.services import start_worker
+
+        monkeypatch.setenv("PREFECT_WORKER_QUERY_SECONDS", "1")
+        start_worker(root, config, echo=lambda _: None)
+        with deployment.on_server(url), get_client(sync_client=True) as client:
+            def finished():
+                current = client.read_flow_run(match.group(1))
+                return current if current.state.is_final() else None
+
+            done = wait_for(finished, timeout=600, interval=2, what="the triggered run to finish")
+        assert done.state.type.value == "COMPLETED", done.state
 
         out = _add(root, _subjects(tmp_path, 5, 1), "--no-trigger")
         assert "no retraining run started (--no-trigger)" in out and not RUN_ID.search(out)
