@@ -220,7 +220,7 @@ def fit(
             torch.cuda.set_device(device)
         if not torch.distributed.is_initialized():
             torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    amp = tp.amp and device.type == "cuda"
+    amp = tp.amp and (device.type == "cuda" or tp.amp_cpu)
     channels_last = tp.channels_last and device.type == "cuda"
 
     _seed_everything(tp.seed)

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -241,3 +242,10 @@ def test_early_stopping_waits_for_min_epochs():
     assert not stop_early(epoch=5, stale=4, tp=tp)   # patience used up, but too early
     assert stop_early(epoch=10, stale=2, tp=tp)
     assert not stop_early(epoch=12, stale=1, tp=tp)  # still improving
+
+
+def test_bf16_autocast_on_the_cpu_trains(prepared, tiny_params):
+    params = _with(tiny_params, {"train": {"epochs": 1, "amp": True, "amp_cpu": True}})
+    result = stages.fit(prepared, params, progress=False)
+    history = pd.read_csv(prepared.models_dir / "history.csv")
+    assert result.epochs_run == 1 and np.isfinite(history["loss"]).all()
