@@ -131,7 +131,7 @@ def main() -> int:
         gpu.probabilities(stack[: args.batch], batch_size=args.batch)
         torch.cuda.synchronize()
         began = time.perf_counter()
-        gpu.predict(stack) if False else gpu.probabilities(stack, batch_size=args.batch)
+        gpu.probabilities(stack, batch_size=args.batch)
         torch.cuda.synchronize()
         network_fps = len(stack) / (time.perf_counter() - began)
         began = time.perf_counter()

@@ -33,13 +33,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from pipeline.config import Params  # noqa: E402
+from pipeline.importers import letterbox_rows  # noqa: E402
 from pipeline.inference import Postprocess, Predictor, largest_component  # noqa: E402
 from pipeline.metrics import dice_per_frame  # noqa: E402
 from pipeline.split import fold_groups  # noqa: E402
 from pipeline.train import combine_outputs, fit, load_trained, model_config, predict_prepared  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "datasets" / "kaggle-uns"
-TOP, ROWS = 35, 186  # letterbox geometry of positives-256 (its README)
 NAME = re.compile(r"^(\d+)_(\d+)$")
 
 
@@ -55,8 +55,13 @@ def load_positives(height: int, width: int) -> tuple[np.ndarray, np.ndarray, np.
     for path in sorted((DATA / "positives-256" / "images").glob("*.jpg")):
         match = NAME.match(path.stem)
         mask_path = DATA / "positives-256" / "masks" / f"{path.stem}_mask.jpg"
-        image = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)[TOP : TOP + ROWS]
-        mask = cv2.imread(str(mask_path), cv2.IMREAD_GRAYSCALE)[TOP : TOP + ROWS]
+        image = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+        # The importer's detection of the letterbox (rows 35-220 for positives-256).
+        box = letterbox_rows(image)  # the importer's detection (rows 35-220 for positives-256)
+        if box is None:
+            raise ValueError(f"{path}: not a letterboxed export")
+        top, rows = box
+        image, mask = image[top : top + rows], cv2.imread(str(mask_path), cv2.IMREAD_GRAYSCALE)[top : top + rows]
         images.append(cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA))
         small = cv2.resize((mask > 127).astype(np.float32), (width, height), interpolation=cv2.INTER_AREA)
         masks.append((small >= 0.5).astype(np.uint8))
@@ -89,7 +94,9 @@ def native_masks(names: list[str]) -> np.ndarray:
     out = np.zeros((len(names), 420, 580), np.uint8)
     for i, name in enumerate(names):
         mask = cv2.imread(str(DATA / "positives-256" / "masks" / f"{name}_mask.jpg"), cv2.IMREAD_GRAYSCALE)
-        out[i] = cv2.resize(mask[TOP : TOP + ROWS], (580, 420), interpolation=cv2.INTER_LINEAR) > 127
+        top, rows = letterbox_rows(cv2.imread(str(DATA / "positives-256" / "images" / f"{name}.jpg"),
+                                              cv2.IMREAD_GRAYSCALE))
+        out[i] = cv2.resize(mask[top : top + rows], (580, 420), interpolation=cv2.INTER_LINEAR) > 127
     return out
 
 

@@ -431,7 +431,9 @@ def cv(
     if params.split.folds < 2:
         _fail(f"{params_file}: split.folds is {params.split.folds}; set it to 2 or more for cross-validation",
               EXIT_USAGE)
-    if not (paths.prepared_dir / "arrays.npz").is_file():
+    from pipeline.preprocess import ARRAYS
+
+    if not (paths.prepared_dir / ARRAYS).is_file():
         _fail(f"{paths.prepared_dir}: not prepared; run `nerveseg stage preprocess` first", EXIT_USAGE)
     with mlflow.start_run(run_name=f"cv-{params.split.folds}-fold") as parent:
         mlflow.log_params({"split.folds": params.split.folds, "params_digest": params.digest()})

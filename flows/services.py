@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit, urlunsplit
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from pipeline.service_state import SERVICES_DIR, pid_alive, read_state, state_path
@@ -73,13 +72,9 @@ def load_config(root: Path, **overrides) -> ServicesConfig:
     values: dict = {}
     path = root / CONFIG_FILE
     if path.is_file():
-        try:
-            loaded = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ServicesError(f"{path}: not valid YAML: {exc}") from exc
-        if not isinstance(loaded, dict):
-            raise ServicesError(f"{path}: expected a mapping of settings")
-        values.update(loaded)
+        from pipeline.config import read_yaml_mapping
+
+        values.update(read_yaml_mapping(path, ServicesError))
     for var, key in (("NERVESEG_PROFILE", "profile"), ("NERVESEG_DATABASE_URL", "database_url"),
                      ("NERVESEG_PREFECT_PORT", "prefect_port"), ("NERVESEG_MLFLOW_PORT", "mlflow_port")):
         if os.environ.get(var):

@@ -242,17 +242,23 @@ class ParamsError(ValueError):
     """``params.yaml`` is missing, unreadable or breaks a rule."""
 
 
+def read_yaml_mapping(path: Path, error: type[Exception]) -> dict:
+    """A YAML file that must hold a mapping; ``error`` names the file and what is wrong with it."""
+    try:
+        raw = yaml.safe_load(Path(path).read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise error(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise error(f"{path}: expected a mapping of settings at the top level")
+    return raw
+
+
 def load_params(path: Path | str) -> Params:
     """Read and check ``params.yaml``; raise :class:`ParamsError` naming the file and the bad key."""
     path = Path(path)
     if not path.is_file():
         raise ParamsError(f"{path}: no such file; run from the project folder or pass --params")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ParamsError(f"{path}: not valid YAML: {exc}") from exc
-    if not isinstance(raw, dict):
-        raise ParamsError(f"{path}: expected a mapping of sections at the top level")
+    raw = read_yaml_mapping(path, ParamsError)
     try:
         return Params.model_validate(raw)
     except ValidationError as exc:
