@@ -28,7 +28,7 @@ from pipeline.augment import training_transform  # noqa: E402
 from pipeline.config import load_params  # noqa: E402
 from pipeline.losses import segmentation_loss  # noqa: E402
 from pipeline.model import build_model  # noqa: E402
-from pipeline.train import FrameDataset, model_config  # noqa: E402
+from pipeline.train import FrameDataset, cpu_has_native_bf16, model_config  # noqa: E402
 
 
 def frames(n: int, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
@@ -106,7 +106,8 @@ def main() -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     images, masks = frames(max(256, 4 * args.batch), h, w)
     cuda = device.type == "cuda"
-    where = torch.cuda.get_device_name() if cuda else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    where = torch.cuda.get_device_name() if cuda else (f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+                                                               f"{torch.backends.cpu.get_cpu_capability()}, native bf16: {cpu_has_native_bf16()})")
     print(f"network: depth {config.depth}, width {config.base_width}, {h}x{w}, batch {args.batch}; device: {where}")
 
     mem = lambda: in_memory(images, masks, config, args.batch, device)  # noqa: E731
@@ -117,7 +118,10 @@ def main() -> int:
             variants.append(("bf16 + channels-last + torch.compile", dict(amp=True, channels_last=True, compile_=True), mem))
     else:
         variants.append(("channels-last", dict(amp=False, channels_last=True, compile_=False), mem))
-        variants.append(("bf16 autocast", dict(amp=True, channels_last=False, compile_=False), mem))
+        if cpu_has_native_bf16():
+            variants.append(("bf16 autocast", dict(amp=True, channels_last=False, compile_=False), mem))
+        else:  # emulated bf16 is tens of times slower: minutes of nothing to learn
+            print("bf16 autocast: not timed, this CPU has no native bf16 (AVX512-BF16 or AMX)")
         if not args.no_compile:
             variants.append(("torch.compile (inductor)", dict(amp=False, channels_last=False, compile_=True), mem))
     rows = []

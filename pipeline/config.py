@@ -141,7 +141,7 @@ class TrainParams(_Section):
     min_epochs: int = Field(1, ge=1)  # early stopping only from this epoch on
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: bool = True
-    amp_cpu: bool = False  # bf16 autocast when training on the CPU too (1.65x faster steps here; docs/benchmarks.md)
+    amp_cpu: bool = False  # bf16 autocast on the CPU too, where it has native bf16 (docs/benchmarks.md)
     threads: int = Field(0, ge=0)
     lr_schedule: Literal["cosine", "constant"] = "cosine"
     warmup_epochs: int = Field(0, ge=0)
@@ -151,6 +151,9 @@ class TrainParams(_Section):
     # which checks that the network compiles without the wait.
     compile_backend: Literal["inductor", "aot_eager", "eager"] = "inductor"
     loader_workers: int = Field(0, ge=0)  # data-loader processes; 0 loads in the training process
+    # Train every fold of split.folds and register the mean of the fold models as one model
+    # (split.folds times the training and inference time; pipeline/ensemble.py).
+    ensemble_folds: bool = False
     loss: LossParams = LossParams()
     augment: AugmentParams = AugmentParams()
 

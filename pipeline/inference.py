@@ -74,7 +74,8 @@ class Predictor:
         self.post = post
 
     @classmethod
-    def from_bundle(cls, bundle_dir: Path | str, device: str = "cpu") -> "Predictor":
+    def from_bundle(cls, bundle_dir: Path | str, device: str = "cpu", fuse: bool = True,
+                    channels_last: bool = True) -> "Predictor":
         """Load ``model.pt`` + ``model_config.json`` + ``postprocess.json`` from a folder.
 
         Weights are read with ``weights_only=True``: no arbitrary object is unpickled.
@@ -84,7 +85,7 @@ class Predictor:
         post = Postprocess(**json.loads((bundle_dir / BUNDLE_POSTPROCESS).read_text()))
         model = build_model(config)
         model.load_state_dict(torch.load(bundle_dir / BUNDLE_WEIGHTS, map_location=device, weights_only=True))
-        return cls(model, config, post, device)
+        return cls(model, config, post, device, fuse=fuse, channels_last=channels_last)
 
     def _to_input(self, frames: np.ndarray) -> torch.Tensor:
         c = self.config

@@ -42,3 +42,12 @@ def test_evaluation_writes_reports(prepared, tiny_params, tmp_path):
         assert (prepared.reports_dir / name).is_file(), name
     assert result.metrics["n_frames"] == len(result.per_frame) > 0
     assert 0 <= result.metrics["dice"] <= 1
+
+
+def test_a_bundle_loads_with_or_without_the_fast_paths(prepared, tiny_params, tmp_path):
+    bundle, _ = _bundle(prepared, tiny_params, tmp_path)
+    frames = np.random.default_rng(1).integers(0, 255, (2, 420, 580), dtype=np.uint8)
+    fast = Predictor.from_bundle(bundle)
+    plain = Predictor.from_bundle(bundle, fuse=False, channels_last=False)
+    assert not plain.channels_last and fast.channels_last
+    assert np.allclose(fast.probabilities(frames)[0], plain.probabilities(frames)[0], atol=1e-4)
