@@ -16,6 +16,7 @@ import argparse
 import platform
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import cv2
@@ -83,6 +84,7 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--members", type=int, default=1, help="time a fold ensemble of this many networks")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -93,10 +95,11 @@ def main() -> int:
         model, config = base.model, base.config
     else:
         params = load_params(args.params)
-        config = model_config(params, params.preprocess.height, params.preprocess.width, 0.3, 0.2)
+        config = replace(model_config(params, params.preprocess.height, params.preprocess.width, 0.3, 0.2),
+                         members=args.members)
         torch.manual_seed(0)
         model = build_model(config).eval()
-    print(f"network: depth {config.depth}, width {config.base_width}, working size {config.height}x{config.width}; "
+    print(f"network: depth {config.depth}, width {config.base_width}, members {config.members}, working size {config.height}x{config.width}; "
           f"{len(stack)} frames of 420x580; {torch.get_num_threads()} CPU threads; {platform.processor() or platform.machine()}")
 
     variants = {

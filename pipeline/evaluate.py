@@ -1,4 +1,5 @@
-"""Evaluate stage: tune post-processing on the validation subjects, freeze it, and score
+"""Evaluate stage: tune post-processing on the validation subjects (for a fold ensemble, on its
+members' out-of-fold predictions), freeze it, and score
 the holdout subjects at native resolution through the same path the registered model uses.
 
 Outputs (``reports/``): ``postprocess.json`` (frozen thresholds), ``holdout_metrics.json``,
@@ -60,6 +61,12 @@ def tune_postprocess(predictor: Predictor, images: np.ndarray, masks: np.ndarray
     other two settings (what an operator looks at to see how sharp the optimum is).
     """
     probs, presence = predictor.probabilities(images)
+    return tune_on_probabilities(predictor, probs, presence, masks, base)
+
+
+def tune_on_probabilities(predictor: Predictor, probs: np.ndarray, presence: np.ndarray, masks: np.ndarray,
+                          base: Postprocess) -> tuple[Postprocess, pd.DataFrame]:
+    """:func:`tune_postprocess` on probabilities already computed (the out-of-fold ones of an ensemble)."""
     rows = []
     for m_thr, p_thr, min_area in itertools.product(MASK_GRID, PRESENCE_GRID, MIN_AREA_GRID):
         candidate = replace(base, mask_threshold=m_thr, presence_threshold=p_thr, min_area=min_area)
@@ -117,7 +124,9 @@ def evaluate(data_dir: Path, prepared_dir: Path, models_dir: Path, out_dir: Path
     if holdout.empty:
         raise ValueError(f"{prepared_dir / FRAMES}: no holdout frames")
     curve = None
-    if params.postprocess.tune and not validation.empty:
+    if params.postprocess.tune and config.members > 1:
+        predictor.post, curve = _tune_out_of_fold(predictor, model, config, frames, data_dir, params, base)
+    elif params.postprocess.tune and not validation.empty:
         val_images, val_masks = load_native(data_dir, validation)
         predictor.post, curve = tune_postprocess(predictor, val_images, val_masks, base)
 
@@ -149,6 +158,25 @@ def evaluate(data_dir: Path, prepared_dir: Path, models_dir: Path, out_dir: Path
     write_evaluation_report(out_dir / REPORT, metrics, subjects, predictor.post,
                             [out_dir / OVERLAYS, out_dir / THRESHOLD_PLOT, out_dir / CURVES])
     return EvaluationResult(metrics, predictor.post, table)
+
+
+def _tune_out_of_fold(predictor: Predictor, model, config, frames: pd.DataFrame, data_dir: Path, params: Params,
+                      base: Postprocess) -> tuple[Postprocess, pd.DataFrame]:
+    """An ensemble's members each saw all but one fold: tune on the out-of-fold probabilities."""
+    from pipeline.ensemble import out_of_fold_members
+
+    probs, presence, masks = [], [], []
+    for member, single, rows in out_of_fold_members(model, config, frames, params):
+        part = frames.iloc[rows].reset_index(drop=True)
+        if part.empty:
+            continue
+        images, part_masks = load_native(data_dir, part)
+        p, q = Predictor(member, single, base).probabilities(images)
+        probs.append(p)
+        presence.append(q)
+        masks.append(part_masks)
+    return tune_on_probabilities(predictor, np.concatenate(probs), np.concatenate(presence), np.concatenate(masks),
+                                 base)
 
 
 def load_postprocess(reports_dir: Path) -> Postprocess:

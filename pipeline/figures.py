@@ -62,14 +62,19 @@ def draw_overlays(images, masks, preds, table: pd.DataFrame, path: Path, count: 
 def draw_training_curves(history: pd.DataFrame, path: Path) -> None:
     plt = _matplotlib()
     fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.2))
-    left.plot(history["epoch"], history["loss"], label="train loss")
+    # A fold ensemble's history holds one curve per fold.
+    runs = history.groupby("fold") if "fold" in history else [(None, history)]
+    for fold, run in runs:
+        suffix = "" if fold is None else f", fold {fold}"
+        left.plot(run["epoch"], run["loss"], label=f"train loss{suffix}")
+        right.plot(run["epoch"], run["val_dice"], label=f"validation Dice{suffix}")
+        right.plot(run["epoch"], run["val_presence_accuracy"], linestyle=":",
+                   label=f"validation presence accuracy{suffix}")
     left.set_xlabel("epoch")
-    left.legend()
-    right.plot(history["epoch"], history["val_dice"], label="validation Dice")
-    right.plot(history["epoch"], history["val_presence_accuracy"], label="validation presence accuracy")
+    left.legend(fontsize=7)
     right.set_xlabel("epoch")
     right.set_ylim(0, 1)
-    right.legend()
+    right.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)

@@ -8,7 +8,7 @@ dropout, residual blocks, and transposed-convolution or resize-convolution upsam
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +36,7 @@ class ModelConfig:
     norm: str = "batch"
     residual: bool = False
     upsample: str = "transpose"
+    members: int = 1       # > 1: an ensemble of that many networks of this shape (the fold models)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -132,12 +133,29 @@ class UNet(nn.Module):
         return self.mask_head(x), presence
 
 
-def build_model(config: ModelConfig) -> UNet:
+class FoldEnsemble(nn.Module):
+    """Several U-Nets of one shape as one network: the mean of their probabilities, returned as
+    logits (``logit(mean(sigmoid))``) so every caller of a single U-Net works unchanged."""
+
+    def __init__(self, members: list[UNet]):
+        super().__init__()
+        self.members = nn.ModuleList(members)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        outputs = [member(x) for member in self.members]
+        mask = torch.stack([torch.sigmoid(m.float()) for m, _ in outputs]).mean(0)
+        presence = torch.stack([torch.sigmoid(p.float()) for _, p in outputs]).mean(0)
+        return torch.logit(mask, eps=1e-6), torch.logit(presence, eps=1e-6)
+
+
+def build_model(config: ModelConfig) -> nn.Module:
     factor = 2**config.depth
     if config.height % factor or config.width % factor:
         raise ValueError(
             f"working size {config.height}x{config.width} must be divisible by 2**depth = {factor}; "
             "change preprocess.height/width or model.depth in params.yaml"
         )
+    if config.members > 1:
+        return FoldEnsemble([build_model(replace(config, members=1)) for _ in range(config.members)])
     return UNet(depth=config.depth, base_width=config.base_width, dropout=config.dropout,
                 norm=config.norm, residual=config.residual, upsample=config.upsample)

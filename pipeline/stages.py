@@ -65,6 +65,13 @@ def prepare(paths: ProjectPaths, params: Params, progress: bool = True, mapper=N
 
 def fit(paths: ProjectPaths, params: Params, on_epoch: EpochCallback | None = None, progress: bool = True,
         max_epochs_this_call: int | None = None) -> TrainResult:
+    """One U-Net on the prepared split, or with ``train.ensemble_folds`` all fold models as one."""
+    if params.train.ensemble_folds:
+        if max_epochs_this_call is not None:
+            raise ValueError("max_epochs_this_call is for a single model, not train.ensemble_folds")
+        from pipeline.ensemble import train_fold_ensemble
+
+        return train_fold_ensemble(paths.prepared_dir, paths.models_dir, params, on_epoch=on_epoch, progress=progress)
     return train(paths.prepared_dir, paths.models_dir, params, on_epoch=on_epoch, progress=progress,
                  max_epochs_this_call=max_epochs_this_call)
 
