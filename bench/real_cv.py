@@ -100,6 +100,16 @@ def native_masks(names: list[str]) -> np.ndarray:
     return out
 
 
+def native_dice(prob: np.ndarray, native: np.ndarray, largest: bool = False) -> np.ndarray:
+    """Per-frame Dice of working-size probabilities, resized to 420x580 and thresholded at 0.5
+    as the inference path does, against the native masks."""
+    masks = np.zeros_like(native)
+    for i, frame_prob in enumerate(prob):
+        mask = (cv2.resize(frame_prob, (580, 420), interpolation=cv2.INTER_LINEAR) > 0.5).astype(np.uint8)
+        masks[i] = largest_component(mask) if largest else mask
+    return dice_per_frame(masks, native)
+
+
 def score_variants(model, config, val_x: np.ndarray, val_y: np.ndarray, native: np.ndarray) -> dict[str, np.ndarray]:
     """Per-frame Dice of the held-out frames under each inference option, at 420x580: the
     probabilities are resized back to the frame's size and thresholded there, as the inference
@@ -112,11 +122,7 @@ def score_variants(model, config, val_x: np.ndarray, val_y: np.ndarray, native: 
     out = {}
     for name, p, largest in (("plain", prob, False), ("largest blob", prob, True),
                              ("mirror TTA", tta, False), ("largest blob + mirror TTA", tta, True)):
-        masks = np.zeros_like(native)
-        for i, frame_prob in enumerate(p):
-            mask = (cv2.resize(frame_prob, (580, 420), interpolation=cv2.INTER_LINEAR) > 0.5).astype(np.uint8)
-            masks[i] = largest_component(mask) if largest else mask
-        out[name] = dice_per_frame(masks, native)
+        out[name] = native_dice(p, native, largest)
     small = combine_outputs(prob, presence, 0.5, 0.0)
     out["plain, at the working size"] = dice_per_frame(small, val_y)
     return out

@@ -3,7 +3,8 @@
 The holdout subjects stay out of every fold (they judge the registered model); the other
 subjects are dealt into ``split.folds`` groups, and fold i trains on all groups but the i-th
 and validates on it. Each fold is a full :func:`pipeline.train.fit` run in its own folder, with
-its own checkpoint, so an interrupted cross-validation resumes where it stopped.
+its own checkpoint, so an interrupted cross-validation resumes where it stopped: finished folds
+(same settings and data) are kept, the unfinished one continues from its last epoch.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pipeline.config import Params
 from pipeline.imageio import atomic_write_text
 from pipeline.preprocess import load_prepared
 from pipeline.split import assign_subjects
-from pipeline.train import EpochCallback, TrainResult, fit, model_config
+from pipeline.train import EpochCallback, TrainResult, finished_metrics, fit, model_config
 
 REPORT = "cv.json"
 
@@ -66,15 +67,21 @@ def cross_validate(prepared_dir: Path, out_dir: Path, params: Params, progress: 
         part = np.asarray([parts[int(s)] for s in subjects])
         train, val = part == "train", part == "validation"
         epoch_cb: EpochCallback | None = on_epoch_of(fold) if on_epoch_of else None
-        result: TrainResult = fit(
-            data.images[train], data.masks[train], data.images[val], data.masks[val], config, fold_params,
-            Path(out_dir) / f"fold{fold}", identity={"params": fold_params.digest(), "data": data.summary.__dict__},
-            on_epoch=epoch_cb, progress=progress,
-        )
+        fold_dir = Path(out_dir) / f"fold{fold}"
+        identity = {"params": fold_params.digest(), "data": data.summary.__dict__}
+        # A fold that already finished with these settings and data is not trained again.
+        done = finished_metrics(fold_dir, identity)
+        if done is None:
+            result: TrainResult = fit(
+                data.images[train], data.masks[train], data.images[val], data.masks[val], config, fold_params,
+                fold_dir, identity=identity, on_epoch=epoch_cb, progress=progress,
+            )
+            done = {"best_val_dice": result.best_val_dice, "best_epoch": result.best_epoch,
+                    "epochs_run": result.epochs_run, "seconds": result.seconds}
         fold_result = FoldResult(
             fold=fold, validation_subjects=sorted({int(s) for s in subjects[val]}), train_frames=int(train.sum()),
-            validation_frames=int(val.sum()), best_val_dice=result.best_val_dice, best_epoch=result.best_epoch,
-            epochs_run=result.epochs_run, seconds=result.seconds,
+            validation_frames=int(val.sum()), best_val_dice=done["best_val_dice"], best_epoch=done["best_epoch"],
+            epochs_run=done["epochs_run"], seconds=done.get("seconds", 0.0),
         )
         results.append(fold_result)
         if on_fold:

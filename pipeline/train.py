@@ -278,7 +278,7 @@ def fit(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, steps, warmup, tp.lr_schedule))
 
     # Resume only a checkpoint of the same settings and data that did not finish.
-    identity_key = json.dumps({**identity, "world": dist.world}, sort_keys=True, default=str)
+    identity_key = _identity_key(identity, dist.world)
     start_epoch, best, best_epoch, stale, history, resumed = 1, -1.0, 0, 0, [], None
     ckpt_path = out_dir / CHECKPOINT
     if ckpt_path.is_file():
@@ -405,9 +405,25 @@ def fit(
         atomic_write_text(
             out_dir / METRICS,
             json.dumps({"best_epoch": best_epoch, "best_val_dice": result.best_val_dice, "epochs_run": epoch,
-                        "world_size": dist.world}, indent=2),
+                        "world_size": dist.world, "seconds": result.seconds}, indent=2),
         )
     return result
+
+
+def _identity_key(identity: dict, world: int) -> str:
+    return json.dumps({**identity, "world": world}, sort_keys=True, default=str)
+
+
+def finished_metrics(out_dir: Path, identity: dict) -> dict | None:
+    """The metrics of a training in ``out_dir`` that *finished* with this identity (settings and
+    data), else None: lets a rerun of several trainings skip the ones already done."""
+    out_dir = Path(out_dir)
+    if not all((out_dir / name).is_file() for name in (CHECKPOINT, WEIGHTS, METRICS)):
+        return None
+    state = torch.load(out_dir / CHECKPOINT, map_location="cpu", weights_only=True)
+    if not state["finished"] or state.get("identity") != _identity_key(identity, Distributed.from_env().world):
+        return None
+    return json.loads((out_dir / METRICS).read_text())
 
 
 def load_model_config(models_dir: Path) -> ModelConfig:

@@ -111,6 +111,17 @@ def test_cross_validation_trains_every_fold(prepared, tiny_params):
     for fold in range(3):
         assert (prepared.models_dir / "cv" / f"fold{fold}" / WEIGHTS).is_file()
 
+    # A rerun (a retried task) keeps the folds that finished with the same settings and data...
+    weights = [prepared.models_dir / "cv" / f"fold{fold}" / WEIGHTS for fold in range(3)]
+    stamps = [w.stat().st_mtime_ns for w in weights]
+    again = cross_validate(prepared.prepared_dir, prepared.models_dir / "cv", params, progress=False)
+    assert again == outcome and [w.stat().st_mtime_ns for w in weights] == stamps
+    # ... and trains again the folds whose settings changed.
+    changed = _with(params, {"train": {"epochs": 2}})
+    retrained = cross_validate(prepared.prepared_dir, prepared.models_dir / "cv", changed, progress=False)
+    assert all(f.epochs_run == 2 for f in retrained.folds)
+    assert all(w.stat().st_mtime_ns != t for w, t in zip(weights, stamps))
+
 
 def test_resumed_training_equals_an_uninterrupted_one(prepared, tiny_params, tmp_path):
     """Seeded and reproducible: stopping after an epoch and rerunning gives the same weights."""
