@@ -47,3 +47,23 @@ def test_predict_with_a_missing_model_fails_clearly(tmp_path):
     out = runner.invoke(app, ["predict", str(data / "train" / "1_1.tif"), "-C", str(tmp_path)])
     assert out.exit_code == 1
     assert "cannot load model" in out.output
+
+
+def test_the_temporary_prefect_server_gets_time_for_its_first_start(tmp_path):
+    """A new Prefect home migrates its database on the first start: Prefect's 20 s default timed
+    out a fresh clone's quickstart; the project environment allows 180 s unless the user says otherwise."""
+    import os
+    import subprocess
+    import sys
+
+    probe = ("from flows.environment import configure_environment; configure_environment({!r}); "
+             "from prefect.settings import get_current_settings; "
+             "print(get_current_settings().server.ephemeral.startup_timeout_seconds)")
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"}
+    out = subprocess.run([sys.executable, "-c", probe.format(str(tmp_path))], env=env, cwd=REPO,
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "180"
+    env["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "45"  # an explicit setting wins
+    out = subprocess.run([sys.executable, "-c", probe.format(str(tmp_path))], env=env, cwd=REPO,
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "45"
