@@ -50,13 +50,20 @@ def deep_update(base: dict, changes: dict) -> dict:
     return out
 
 
+def load_settings(settings: str | Path, epochs: int = 0) -> Params:
+    """``params.yaml`` with a benchmark's settings file on top (and ``train.epochs`` if given)."""
+    raw = deep_update(yaml.safe_load((ROOT / "params.yaml").read_text()), yaml.safe_load(Path(settings).read_text()))
+    if epochs:
+        raw["train"]["epochs"] = epochs
+    return Params.model_validate(raw)
+
+
 def load_positives(height: int, width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     images, masks, subjects, names = [], [], [], []
     for path in sorted((DATA / "positives-256" / "images").glob("*.jpg")):
         match = NAME.match(path.stem)
         mask_path = DATA / "positives-256" / "masks" / f"{path.stem}_mask.jpg"
         image = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
-        # The importer's detection of the letterbox (rows 35-220 for positives-256).
         box = letterbox_rows(image)  # the importer's detection (rows 35-220 for positives-256)
         if box is None:
             raise ValueError(f"{path}: not a letterboxed export")
@@ -142,11 +149,7 @@ def main() -> int:
         print(f"{DATA}: not found; this benchmark needs the real frames", file=sys.stderr)
         return 2
 
-    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
-    raw = deep_update(raw, yaml.safe_load(Path(args.settings).read_text()))
-    if args.epochs:
-        raw["train"]["epochs"] = args.epochs
-    params = Params.model_validate(raw)
+    params = load_settings(args.settings, args.epochs)
     h, w, k = params.preprocess.height, params.preprocess.width, params.split.folds
 
     began = time.perf_counter()

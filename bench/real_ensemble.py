@@ -21,15 +21,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from real_cv import DATA, deep_update, load_positives, native_dice, native_masks  # noqa: E402
+from real_cv import DATA, load_positives, load_settings, native_dice, native_masks  # noqa: E402
 
-from pipeline.config import Params  # noqa: E402
 from pipeline.model import FoldEnsemble  # noqa: E402
 from pipeline.split import fold_groups  # noqa: E402
 from pipeline.train import fit, load_trained, model_config, predict_prepared  # noqa: E402
@@ -48,8 +46,7 @@ def main() -> int:
         print(f"{DATA}: not found; this benchmark needs the real frames", file=sys.stderr)
         return 2
     torch.set_num_threads(args.threads)
-    raw = deep_update(yaml.safe_load((ROOT / "params.yaml").read_text()), yaml.safe_load(Path(args.settings).read_text()))
-    params = Params.model_validate(raw)
+    params = load_settings(args.settings)
     h, w = params.preprocess.height, params.preprocess.width
 
     began = time.perf_counter()

@@ -37,6 +37,7 @@ from pipeline.train import (
     TrainResult,
     _save_atomic,
     load_trained,
+    pick_device,
 )
 
 FOLDS_DIR = "folds"
@@ -80,8 +81,7 @@ def train_fold_ensemble(prepared_dir: Path, out_dir: Path, params: Params, on_ep
         "folds": [{"fold": f.fold, "best_val_dice": f.best_val_dice, "best_epoch": f.best_epoch,
                    "validation_subjects": f.validation_subjects} for f in outcome.folds],
     }, indent=2))
-    return _result(outcome, str(torch.device("cuda" if torch.cuda.is_available() and params.train.device != "cpu"
-                                             else "cpu")))
+    return _result(outcome, str(pick_device(params.train.device)))
 
 
 def _result(outcome, device: str) -> TrainResult:

@@ -77,6 +77,7 @@ def tune_on_probabilities(predictor: Predictor, probs: np.ndarray, presence: np.
     # Ties go to the first maximum in grid order (the lowest thresholds and area).
     best = grid.loc[grid["dice"].idxmax()]
     curve = grid.groupby("presence_threshold", as_index=False)["dice"].max()
+    curve["frames"] = len(masks)  # how many frames the thresholds were tuned on (audit)
     return replace(base, mask_threshold=float(best.mask_threshold), presence_threshold=float(best.presence_threshold),
                    min_area=int(best.min_area)), curve
 

@@ -12,8 +12,8 @@ import torch
 from pipeline import stages
 from pipeline.config import Params
 from pipeline.ensemble import FOLDS_DIR, out_of_fold_members
-from pipeline.evaluate import load_postprocess
-from pipeline.inference import Predictor, write_bundle
+from pipeline.evaluate import load_native, load_postprocess, tune_on_probabilities
+from pipeline.inference import Postprocess, Predictor, write_bundle
 from pipeline.model import FoldEnsemble, ModelConfig, UNet, build_model
 from pipeline.preprocess import FRAMES
 from pipeline.train import HISTORY, METRICS, WEIGHTS, load_trained
@@ -82,6 +82,23 @@ def test_the_train_stage_registers_the_fold_models_as_one(prepared, tiny_params,
     # The evaluate stage and the inference path take the ensemble like any model.
     evaluation = stages.score(prepared, params)
     assert 0.0 <= evaluation.metrics["dice"] <= 1.0
+    # The thresholds were tuned on the out-of-fold probabilities (each frame scored by the member
+    # that did not train on it), not on the ensemble's view of the validation part.
+    pp = params.postprocess
+    base = Postprocess(pp.mask_threshold, pp.presence_threshold, pp.min_area, pp.largest_component, pp.tta_hflip)
+    probs, presence, truth = [], [], []
+    for member, single, rows in out_of_fold_members(model, config, frames, params):
+        images, part_masks = load_native(prepared.raw_dir, frames.iloc[rows].reset_index(drop=True))
+        p, q = Predictor(member, single, base).probabilities(images)
+        probs.append(p)
+        presence.append(q)
+        truth.append(part_masks)
+    expected_post, expected_curve = tune_on_probabilities(
+        Predictor(model, config, base), np.concatenate(probs), np.concatenate(presence), np.concatenate(truth), base)
+    assert evaluation.postprocess == expected_post
+    curve = pd.read_csv(prepared.reports_dir / "threshold_curve.csv")
+    assert np.allclose(curve["dice"], expected_curve["dice"])
+    assert (curve["frames"] == sum(len(t) for t in truth)).all()  # every non-holdout frame, once
     post = load_postprocess(prepared.reports_dir)
     bundle = write_bundle(tmp_path / "bundle", prepared.models_dir / WEIGHTS, config, post)
     frames_in = np.random.default_rng(0).integers(0, 255, (2, 420, 580), dtype=np.uint8)
