@@ -35,6 +35,7 @@ sys.path.insert(0, str(ROOT))
 from pipeline.config import Params  # noqa: E402
 from pipeline.importers import letterbox_rows  # noqa: E402
 from pipeline.inference import Postprocess, Predictor, largest_component  # noqa: E402
+from pipeline.preprocess import resize_mask  # noqa: E402
 from pipeline.metrics import dice_per_frame  # noqa: E402
 from pipeline.split import fold_groups  # noqa: E402
 from pipeline.train import combine_outputs, fit, load_trained, model_config, predict_prepared  # noqa: E402
@@ -58,7 +59,9 @@ def load_settings(settings: str | Path, epochs: int = 0) -> Params:
     return Params.model_validate(raw)
 
 
-def load_positives(height: int, width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def load_positives(height: int, width: int, soft: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Frames and masks at the working size; ``soft`` gives each mask pixel's coverage (float32 in
+    [0, 1], the targets of ``train.soft_targets``) instead of the 0/1 mask."""
     images, masks, subjects, names = [], [], [], []
     for path in sorted((DATA / "positives-256" / "images").glob("*.jpg")):
         match = NAME.match(path.stem)
@@ -70,8 +73,8 @@ def load_positives(height: int, width: int) -> tuple[np.ndarray, np.ndarray, np.
         top, rows = box
         image, mask = image[top : top + rows], cv2.imread(str(mask_path), cv2.IMREAD_GRAYSCALE)[top : top + rows]
         images.append(cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA))
-        small = cv2.resize((mask > 127).astype(np.float32), (width, height), interpolation=cv2.INTER_AREA)
-        masks.append((small >= 0.5).astype(np.uint8))
+        binary, coverage = resize_mask(mask > 127, height, width)  # as the preprocess stage does
+        masks.append(coverage.astype(np.float32) / 255.0 if soft else binary)
         subjects.append(int(match.group(1)))
         names.append(path.stem)
     return np.stack(images), np.stack(masks), np.asarray(subjects), np.asarray(names)
@@ -144,16 +147,21 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (default: 2 when idle, else 1)")
     parser.add_argument("--rescore", action="store_true", help="score the fold models in --work again, no training")
     parser.add_argument("--work", default="/tmp/nerveseg-real-cv")
+    parser.add_argument("--soft-targets", action="store_true",
+                        help="set train.soft_targets: train on each working-size pixel's mask coverage")
     args = parser.parse_args()
     if not DATA.is_dir():
         print(f"{DATA}: not found; this benchmark needs the real frames", file=sys.stderr)
         return 2
 
     params = load_settings(args.settings, args.epochs)
+    if args.soft_targets:
+        params = params.model_copy(update={"train": params.train.model_copy(update={"soft_targets": True})})
     h, w, k = params.preprocess.height, params.preprocess.width, params.split.folds
 
     began = time.perf_counter()
     images, masks, subjects, names = load_positives(h, w)
+    targets = load_positives(h, w, soft=True)[1] if params.train.soft_targets else masks
     print(f"loaded {len(images)} nerve frames of {len(set(subjects))} subjects at {h}x{w} "
           f"in {time.perf_counter() - began:.1f} s")
     order = [int(s) for s in np.random.default_rng(params.split.seed).permutation(sorted(set(subjects)))]
@@ -170,7 +178,7 @@ def main() -> int:
     folds = []
     for fold in wanted:
         held = np.isin(subjects, groups[fold])
-        train_x, train_y = images[~held], masks[~held]
+        train_x, train_y = images[~held], targets[~held]
         val_x, val_y = images[held], masks[held]
         scaled = train_x.astype(np.float32) / 255.0
         config = model_config(params, h, w, round(float(scaled.mean()), 6), round(float(scaled.std()), 6))

@@ -51,6 +51,7 @@ def main() -> int:
 
     began = time.perf_counter()
     images, masks, subjects, names = load_positives(h, w)
+    targets = load_positives(h, w, soft=True)[1] if params.train.soft_targets else masks
     order = [int(s) for s in np.random.default_rng(params.split.seed).permutation(sorted(set(subjects)))]
     test_subjects = fold_groups(order, params.split.folds)[args.test_fold]
     rest = [s for s in order if s not in test_subjects]
@@ -67,7 +68,7 @@ def main() -> int:
         val = np.isin(subjects, group)
         train = ~test & ~val
         t0 = time.perf_counter()
-        fit(images[train], masks[train], images[val], masks[val], config, params, Path(args.work) / f"member{i}",
+        fit(images[train], targets[train], images[val], masks[val], config, params, Path(args.work) / f"member{i}",
             identity={"bench": "real_ensemble", "member": i, "test_fold": args.test_fold, "params": params.digest()})
         model, _ = load_trained(Path(args.work) / f"member{i}")  # its best epoch on its own inner fold
         members.append(model)

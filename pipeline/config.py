@@ -145,7 +145,7 @@ class TrainParams(_Section):
     threads: int = Field(0, ge=0)
     lr_schedule: Literal["cosine", "constant"] = "cosine"
     warmup_epochs: int = Field(0, ge=0)
-    channels_last: bool = True  # NHWC tensors on CUDA (faster convolutions); no effect on the CPU
+    channels_last: bool = True  # NHWC tensors and weights (faster convolutions on CUDA and the CPU)
     compile: bool = False       # torch.compile the network (measured in docs/benchmarks.md)
     # inductor generates fused kernels (minutes of compiling on a CPU); aot_eager only traces,
     # which checks that the network compiles without the wait.
@@ -154,6 +154,9 @@ class TrainParams(_Section):
     # Train every fold of split.folds and register the mean of the fold models as one model
     # (split.folds times the training and inference time; pipeline/ensemble.py).
     ensemble_folds: bool = False
+    # Train on each working-size pixel's mask coverage (0-1) instead of the 0/1 mask: keeps the
+    # native outline that the small working grid would round off (docs/model.md, benchmarks.md).
+    soft_targets: bool = False
     loss: LossParams = LossParams()
     augment: AugmentParams = AugmentParams()
 

@@ -73,7 +73,8 @@ def cross_validate(prepared_dir: Path, out_dir: Path, params: Params, progress: 
         done = finished_metrics(fold_dir, identity)
         if done is None:
             result: TrainResult = fit(
-                data.images[train], data.masks[train], data.images[val], data.masks[val], config, fold_params,
+                data.images[train], data.targets(train, params.train.soft_targets), data.images[val],
+                data.masks[val], config, fold_params,
                 fold_dir, identity=identity, on_epoch=epoch_cb, progress=progress,
             )
             done = {"best_val_dice": result.best_val_dice, "best_epoch": result.best_epoch,

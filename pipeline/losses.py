@@ -30,7 +30,7 @@ def segmentation_loss(
     target: torch.Tensor,
     weights: LossParams,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """Total loss and its parts. ``target`` is (N,1,H,W) in {0,1}."""
+    """Total loss and its parts. ``target`` is (N,1,H,W): 0/1 masks or mask coverage in [0, 1]."""
     present = (target.flatten(1).sum(1) > 0).float()
     dice = soft_dice_loss(mask_logits, target)
     bce = F.binary_cross_entropy_with_logits(mask_logits.float(), target.float())

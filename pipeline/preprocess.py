@@ -2,7 +2,10 @@
 and record the normalisation statistics of the training part.
 
 Outputs (``data/prepared``, a DVC stage output):
-- ``arrays.npz``: ``images`` (N, h, w) uint8 and ``masks`` (N, h, w) uint8 in {0, 1};
+- ``arrays.npz``: ``images`` (N, h, w) uint8, ``masks`` (N, h, w) uint8 in {0, 1} and ``coverage``
+  (N, h, w) uint8, the share of each working-size pixel that the native mask covers (0-255): a
+  native outline falls inside working pixels, and 0/1 masks round it to the working grid
+  (``train.soft_targets`` trains on the coverage instead);
 - ``frames.csv``: one row per frame with its split, native paths and native mask area;
 - ``summary.json``: subjects per part, seed, working size, intensity mean/std of train.
 """
@@ -47,22 +50,23 @@ def resize_frame(image: np.ndarray, height: int, width: int) -> np.ndarray:
     return cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA)
 
 
-def resize_mask(mask: np.ndarray, height: int, width: int) -> np.ndarray:
+def resize_mask(mask: np.ndarray, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """The working-size mask (0/1: pixels at least half covered) and its coverage (0-255)."""
     small = cv2.resize((mask > 0).astype(np.float32), (width, height), interpolation=cv2.INTER_AREA)
-    return (small >= 0.5).astype(np.uint8)
+    return (small >= 0.5).astype(np.uint8), np.round(small * 255).astype(np.uint8)
 
 
 def _load_pair(data_dir: Path, row: pd.Series, height: int, width: int):
     return load_pair((str(data_dir / row.image_path), str(data_dir / row.mask_path), height, width))
 
 
-def load_pair(job: tuple[str, str, int, int]) -> tuple[np.ndarray, np.ndarray, int]:
+def load_pair(job: tuple[str, str, int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
     """The per-file unit of preprocessing: ``(frame path, mask path, height, width)`` -> the resized
-    frame and mask and the native mask area. Module-level, so a Dask worker can run it."""
+    frame, mask and mask coverage and the native mask area. Module-level, so a Dask worker can run it."""
     image_path, mask_path, height, width = job
     image = read_gray(Path(image_path))
     mask = read_gray(Path(mask_path))
-    return resize_frame(image, height, width), resize_mask(mask, height, width), int((mask > 0).sum())
+    return resize_frame(image, height, width), *resize_mask(mask, height, width), int((mask > 0).sum())
 
 
 def preprocess(data_dir: Path, out_dir: Path, params: Params, progress: bool = True,
@@ -95,7 +99,8 @@ def preprocess(data_dir: Path, out_dir: Path, params: Params, progress: bool = T
             )
     images = np.stack([item[0] for item in loaded])
     masks = np.stack([item[1] for item in loaded])
-    frames["mask_area"] = [item[2] for item in loaded]
+    coverage = np.stack([item[2] for item in loaded])
+    frames["mask_area"] = [item[3] for item in loaded]
     frames["has_nerve"] = frames["mask_area"] > 0
 
     train = images[frames["split"].to_numpy() == "train"].astype(np.float32) / 255.0
@@ -113,7 +118,7 @@ def preprocess(data_dir: Path, out_dir: Path, params: Params, progress: bool = T
 
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = out_dir / (ARRAYS + ".tmp.npz")
-    np.savez_compressed(tmp, images=images, masks=masks)
+    np.savez_compressed(tmp, images=images, masks=masks, coverage=coverage)
     tmp.replace(out_dir / ARRAYS)
     atomic_write_text(out_dir / FRAMES, frames.to_csv(index=False))
     atomic_write_text(out_dir / SUMMARY, json.dumps(asdict(summary), indent=2))
@@ -126,10 +131,24 @@ class PreparedData:
     masks: np.ndarray
     frames: pd.DataFrame
     summary: PreparedSummary
+    coverage: np.ndarray | None = None  # absent from data prepared before it was stored
 
     def part(self, name: str) -> tuple[np.ndarray, np.ndarray, pd.DataFrame]:
         keep = self.frames["split"].to_numpy() == name
         return self.images[keep], self.masks[keep], self.frames[keep].reset_index(drop=True)
+
+    def targets(self, keep: np.ndarray, soft: bool) -> np.ndarray:
+        """Training targets of the frames in ``keep``: the 0/1 masks, or with ``soft`` each pixel's
+        mask coverage as float32 in [0, 1] (``train.soft_targets``)."""
+        if not soft:
+            return self.masks[keep]
+        if self.coverage is None:
+            raise ValueError("train.soft_targets needs the mask coverage, which this prepared data predates; "
+                             "run the preprocess stage again (dvc repro preprocess, or nerveseg run)")
+        return self.coverage[keep].astype(np.float32) / 255.0
+
+    def part_targets(self, name: str, soft: bool) -> np.ndarray:
+        return self.targets(self.frames["split"].to_numpy() == name, soft)
 
 
 def load_prepared(out_dir: Path) -> PreparedData:
@@ -138,6 +157,7 @@ def load_prepared(out_dir: Path) -> PreparedData:
         raise FileNotFoundError(f"{out_dir / ARRAYS}: missing; run the preprocess stage first")
     with np.load(out_dir / ARRAYS) as arrays:
         images, masks = arrays["images"], arrays["masks"]
+        coverage = arrays["coverage"] if "coverage" in arrays.files else None
     frames = pd.read_csv(out_dir / FRAMES)
     summary = PreparedSummary(**json.loads((out_dir / SUMMARY).read_text()))
-    return PreparedData(images, masks, frames, summary)
+    return PreparedData(images, masks, frames, summary, coverage)

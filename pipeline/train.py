@@ -199,7 +199,8 @@ def train(
     data = load_prepared(Path(prepared_dir))
     config = model_config(params, data.summary.height, data.summary.width, data.summary.intensity_mean,
                           data.summary.intensity_std)
-    train_x, train_y, _ = data.part("train")
+    train_x, _, _ = data.part("train")
+    train_y = data.part_targets("train", params.train.soft_targets)
     val_x, val_y, _ = data.part("validation")
     if len(train_x) == 0 or len(val_x) == 0:
         raise ValueError(f"{prepared_dir}: the train or validation part is empty; add subjects")
@@ -221,8 +222,9 @@ def fit(
     progress: bool = True,
     max_epochs_this_call: int | None = None,
 ) -> TrainResult:
-    """Train the network on prepared uint8 arrays; the core of the train stage and of
-    cross-validation.
+    """Train the network on prepared uint8 frames; the core of the train stage and of
+    cross-validation. ``train_y`` holds 0/1 masks or, with ``train.soft_targets``, float mask
+    coverage in [0, 1]; ``val_y`` is always 0/1 (the validation Dice scores masks).
 
     Every epoch ends with a checkpoint (weights, optimiser, schedule, random state); a rerun with
     the same ``identity`` (settings and data) continues from it instead of starting over, and
@@ -247,7 +249,8 @@ def fit(
         if not torch.distributed.is_initialized():
             torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
     amp = use_autocast(tp, device)
-    channels_last = tp.channels_last and device.type == "cuda"
+    # NHWC helps on the CPU too (1.12-1.15x training steps on both CPUs measured, docs/benchmarks.md).
+    channels_last = tp.channels_last
 
     _seed_everything(tp.seed)
     model = build_model(config).to(device)

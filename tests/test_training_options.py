@@ -169,6 +169,51 @@ def test_folded_batchnorm_and_channels_last_give_the_same_masks(prepared, tiny_p
     assert np.abs(eager - fast).max() < 1e-3
 
 
+def test_channels_last_training_runs_in_nhwc_on_the_cpu_and_learns_the_same(prepared, tiny_params):
+    """``train.channels_last`` applies on the CPU too (1.12-1.15x faster steps, docs/benchmarks.md):
+    the weights it trains are stored NHWC, and the first epoch's loss matches the NCHW run's."""
+    losses = {}
+    for nhwc in (False, True):
+        shutil.rmtree(prepared.models_dir, ignore_errors=True)
+        stages.fit(prepared, _with(tiny_params, {"train": {"epochs": 1, "channels_last": nhwc}}), progress=False)
+        losses[nhwc] = pd.read_csv(prepared.models_dir / "history.csv")["loss"].iloc[0]
+        state = torch.load(prepared.models_dir / "checkpoint.pt", weights_only=True)["model"]
+        # 3x3 convolutions with several input channels: their layout tells NHWC from NCHW apart.
+        kernels = [v for v in state.values() if v.dim() == 4 and v.shape[1] > 1 and v.shape[2] > 1]
+        assert kernels
+        assert all(k.is_contiguous(memory_format=torch.channels_last) == nhwc for k in kernels)
+        assert all(k.is_contiguous() != nhwc for k in kernels)
+    assert losses[True] == pytest.approx(losses[False], rel=1e-3)
+    model, config = load_trained(prepared.models_dir)  # NHWC weights load into a plain model
+    assert model(torch.zeros(1, 1, config.height, config.width))[0].shape[-2:] == (config.height, config.width)
+
+
+def test_soft_targets_train_on_the_mask_coverage(prepared, tiny_params):
+    """``train.soft_targets`` feeds each pixel's mask coverage to the loss: same seed and frames,
+    so only the targets can make the losses differ; the validation Dice still scores 0/1 masks."""
+    runs = {}
+    for soft in (False, True):
+        shutil.rmtree(prepared.models_dir, ignore_errors=True)
+        result = stages.fit(prepared, _with(tiny_params, {"train": {"epochs": 1, "soft_targets": soft}}),
+                            progress=False)
+        runs[soft] = pd.read_csv(prepared.models_dir / "history.csv").iloc[0], result
+    hard, soft = runs[False][0], runs[True][0]
+    # Training is deterministic (the bf16 and resume tests rely on it): equal losses would mean
+    # the coverage never reached the loss.
+    assert soft["bce_loss"] != hard["bce_loss"] and soft["dice_loss"] != hard["dice_loss"]
+    assert 0 <= runs[True][1].best_val_dice <= 1
+    # Cross-validation trains on the same targets as the train stage.
+    from pipeline.cross_validation import cross_validate
+
+    params = _with(tiny_params, {"split": {"folds": 2}, "train": {"epochs": 1, "soft_targets": True}})
+    outcome = cross_validate(prepared.prepared_dir, prepared.models_dir / "cv", params, progress=False)
+    fold_loss = pd.read_csv(prepared.models_dir / "cv" / "fold0" / "history.csv")["bce_loss"].iloc[0]
+    hard_cv = _with(params, {"train": {"soft_targets": False}})
+    cross_validate(prepared.prepared_dir, prepared.models_dir / "cv-hard", hard_cv, progress=False)
+    assert fold_loss != pd.read_csv(prepared.models_dir / "cv-hard" / "fold0" / "history.csv")["bce_loss"].iloc[0]
+    assert len(outcome.folds) == 2
+
+
 def test_compiled_training_runs(prepared, tiny_params):
     # aot_eager traces forward and backward graphs like inductor does, without generating C++
     # kernels (minutes on two cores); inductor itself is timed by bench/train_throughput.py.

@@ -1,0 +1,84 @@
+"""Frames/s of the real training loop (``pipeline.train.fit``) under the CPU-relevant options.
+
+    python bench/fit_speed.py [--settings bench/real_cv.yaml] [--epochs 1] [--repeats 2] [--threads 2]
+
+Unlike ``bench/train_throughput.py``, which times the bare training step, this times whole epochs of
+``fit`` (data loader, augmentation, step, validation, checkpoint) on the real nerve frames of fold 0
+of ``bench/real_cv.py``, for: NCHW with 0/1 targets, channels-last (``train.channels_last``) with 0/1
+targets, and channels-last with mask coverage targets (``train.soft_targets``). The variants take turns
+``--repeats`` times in one process, so a change in the machine's speed hits them all alike; the table
+gives each one's best run and its ratio to the NCHW run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT.parent))
+
+from real_cv import DATA, load_positives, load_settings  # noqa: E402
+
+from pipeline.split import fold_groups  # noqa: E402
+from pipeline.train import fit, model_config  # noqa: E402
+
+VARIANTS = {
+    "NCHW, 0/1 targets": {"channels_last": False, "soft_targets": False},
+    "channels-last, 0/1 targets": {"channels_last": True, "soft_targets": False},
+    "channels-last, coverage targets": {"channels_last": True, "soft_targets": True},
+}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--settings", default=str(ROOT / "real_cv.yaml"))
+    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    if not DATA.is_dir():
+        print(f"{DATA}: not found; this benchmark needs the real frames", file=sys.stderr)
+        return 2
+    torch.set_num_threads(args.threads)
+    base = load_settings(args.settings, args.epochs)
+    h, w = base.preprocess.height, base.preprocess.width
+    images, masks, subjects, _ = load_positives(h, w)
+    coverage = load_positives(h, w, soft=True)[1]
+    order = [int(s) for s in np.random.default_rng(base.split.seed).permutation(sorted(set(subjects)))]
+    held = np.isin(subjects, fold_groups(order, base.split.folds)[0])
+    scaled = images[~held].astype(np.float32) / 255.0
+    config = model_config(base, h, w, round(float(scaled.mean()), 6), round(float(scaled.std()), 6))
+    print(f"{platform.processor() or platform.machine()}, {args.threads} threads, torch {torch.__version__}, "
+          f"{h}x{w}, {int((~held).sum())} training frames, {args.epochs} epoch(s) per run")
+    best: dict[str, float] = {}
+    for repeat in range(args.repeats):
+        for name, options in VARIANTS.items():
+            params = base.model_copy(update={"train": base.train.model_copy(update=options)})
+            targets = coverage if options["soft_targets"] else masks
+            work = Path(tempfile.mkdtemp(prefix="fit-speed-"))
+            try:
+                result = fit(images[~held], targets[~held], images[held], masks[held], config, params, work,
+                             identity={"bench": "fit_speed", "repeat": repeat, "variant": name}, progress=False)
+            finally:
+                shutil.rmtree(work, ignore_errors=True)
+            fps = result.train_frames_per_second
+            print(f"run {repeat + 1}: {name}: {fps:.1f} frames/s")
+            best[name] = max(best.get(name, 0.0), fps)
+    reference = best[next(iter(VARIANTS))]
+    print("\n| training loop | frames/s (best run) | vs NCHW |\n|---|---:|---:|")
+    for name, fps in best.items():
+        print(f"| {name} | {fps:.1f} | {fps / reference:.2f}x |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
