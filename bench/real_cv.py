@@ -147,6 +147,8 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (default: 2 when idle, else 1)")
     parser.add_argument("--rescore", action="store_true", help="score the fold models in --work again, no training")
     parser.add_argument("--work", default="/tmp/nerveseg-real-cv")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="override train.seed (initial weights, shuffling, augmentation; the folds stay)")
     parser.add_argument("--soft-targets", action="store_true",
                         help="set train.soft_targets: train on each working-size pixel's mask coverage")
     args = parser.parse_args()
@@ -155,8 +157,10 @@ def main() -> int:
         return 2
 
     params = load_settings(args.settings, args.epochs)
-    if args.soft_targets:
-        params = params.model_copy(update={"train": params.train.model_copy(update={"soft_targets": True})})
+    changes = {"soft_targets": True} if args.soft_targets else {}
+    if args.seed is not None:
+        changes["seed"] = args.seed
+    params = params.model_copy(update={"train": params.train.model_copy(update=changes)})
     h, w, k = params.preprocess.height, params.preprocess.width, params.split.folds
 
     began = time.perf_counter()
