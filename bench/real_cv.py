@@ -1,6 +1,7 @@
 """Subject-grouped k-fold cross-validation on the real nerve frames of ``positives-256``.
 
     python bench/real_cv.py [--settings bench/real_cv.yaml] [--folds-to-run 0,1] [--epochs N]
+                            [--seed N] [--soft-targets] [--threads N] [--work DIR] [--out FILE]
 
 All 47 subjects, nerve frames only (``positives-256`` holds no empty frame). Each letterboxed
 256x256 export is cropped to its content (rows 35-220, the 580x420 frame scaled to 256x186)

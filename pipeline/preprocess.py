@@ -132,6 +132,7 @@ class PreparedData:
     frames: pd.DataFrame
     summary: PreparedSummary
     coverage: np.ndarray | None = None  # absent from data prepared before it was stored
+    source: Path | None = None          # the folder it was loaded from, for error messages
 
     def part(self, name: str) -> tuple[np.ndarray, np.ndarray, pd.DataFrame]:
         keep = self.frames["split"].to_numpy() == name
@@ -143,8 +144,10 @@ class PreparedData:
         if not soft:
             return self.masks[keep]
         if self.coverage is None:
-            raise ValueError("train.soft_targets needs the mask coverage, which this prepared data predates; "
-                             "run the preprocess stage again (dvc repro preprocess, or nerveseg run)")
+            where = self.source / ARRAYS if self.source else ARRAYS
+            raise ValueError(f"{where}: no 'coverage' array (prepared before it was stored), and "
+                             "train.soft_targets needs it; run the preprocess stage again "
+                             "(dvc repro preprocess, or nerveseg run)")
         return self.coverage[keep].astype(np.float32) / 255.0
 
     def part_targets(self, name: str, soft: bool) -> np.ndarray:
@@ -160,4 +163,4 @@ def load_prepared(out_dir: Path) -> PreparedData:
         coverage = arrays["coverage"] if "coverage" in arrays.files else None
     frames = pd.read_csv(out_dir / FRAMES)
     summary = PreparedSummary(**json.loads((out_dir / SUMMARY).read_text()))
-    return PreparedData(images, masks, frames, summary, coverage)
+    return PreparedData(images, masks, frames, summary, coverage, out_dir)

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from pipeline.preprocess import PreparedData, load_prepared
+from pipeline.preprocess import load_prepared
 
 
 def test_prepared_arrays_match_working_size_and_split(prepared, tiny_params):
@@ -43,7 +43,11 @@ def test_mask_coverage_keeps_the_outline_that_the_working_grid_rounds_off(prepar
 
 def test_soft_targets_need_prepared_data_with_coverage(prepared):
     data = load_prepared(prepared.prepared_dir)
-    old = PreparedData(data.images, data.masks, data.frames, data.summary)  # prepared before coverage
+    # An arrays.npz written before the coverage was stored.
+    arrays = prepared.prepared_dir / "arrays.npz"
+    np.savez_compressed(arrays, images=data.images, masks=data.masks)
+    old = load_prepared(prepared.prepared_dir)
+    assert old.coverage is None
     assert np.array_equal(old.part_targets("train", soft=False), data.part("train")[1])
-    with pytest.raises(ValueError, match="run the preprocess stage again"):
+    with pytest.raises(ValueError, match=r"arrays\.npz: no 'coverage' array.*run the preprocess stage again"):
         old.part_targets("train", soft=True)
