@@ -26,10 +26,9 @@ ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT.parent))
 
-from real_cv import DATA, load_positives, load_settings  # noqa: E402
+from real_cv import DATA, fold_config, load_positives, load_settings, subject_folds  # noqa: E402
 
-from pipeline.split import fold_groups  # noqa: E402
-from pipeline.train import fit, model_config  # noqa: E402
+from pipeline.train import fit  # noqa: E402
 
 VARIANTS = {
     "NCHW, 0/1 targets": {"channels_last": False, "soft_targets": False},
@@ -51,12 +50,9 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     base = load_settings(args.settings, args.epochs)
     h, w = base.preprocess.height, base.preprocess.width
-    images, masks, subjects, _ = load_positives(h, w)
-    coverage = load_positives(h, w, soft=True)[1]
-    order = [int(s) for s in np.random.default_rng(base.split.seed).permutation(sorted(set(subjects)))]
-    held = np.isin(subjects, fold_groups(order, base.split.folds)[0])
-    scaled = images[~held].astype(np.float32) / 255.0
-    config = model_config(base, h, w, round(float(scaled.mean()), 6), round(float(scaled.std()), 6))
+    images, masks, coverage, subjects, _ = load_positives(h, w)
+    held = np.isin(subjects, subject_folds(subjects, base)[0])
+    config = fold_config(base, images[~held])
     print(f"{platform.processor() or platform.machine()}, {args.threads} threads, torch {torch.__version__}, "
           f"{h}x{w}, {int((~held).sum())} training frames, {args.epochs} epoch(s) per run")
     best: dict[str, float] = {}

@@ -86,7 +86,7 @@ def main() -> int:
     if not DATA.is_dir():
         print(f"{DATA}: not found; this benchmark needs the real frames", file=sys.stderr)
         return 2
-    images, masks, subjects, _ = load_positives(*CONTENT)
+    images, masks, _, subjects, _ = load_positives(*CONTENT)
     rows = agreement(images, masks, subjects)
     print(f"{len(images)} nerve frames of {len(set(subjects))} subjects\n")
     print("| thumbnail correlation | pairs | subjects | pairwise Dice mean / median | pairs below 0.5 "

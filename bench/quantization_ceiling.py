@@ -18,21 +18,15 @@ import sys
 import time
 from pathlib import Path
 
-import cv2
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 
-from real_cv import DATA, NAME, native_masks  # noqa: E402
+from real_cv import DATA, NAME, native_dice, native_masks  # noqa: E402
 
 sys.path.insert(0, str(ROOT.parent))
-from pipeline.metrics import dice_per_frame  # noqa: E402
 from pipeline.preprocess import resize_mask  # noqa: E402
-
-
-def back_to_native(small: np.ndarray) -> np.ndarray:
-    return (cv2.resize(small.astype(np.float32), (580, 420), interpolation=cv2.INTER_LINEAR) > 0.5).astype(np.uint8)
 
 
 def main() -> int:
@@ -49,14 +43,11 @@ def main() -> int:
     rows = []
     for size in args.sizes.split(","):
         h, w = (int(v) for v in size.split("x"))
-        hard, soft = [], []
-        for mask in native:
-            binary, coverage = resize_mask(mask, h, w)
-            hard.append(back_to_native(binary))
-            soft.append(back_to_native(coverage / 255.0))
+        hard, soft = zip(*(resize_mask(mask, h, w) for mask in native))
+        # As if a network had output exactly that target: resized back and thresholded like its probabilities.
         rows.append({"working_size": f"{h}x{w}", "frames": len(names),
-                     "dice_0_1_mask": round(float(dice_per_frame(np.stack(hard), native).mean()), 4),
-                     "dice_coverage": round(float(dice_per_frame(np.stack(soft), native).mean()), 4)})
+                     "dice_0_1_mask": round(float(native_dice(np.stack(hard).astype(np.float32), native).mean()), 4),
+                     "dice_coverage": round(float(native_dice(np.stack(soft) / np.float32(255), native).mean()), 4)})
     report = {"rows": rows, "seconds": round(time.perf_counter() - began, 1),
               "command": "python " + " ".join(sys.argv)}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

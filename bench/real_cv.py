@@ -36,7 +36,8 @@ sys.path.insert(0, str(ROOT))
 from pipeline.config import Params  # noqa: E402
 from pipeline.importers import letterbox_rows  # noqa: E402
 from pipeline.inference import Postprocess, Predictor, largest_component  # noqa: E402
-from pipeline.preprocess import resize_mask  # noqa: E402
+from pipeline.preprocess import resize_frame, resize_mask  # noqa: E402
+from pipeline.model import ModelConfig  # noqa: E402
 from pipeline.metrics import dice_per_frame  # noqa: E402
 from pipeline.split import fold_groups  # noqa: E402
 from pipeline.train import combine_outputs, fit, load_trained, model_config, predict_prepared  # noqa: E402
@@ -60,10 +61,10 @@ def load_settings(settings: str | Path, epochs: int = 0) -> Params:
     return Params.model_validate(raw)
 
 
-def load_positives(height: int, width: int, soft: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Frames and masks at the working size; ``soft`` gives each mask pixel's coverage (float32 in
-    [0, 1], the targets of ``train.soft_targets``) instead of the 0/1 mask."""
-    images, masks, subjects, names = [], [], [], []
+def load_positives(height: int, width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Frames, 0/1 masks and mask coverage (float32 in [0, 1], the targets of ``train.soft_targets``)
+    at the working size, made as the preprocess stage makes them; with each frame's subject and name."""
+    images, masks, coverages, subjects, names = [], [], [], [], []
     for path in sorted((DATA / "positives-256" / "images").glob("*.jpg")):
         match = NAME.match(path.stem)
         mask_path = DATA / "positives-256" / "masks" / f"{path.stem}_mask.jpg"
@@ -73,12 +74,35 @@ def load_positives(height: int, width: int, soft: bool = False) -> tuple[np.ndar
             raise ValueError(f"{path}: not a letterboxed export")
         top, rows = box
         image, mask = image[top : top + rows], cv2.imread(str(mask_path), cv2.IMREAD_GRAYSCALE)[top : top + rows]
-        images.append(cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA))
-        binary, coverage = resize_mask(mask > 127, height, width)  # as the preprocess stage does
-        masks.append(coverage.astype(np.float32) / 255.0 if soft else binary)
+        images.append(resize_frame(image, height, width))
+        binary, coverage = resize_mask(mask > 127, height, width)
+        masks.append(binary)
+        coverages.append(coverage.astype(np.float32) / 255.0)
         subjects.append(int(match.group(1)))
         names.append(path.stem)
-    return np.stack(images), np.stack(masks), np.asarray(subjects), np.asarray(names)
+    return np.stack(images), np.stack(masks), np.stack(coverages), np.asarray(subjects), np.asarray(names)
+
+
+def subject_folds(subjects: np.ndarray, params: Params) -> list[list[int]]:
+    """The benchmarks' folds: groups of subjects in the order of ``split.seed``."""
+    order = [int(s) for s in np.random.default_rng(params.split.seed).permutation(sorted(set(subjects)))]
+    return fold_groups(order, params.split.folds)
+
+
+def fold_config(params: Params, train_images: np.ndarray) -> ModelConfig:
+    """The model config of a fold, normalised with its training frames' mean and spread."""
+    scaled = train_images.astype(np.float32) / 255.0
+    h, w = train_images.shape[1:]
+    return model_config(params, h, w, round(float(scaled.mean()), 6), round(float(scaled.std()), 6))
+
+
+def last_epoch_model(fold_dir: Path) -> tuple[torch.nn.Module, ModelConfig]:
+    """A finished fold's network with its *last* epoch's weights (the checkpoint), not the best:
+    scoring held-out frames must not select on them."""
+    model, config = load_trained(fold_dir)
+    state = torch.load(fold_dir / "checkpoint.pt", map_location="cpu", weights_only=True)
+    model.load_state_dict(state["model"])
+    return model.eval(), config
 
 
 def native_train_frames() -> list[tuple[int, str, np.ndarray, np.ndarray]]:
@@ -165,12 +189,11 @@ def main() -> int:
     h, w, k = params.preprocess.height, params.preprocess.width, params.split.folds
 
     began = time.perf_counter()
-    images, masks, subjects, names = load_positives(h, w)
-    targets = load_positives(h, w, soft=True)[1] if params.train.soft_targets else masks
+    images, masks, coverage, subjects, names = load_positives(h, w)
+    targets = coverage if params.train.soft_targets else masks
     print(f"loaded {len(images)} nerve frames of {len(set(subjects))} subjects at {h}x{w} "
           f"in {time.perf_counter() - began:.1f} s")
-    order = [int(s) for s in np.random.default_rng(params.split.seed).permutation(sorted(set(subjects)))]
-    groups = fold_groups(order, k)
+    groups = subject_folds(subjects, params)
     wanted = [int(f) for f in args.folds_to_run.split(",") if f] or list(range(k))
     native = native_train_frames()
 
@@ -185,8 +208,7 @@ def main() -> int:
         held = np.isin(subjects, groups[fold])
         train_x, train_y = images[~held], targets[~held]
         val_x, val_y = images[held], masks[held]
-        scaled = train_x.astype(np.float32) / 255.0
-        config = model_config(params, h, w, round(float(scaled.mean()), 6), round(float(scaled.std()), 6))
+        config = fold_config(params, train_x)
         out_dir = Path(args.work) / f"fold{fold}"
         print(f"fold {fold}: train {len(train_x)} frames / {int((~held).sum() and len(set(subjects[~held])))} "
               f"subjects, held out {len(val_x)} frames / {len(groups[fold])} subjects")
@@ -203,10 +225,7 @@ def main() -> int:
             result = fit(train_x, train_y, val_x, val_y, config, params, out_dir,
                          identity={"bench": "real_cv", "fold": fold, "params": params.digest()})
         seconds = time.perf_counter() - t0
-        # Score the last epoch's weights (the checkpoint), not the best: no selection on these frames.
-        state = torch.load(out_dir / "checkpoint.pt", map_location="cpu", weights_only=True)
-        model, _ = load_trained(out_dir)
-        model.load_state_dict(state["model"])
+        model, _ = last_epoch_model(out_dir)
         variants = score_variants(model, config, val_x, val_y, native_masks(list(names[held])))
         dice = variants[SCORED]
         native_rows = [(s, n, f, m) for s, n, f, m in native if s in groups[fold]]

@@ -25,17 +25,11 @@ ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT.parent))
 
-from real_cv import DATA, load_positives, load_settings, native_dice, native_masks  # noqa: E402
+from real_cv import (DATA, last_epoch_model, load_positives, load_settings, native_dice,  # noqa: E402
+                     native_masks, score_variants, subject_folds)
 
 from pipeline.model import FoldEnsemble  # noqa: E402
-from pipeline.split import fold_groups  # noqa: E402
-from pipeline.train import load_trained, predict_prepared  # noqa: E402
-
-
-def last_epoch_model(fold_dir: Path):
-    model, config = load_trained(fold_dir)
-    model.load_state_dict(torch.load(fold_dir / "checkpoint.pt", map_location="cpu", weights_only=True)["model"])
-    return model.eval(), config
+from pipeline.train import predict_prepared  # noqa: E402
 
 
 def main() -> int:
@@ -53,9 +47,8 @@ def main() -> int:
     params = load_settings(args.settings)
     h, w = params.preprocess.height, params.preprocess.width
     began = time.perf_counter()
-    images, _, subjects, names = load_positives(h, w)
-    order = [int(s) for s in np.random.default_rng(params.split.seed).permutation(sorted(set(subjects)))]
-    groups = fold_groups(order, params.split.folds)
+    images, masks, _, subjects, names = load_positives(h, w)
+    groups = subject_folds(subjects, params)
     cpu = torch.device("cpu")
     folds = []
     for fold, group in enumerate(groups):
@@ -69,11 +62,9 @@ def main() -> int:
         row = {"fold": fold, "frames": int(held.sum()), "members": {}}
         for run, (model, _) in zip(runs, loaded):
             row["members"][str(run)] = round(float(native_dice(predict_prepared(model, x, config, cpu)[0], native).mean()), 4)
-        ensemble = FoldEnsemble([m for m, _ in loaded]).eval()
-        prob = predict_prepared(ensemble, x, config, cpu)[0]
-        mirrored = predict_prepared(ensemble, np.ascontiguousarray(x[:, :, ::-1]), config, cpu)[0]
-        row["ensemble"] = round(float(native_dice(prob, native).mean()), 4)
-        row["ensemble_mirror_tta"] = round(float(native_dice((prob + mirrored[:, :, ::-1]) / 2, native).mean()), 4)
+        variants = score_variants(FoldEnsemble([m for m, _ in loaded]).eval(), config, x, masks[held], native)
+        row["ensemble"] = round(float(variants["plain"].mean()), 4)
+        row["ensemble_mirror_tta"] = round(float(variants["mirror TTA"].mean()), 4)
         folds.append(row)
         print(f"fold {fold}: members {list(row['members'].values())}, ensemble {row['ensemble']:.4f}, "
               f"+ mirror TTA {row['ensemble_mirror_tta']:.4f}")

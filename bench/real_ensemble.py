@@ -26,11 +26,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from real_cv import DATA, load_positives, load_settings, native_dice, native_masks  # noqa: E402
+from real_cv import DATA, fold_config, load_positives, load_settings, native_dice, native_masks, subject_folds  # noqa: E402
 
 from pipeline.model import FoldEnsemble  # noqa: E402
 from pipeline.split import fold_groups  # noqa: E402
-from pipeline.train import fit, load_trained, model_config, predict_prepared  # noqa: E402
+from pipeline.train import fit, load_trained, predict_prepared  # noqa: E402
 
 
 def main() -> int:
@@ -50,16 +50,15 @@ def main() -> int:
     h, w = params.preprocess.height, params.preprocess.width
 
     began = time.perf_counter()
-    images, masks, subjects, names = load_positives(h, w)
-    targets = load_positives(h, w, soft=True)[1] if params.train.soft_targets else masks
+    images, masks, coverage, subjects, names = load_positives(h, w)
+    targets = coverage if params.train.soft_targets else masks
     order = [int(s) for s in np.random.default_rng(params.split.seed).permutation(sorted(set(subjects)))]
-    test_subjects = fold_groups(order, params.split.folds)[args.test_fold]
+    test_subjects = subject_folds(subjects, params)[args.test_fold]
     rest = [s for s in order if s not in test_subjects]
     inner = fold_groups(rest, args.members)
     test = np.isin(subjects, test_subjects)
     # One normalisation for every member (the ensemble feeds them one input), from all training frames.
-    scaled = images[~test].astype(np.float32) / 255.0
-    config = model_config(params, h, w, round(float(scaled.mean()), 6), round(float(scaled.std()), 6))
+    config = fold_config(params, images[~test])
     print(f"test: {int(test.sum())} frames of {len(test_subjects)} subjects; {args.members} members on the other "
           f"{len(rest)} subjects")
 
