@@ -35,9 +35,9 @@ from pipeline.train import (
     Distributed,
     EpochCallback,
     TrainResult,
-    _save_atomic,
     load_trained,
     pick_device,
+    save_atomic,
 )
 
 FOLDS_DIR = "folds"
@@ -71,7 +71,7 @@ def train_fold_ensemble(prepared_dir: Path, out_dir: Path, params: Params, on_ep
         configs.append(config)
     ensemble = FoldEnsemble(members)
     config = replace(configs[0], members=k)
-    _save_atomic(ensemble.state_dict(), out_dir / WEIGHTS)
+    save_atomic(ensemble.state_dict(), out_dir / WEIGHTS)
     atomic_write_text(out_dir / CONFIG, json.dumps(config.to_dict(), indent=2))
     history = pd.concat([pd.read_csv(out_dir / FOLDS_DIR / f"fold{f}" / HISTORY).assign(fold=f) for f in range(k)])
     atomic_write_text(out_dir / HISTORY, history.to_csv(index=False))

@@ -130,7 +130,8 @@ def predict_prepared(model, images: np.ndarray, config: ModelConfig, device: tor
     return np.concatenate(probs), np.concatenate(presences)
 
 
-def _save_atomic(obj, path: Path) -> None:
+def save_atomic(obj, path: Path) -> None:
+    """``torch.save`` to a temporary name, then rename: a killed process never leaves a half-written file."""
     tmp = path.with_name(f".{path.name}.tmp")
     torch.save(obj, tmp)
     os.replace(tmp, path)
@@ -357,8 +358,8 @@ def fit(
             finished = epoch == tp.epochs or stop_early(epoch, stale, tp)
             if dist.main:
                 if improved:
-                    _save_atomic(model.state_dict(), out_dir / WEIGHTS)
-                _save_atomic(
+                    save_atomic(model.state_dict(), out_dir / WEIGHTS)
+                save_atomic(
                     {
                         "identity": identity_key,
                         "finished": finished,
