@@ -3,6 +3,9 @@
     python bench/real_cv.py [--settings bench/real_cv.yaml] [--folds-to-run 0,1] [--epochs N]
                             [--seed N] [--soft-targets] [--threads N] [--work DIR] [--out FILE]
 
+A settings file goes on top of ``params.yaml``; one that says ``base: other.yaml`` goes on top of
+that file (``bench/real_cv_reference_64.yaml``).
+
 All 47 subjects, nerve frames only (``positives-256`` holds no empty frame). Each letterboxed
 256x256 export is cropped to its content (rows 35-220, the 580x420 frame scaled to 256x186)
 and resized to the working size, which is exactly what the inference path does to a native
@@ -53,9 +56,18 @@ def deep_update(base: dict, changes: dict) -> dict:
     return out
 
 
+def settings_layers(settings: str | Path) -> dict:
+    """A settings file's changes, on top of the file its ``base:`` names (relative to it), if any:
+    a variant states only what differs from the settings it varies."""
+    path = Path(settings)
+    changes = yaml.safe_load(path.read_text()) or {}
+    base = changes.pop("base", None)
+    return deep_update(settings_layers(path.parent / base), changes) if base else changes
+
+
 def load_settings(settings: str | Path, epochs: int = 0) -> Params:
     """``params.yaml`` with a benchmark's settings file on top (and ``train.epochs`` if given)."""
-    raw = deep_update(yaml.safe_load((ROOT / "params.yaml").read_text()), yaml.safe_load(Path(settings).read_text()))
+    raw = deep_update(yaml.safe_load((ROOT / "params.yaml").read_text()), settings_layers(settings))
     if epochs:
         raw["train"]["epochs"] = epochs
     return Params.model_validate(raw)
