@@ -20,7 +20,7 @@ import pandas as pd
 from pipeline.config import Params
 from pipeline.imageio import atomic_write_text, read_gray
 from pipeline.inference import Postprocess, Predictor
-from pipeline.metrics import dice_per_frame, full_summary, iou_per_frame
+from pipeline.metrics import FAILURES, dice_per_frame, frame_outcomes, full_summary, iou_per_frame
 from pipeline.preprocess import FRAMES
 from pipeline.train import HISTORY, load_trained
 
@@ -83,7 +83,8 @@ def tune_on_probabilities(predictor: Predictor, probs: np.ndarray, presence: np.
 
 
 def frame_table(pred: np.ndarray, masks: np.ndarray, frames: pd.DataFrame) -> pd.DataFrame:
-    """Per-frame Dice, IoU and areas of predicted (N,H,W) masks against the true ones."""
+    """Per-frame Dice, IoU, areas and outcome (missed, elsewhere, ... :func:`frame_outcomes`) of
+    predicted (N,H,W) masks against the true ones."""
     if pred.shape != masks.shape:
         raise ValueError(f"model returned masks of shape {pred.shape}, expected {masks.shape}")
     table = frames[["frame_id", "subject"]].copy()
@@ -91,6 +92,7 @@ def frame_table(pred: np.ndarray, masks: np.ndarray, frames: pd.DataFrame) -> pd
     table["iou"] = iou_per_frame(pred, masks)
     table["true_area"] = masks.reshape(len(masks), -1).sum(1)
     table["pred_area"] = pred.reshape(len(pred), -1).sum(1)
+    table["outcome"] = frame_outcomes(pred, masks)
     return table
 
 
@@ -102,13 +104,15 @@ def _clean(value):
 
 
 def per_subject_table(table: pd.DataFrame) -> pd.DataFrame:
-    grouped = table.assign(nerve=table.true_area > 0, presence_ok=(table.true_area > 0) == (table.pred_area > 0))
+    grouped = table.assign(nerve=table.true_area > 0, presence_ok=(table.true_area > 0) == (table.pred_area > 0),
+                           failed=table.outcome.isin(FAILURES))
     return grouped.groupby("subject", as_index=False).agg(
         frames=("frame_id", "count"),
         nerve_frames=("nerve", "sum"),
         dice=("dice", "mean"),
         iou=("iou", "mean"),
         presence_accuracy=("presence_ok", "mean"),
+        failed_frames=("failed", "sum"),
     )
 
 

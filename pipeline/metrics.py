@@ -46,6 +46,32 @@ def summarise(pred: np.ndarray, true: np.ndarray) -> dict[str, float]:
     }
 
 
+# What happened on a frame: four outcomes of a frame with a nerve, worst first, then two of an empty one.
+OUTCOMES = ("missed", "elsewhere", "poor overlap", "found", "false alarm", "true empty")
+FAILURES = ("missed", "elsewhere", "poor overlap", "false alarm")
+
+
+def frame_outcomes(pred: np.ndarray, true: np.ndarray) -> np.ndarray:
+    """(N,H,W) binary arrays -> (N,) outcome names. A frame with a nerve is ``missed`` (nothing
+    predicted), ``elsewhere`` (a prediction that does not touch the nerve: the wrong structure),
+    ``poor overlap`` (Dice < 0.5) or ``found``; an empty frame is a ``false alarm`` or ``true empty``.
+    Mean Dice hides which of these a model gets wrong, and they matter differently to a user."""
+    dice = dice_per_frame(pred, true)
+    pred = pred.reshape(len(pred), -1).astype(bool)
+    true = true.reshape(len(true), -1).astype(bool)
+    predicted, present, touches = pred.any(1), true.any(1), (pred & true).any(1)
+    conditions = [present & ~predicted, present & ~touches, present & (dice < 0.5), present, predicted]
+    return np.select(conditions, OUTCOMES[:5], OUTCOMES[5])
+
+
+def outcome_counts(outcomes: np.ndarray) -> dict[str, int]:
+    """The failure counts of a holdout summary (``found`` and ``true empty`` follow from them)."""
+    return {"nerve_frames_missed": int((outcomes == "missed").sum()),
+            "nerve_frames_elsewhere": int((outcomes == "elsewhere").sum()),
+            "nerve_frames_poor_overlap": int((outcomes == "poor overlap").sum()),
+            "false_alarms": int((outcomes == "false alarm").sum())}
+
+
 def pixel_confusion(pred: np.ndarray, true: np.ndarray) -> dict[str, int]:
     pred, true = pred.astype(bool), true.astype(bool)
     tp = int((pred & true).sum())
@@ -86,7 +112,8 @@ def hausdorff95(pred: np.ndarray, true: np.ndarray) -> float:
 
 def full_summary(pred: np.ndarray, true: np.ndarray, presence_prob: np.ndarray | None = None) -> dict[str, float]:
     """Every holdout figure: competition Dice, IoU, pixel sensitivity/specificity/accuracy,
-    presence accuracy and AUROC, and the 95th-percentile Hausdorff distance on nerve frames."""
+    presence accuracy and AUROC, the 95th-percentile Hausdorff distance on nerve frames, and how
+    many frames ended in each failure of :func:`frame_outcomes`."""
     out = summarise(pred, true)
     c = pixel_confusion(pred, true)
     out["sensitivity"] = c["tp"] / max(c["tp"] + c["fn"], 1)
@@ -97,5 +124,5 @@ def full_summary(pred: np.ndarray, true: np.ndarray, presence_prob: np.ndarray |
     distances = [hausdorff95(p, t) for p, t in zip(pred, true) if t.any()]
     found = [d for d in distances if not np.isnan(d)]
     out["hd95_px"] = float(np.mean(found)) if found else float("nan")
-    out["nerve_frames_missed"] = int(len(distances) - len(found))
+    out.update(outcome_counts(frame_outcomes(pred, true)))
     return out

@@ -15,6 +15,7 @@ import pandas as pd
 
 from pipeline import registry
 from pipeline.audit import lineage
+from pipeline.metrics import FAILURES
 from pipeline.imageio import atomic_write_text
 from pipeline.promotion import paired_bootstrap
 
@@ -87,7 +88,10 @@ def build_card(uri: str, default_name: str) -> str:
             rows.append({"subject": str(subject), "frames": len(group),
                          "nerve frames": int((group["true_area"] > 0).sum()),
                          "Dice [95 % interval]": _interval(group["dice"].to_numpy()),
-                         "IoU": float(group["iou"].mean())})
+                         "IoU": float(group["iou"].mean()),
+                         # versions evaluated before outcomes were recorded have no such column
+                         **({"failed frames": int(group["outcome"].isin(FAILURES).sum())}
+                            if "outcome" in group else {})})
         subject_html = _frame_table(pd.DataFrame(rows))
 
     pictures = ""

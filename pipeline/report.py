@@ -22,7 +22,10 @@ METRIC_NAMES = {
     "presence_accuracy": "presence accuracy",
     "presence_auroc": "presence AUROC",
     "hd95_px": "95th-percentile Hausdorff distance (px, nerve frames)",
-    "nerve_frames_missed": "nerve frames with no predicted mask",
+    "nerve_frames_missed": "nerve frames with no predicted mask (missed)",
+    "nerve_frames_elsewhere": "nerve frames predicted only elsewhere (no overlap)",
+    "nerve_frames_poor_overlap": "nerve frames found with Dice < 0.5",
+    "false_alarms": "empty frames with a predicted mask (false alarms)",
     "n_frames": "frames",
     "n_subjects": "subjects",
 }

@@ -1,8 +1,10 @@
 import numpy as np
+import pandas as pd
 
 from pipeline import stages
 from pipeline.evaluate import load_postprocess
 from pipeline.inference import Postprocess, Predictor, write_bundle
+from pipeline.metrics import FAILURES
 from pipeline.train import WEIGHTS, load_model_config
 
 
@@ -42,6 +44,15 @@ def test_evaluation_writes_reports(prepared, tiny_params, tmp_path):
         assert (prepared.reports_dir / name).is_file(), name
     assert result.metrics["n_frames"] == len(result.per_frame) > 0
     assert 0 <= result.metrics["dice"] <= 1
+    # Every frame's outcome is in the per-frame table, and the report's failure counts add up to it.
+    outcomes = result.per_frame["outcome"].value_counts()
+    assert outcomes.sum() == len(result.per_frame)
+    assert result.metrics["false_alarms"] == outcomes.get("false alarm", 0)
+    assert result.metrics["nerve_frames_missed"] == outcomes.get("missed", 0)
+    assert "false alarms" in (prepared.reports_dir / "evaluation.html").read_text()
+    failed = result.per_frame.groupby("subject")["outcome"].apply(lambda o: int(o.isin(FAILURES).sum()))
+    subjects = pd.read_csv(prepared.reports_dir / "holdout_subjects.csv").set_index("subject")
+    assert subjects["failed_frames"].to_dict() == failed.to_dict()
 
 
 def test_a_bundle_loads_with_or_without_the_fast_paths(prepared, tiny_params, tmp_path):

@@ -48,3 +48,20 @@ def test_presence_auroc_and_boundary_distance():
     assert hausdorff95(true, true) == 0.0
     assert hausdorff95(shifted, true) == pytest.approx(2.0)
     assert np.isnan(hausdorff95(np.zeros_like(true), true))
+
+
+def test_frame_outcomes_name_what_went_wrong_on_each_frame():
+    from pipeline.metrics import frame_outcomes, full_summary
+
+    true = np.zeros((6, 20, 20), np.uint8)
+    pred = np.zeros_like(true)
+    true[:4, 5:15, 5:15] = 1                     # frames 0-3 have a nerve, 4-5 none
+    pred[1, 0:3, 0:3] = 1                        # 1: a mask that does not touch the nerve
+    pred[2, 5:7, 5:15] = 1                       # 2: touches it, Dice 20 / 60 < 0.5
+    pred[3, 5:15, 6:15] = 1                      # 3: Dice 180 / 190
+    pred[4, 0:2, 0:2] = 1                        # 4: a mask on an empty frame
+    outcomes = frame_outcomes(pred, true)
+    assert list(outcomes) == ["missed", "elsewhere", "poor overlap", "found", "false alarm", "true empty"]
+    summary = full_summary(pred, true, np.linspace(0, 1, 6))
+    assert (summary["nerve_frames_missed"], summary["nerve_frames_elsewhere"],
+            summary["nerve_frames_poor_overlap"], summary["false_alarms"]) == (1, 1, 1, 1)
