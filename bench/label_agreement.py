@@ -49,6 +49,24 @@ def thumbnails(images: np.ndarray) -> np.ndarray:
     return (small - small.mean(1, keepdims=True)) / (small.std(1, keepdims=True) + 1e-6)
 
 
+def consensus_masks(images: np.ndarray, masks: np.ndarray, subjects: np.ndarray, correlation: float,
+                    include_self: bool = False) -> dict[int, np.ndarray]:
+    """Frame index -> the majority vote of its near-identical neighbours' masks (2+ neighbours),
+    with its own mask among the voters if ``include_self``."""
+    thumbs = thumbnails(images)
+    out = {}
+    for subject in np.unique(subjects):
+        idx = np.flatnonzero(subjects == subject)
+        near = thumbs[idx] @ thumbs[idx].T / thumbs.shape[1] >= correlation
+        np.fill_diagonal(near, False)
+        for i in range(len(idx)):
+            neighbours = idx[near[i]]
+            if len(neighbours) >= 2:
+                voters = np.append(neighbours, idx[i]) if include_self else neighbours
+                out[int(idx[i])] = masks[voters].mean(0) >= 0.5
+    return out
+
+
 def agreement(images: np.ndarray, masks: np.ndarray, subjects: np.ndarray) -> list[dict]:
     thumbs = thumbnails(images)
     masks = masks.astype(bool)
@@ -64,11 +82,8 @@ def agreement(images: np.ndarray, masks: np.ndarray, subjects: np.ndarray) -> li
             for i, j in zip(*np.nonzero(np.triu(near))):
                 pairs[t].append(dice(masks[idx[i]], masks[idx[j]]))
                 pair_subjects[t].add(int(subject))
-            for i in range(len(idx)):
-                neighbours = idx[near[i]]
-                if len(neighbours) >= 2:
-                    vote = masks[neighbours].mean(0) >= 0.5
-                    consensus[t].append(dice(masks[idx[i]], vote))
+    for t in THRESHOLDS:
+        consensus[t] = [dice(masks[i], vote) for i, vote in consensus_masks(images, masks, subjects, t).items()]
     rows = []
     for t in THRESHOLDS:
         p, c = np.asarray(pairs[t]), np.asarray(consensus[t])

@@ -2,6 +2,7 @@
 
     python bench/real_cv.py [--settings bench/real_cv.yaml] [--folds-to-run 0,1] [--epochs N]
                             [--seed N] [--soft-targets] [--threads N] [--work DIR] [--out FILE]
+                            [--consensus-targets] [--frames-out FILE.npz]
 
 A settings file goes on top of ``params.yaml``; one that says ``base: other.yaml`` goes on top of
 that file (``bench/real_cv_reference_64.yaml``).
@@ -128,6 +129,19 @@ def native_train_frames() -> list[tuple[int, str, np.ndarray, np.ndarray]]:
     return out
 
 
+def consensus_targets(images: np.ndarray, masks: np.ndarray, subjects: np.ndarray,
+                      correlation: float = 0.95) -> np.ndarray:
+    """The training masks with each frame that has 2+ near-identical neighbours replaced by the
+    majority vote of its own and their masks: one annotator's outline, denoised by the others'.
+    Only training frames vote, so no held-out mask leaks into training."""
+    from label_agreement import consensus_masks  # here: label_agreement itself imports this module
+
+    out = masks.copy()
+    for i, vote in consensus_masks(images, masks.astype(bool), subjects, correlation, include_self=True).items():
+        out[i] = vote.astype(masks.dtype)
+    return out
+
+
 def folds_variants(variants: dict[str, np.ndarray]) -> str:
     return ", ".join(f"{k} {v.mean():.4f}" for k, v in variants.items())
 
@@ -157,15 +171,20 @@ def native_dice(prob: np.ndarray, native: np.ndarray, largest: bool = False) -> 
     return dice_per_frame(masks, native)
 
 
-def score_variants(model, config, val_x: np.ndarray, val_y: np.ndarray, native: np.ndarray) -> dict[str, np.ndarray]:
+def held_out_probabilities(model, config, val_x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Working-size mask probabilities of the held-out frames, plain and with mirror TTA, and presence."""
+    cpu = torch.device("cpu")
+    prob, presence = predict_prepared(model, val_x, config, cpu)
+    mirrored, _ = predict_prepared(model, np.ascontiguousarray(val_x[:, :, ::-1]), config, cpu)
+    return prob, (prob + mirrored[:, :, ::-1]) / 2, presence
+
+
+def score_probabilities(prob: np.ndarray, tta: np.ndarray, presence: np.ndarray, val_y: np.ndarray,
+                        native: np.ndarray) -> dict[str, np.ndarray]:
     """Per-frame Dice of the held-out frames under each inference option, at 420x580: the
     probabilities are resized back to the frame's size and thresholded there, as the inference
     path does with a native frame (scoring at the small working size would also count the
     working size's own rounding of the true outline against the model)."""
-    cpu = torch.device("cpu")
-    prob, presence = predict_prepared(model, val_x, config, cpu)
-    mirrored, _ = predict_prepared(model, np.ascontiguousarray(val_x[:, :, ::-1]), config, cpu)
-    tta = (prob + mirrored[:, :, ::-1]) / 2
     out = {}
     for name, p, largest in (("plain", prob, False), ("largest blob", prob, True),
                              ("mirror TTA", tta, False), ("largest blob + mirror TTA", tta, True)):
@@ -173,6 +192,10 @@ def score_variants(model, config, val_x: np.ndarray, val_y: np.ndarray, native: 
     small = combine_outputs(prob, presence, 0.5, 0.0)
     out["plain, at the working size"] = dice_per_frame(small, val_y)
     return out
+
+
+def score_variants(model, config, val_x: np.ndarray, val_y: np.ndarray, native: np.ndarray) -> dict[str, np.ndarray]:
+    return score_probabilities(*held_out_probabilities(model, config, val_x), val_y, native)
 
 
 def main() -> int:
@@ -188,12 +211,20 @@ def main() -> int:
                         help="override train.seed (initial weights, shuffling, augmentation; the folds stay)")
     parser.add_argument("--soft-targets", action="store_true",
                         help="set train.soft_targets: train on each working-size pixel's mask coverage")
+    parser.add_argument("--consensus-targets", action="store_true",
+                        help="train each frame on the majority vote of its own and its near-identical neighbours' "
+                             "masks (bench/label_agreement.py), not its own mask alone; the scoring keeps the own masks")
+    parser.add_argument("--frames-out", default="",
+                        help="also write each held-out frame's name, fold, Dice and working-size probabilities "
+                             "(.npz, for bench/error_analysis.py)")
     args = parser.parse_args()
     if not DATA.is_dir():
         print(f"{DATA}: not found; this benchmark needs the real frames", file=sys.stderr)
         return 2
 
     params = load_settings(args.settings, args.epochs)
+    if args.soft_targets and args.consensus_targets:
+        parser.error("--soft-targets and --consensus-targets are two different targets; pick one")
     changes = {"soft_targets": True} if args.soft_targets else {}
     if args.seed is not None:
         changes["seed"] = args.seed
@@ -215,10 +246,12 @@ def main() -> int:
         previous = json.loads(Path(args.out).read_text())
         trained = {f["fold"]: f for f in previous["folds"]}
         trained_minutes = previous.get("training_minutes", previous.get("minutes"))
-    folds = []
+    folds, per_frame = [], []
     for fold in wanted:
         held = np.isin(subjects, groups[fold])
         train_x, train_y = images[~held], targets[~held]
+        if args.consensus_targets:
+            train_y = consensus_targets(train_x, train_y, subjects[~held])
         val_x, val_y = images[held], masks[held]
         config = fold_config(params, train_x)
         out_dir = Path(args.work) / f"fold{fold}"
@@ -238,7 +271,11 @@ def main() -> int:
                          identity={"bench": "real_cv", "fold": fold, "params": params.digest()})
         seconds = time.perf_counter() - t0
         model, _ = last_epoch_model(out_dir)
-        variants = score_variants(model, config, val_x, val_y, native_masks(list(names[held])))
+        prob, tta, presence = held_out_probabilities(model, config, val_x)
+        variants = score_probabilities(prob, tta, presence, val_y, native_masks(list(names[held])))
+        if args.frames_out:
+            per_frame.append({"name": names[held], "fold": np.full(int(held.sum()), fold), "prob": prob.astype(np.float16),
+                              "dice": variants["plain"], "dice_tta": variants["mirror TTA"]})
         dice = variants[SCORED]
         native_rows = [(s, n, f, m) for s, n, f, m in native if s in groups[fold]]
         native_dice = None
@@ -266,12 +303,17 @@ def main() -> int:
 
     mean = float(np.mean([f["dice"] for f in folds]))
     report = {"mean_dice": round(mean, 4), "folds": folds, "settings": json.loads(params.model_dump_json()),
+              "consensus_targets": args.consensus_targets,
               "minutes": round((time.perf_counter() - began) / 60, 1),
               "training_minutes": trained_minutes or round((time.perf_counter() - began) / 60, 1), "machine": platform.processor() or platform.machine(),
               "cpu_threads": torch.get_num_threads(), "torch": torch.__version__,
               "command": "python " + " ".join(sys.argv)}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2))
+    if args.frames_out:
+        Path(args.frames_out).parent.mkdir(parents=True, exist_ok=True)
+        np.savez_compressed(args.frames_out, **{key: np.concatenate([f[key] for f in per_frame])
+                                                 for key in per_frame[0]}, settings=args.settings)
     print("\n| fold | held-out subjects | frames | Dice | minutes |\n|---|---|---|---|---|")
     for f in folds:
         print(f"| {f['fold']} | {len(f['subjects'])} | {f['frames']} | {f['dice']:.4f} | {f['seconds'] / 60:.1f} |")
