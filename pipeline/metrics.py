@@ -64,11 +64,6 @@ def frame_outcomes(pred: np.ndarray, true: np.ndarray) -> np.ndarray:
     return np.select(conditions, OUTCOMES[:5], OUTCOMES[5])
 
 
-# Holdout figures that are counts of frames or subjects (shown without decimals).
-COUNTS = ("n_frames", "n_subjects", "nerve_frames_missed", "nerve_frames_elsewhere", "nerve_frames_poor_overlap",
-          "false_alarms")
-
-
 def outcome_counts(outcomes: np.ndarray) -> dict[str, int]:
     """The failure counts of a holdout summary (``found`` and ``true empty`` follow from them)."""
     return {"nerve_frames_missed": int((outcomes == "missed").sum()),

@@ -16,7 +16,7 @@ import pandas as pd
 from pipeline import registry
 from pipeline.audit import lineage
 from pipeline.imageio import atomic_write_text
-from pipeline.metrics import COUNTS, FAILURES
+from pipeline.metrics import FAILURES
 from pipeline.promotion import paired_bootstrap
 
 INTENDED_USE = (
@@ -78,7 +78,7 @@ def build_card(uri: str, default_name: str) -> str:
     files = _artifacts(record["run"]["id"])
     per_frame = pd.read_csv(files["holdout_frames.csv"]) if "holdout_frames.csv" in files else None
 
-    metrics_rows = [(k, f"{v:.0f}" if k in COUNTS else f"{v:.4f}") for k, v in record["holdout"].items()]
+    metrics_rows = [(k, f"{v:.4f}") for k, v in record["holdout"].items()]
     subject_html = "<p>No per-frame results were logged with this version.</p>"
     if per_frame is not None:
         overall = _interval(per_frame["dice"].to_numpy())

@@ -4,7 +4,6 @@ store, real DVC repository."""
 from __future__ import annotations
 
 import json
-import re
 
 import pytest
 from typer.testing import CliRunner
@@ -269,7 +268,6 @@ def test_model_card_is_logged_and_renders_in_chromium(flow_project, tmp_path):
         assert f'id="{section}"' in page
     assert result["data"]["dvc_hash"] in page and "data:image/png;base64," in page
     assert "failed frames" in page  # the per-subject table counts each subject's failed frames
-    assert re.search(r"<th>n_frames</th><td>\d+</td>", page)  # a count, shown without decimals
 
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
