@@ -35,20 +35,20 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 
-from label_agreement import CONTENT, THRESHOLDS, consensus_masks, dice  # noqa: E402
+from label_agreement import CONTENT, THRESHOLDS, consensus_masks, thumbnails  # noqa: E402
 from real_cv import DATA, load_positives  # noqa: E402
 
 sys.path.insert(0, str(ROOT.parent))
-from pipeline.metrics import OUTCOMES, frame_outcomes  # noqa: E402
+from pipeline.metrics import OUTCOMES, dice_per_frame, frame_outcomes  # noqa: E402
 
-def label_noise(images, labels, subjects, preds, correlation: float) -> dict:
+def label_noise(consensus: dict[int, np.ndarray], labels: np.ndarray, preds: np.ndarray, correlation: float) -> dict:
     """The model and each frame's own label, both against the neighbours' consensus."""
-    consensus = consensus_masks(images, labels, subjects, correlation)
     frames = np.asarray(sorted(consensus))
+    votes = np.stack([consensus[i] for i in frames])
     # All three at the content resolution, so that no comparison gains from a finer grid.
-    vs_label = np.asarray([dice(preds[i], labels[i]) for i in frames])
-    vs_consensus = np.asarray([dice(preds[i], consensus[i]) for i in frames])
-    label_vs_consensus = np.asarray([dice(labels[i], consensus[i]) for i in frames])
+    vs_label = dice_per_frame(preds[frames], labels[frames])
+    vs_consensus = dice_per_frame(preds[frames], votes)
+    label_vs_consensus = dice_per_frame(labels[frames], votes)
     failed = vs_label < 0.5
     return {
         "correlation_at_least": correlation, "frames_with_consensus": len(frames),
@@ -116,8 +116,9 @@ def main() -> int:
                            "mean_dice": round(float(dices[sel].mean()), 4) if sel.any() else None,
                            "dice_lost": round(float((1 - dices[sel]).sum() / n), 4)})
 
-    noise = [label_noise(images, labels, subjects, preds, t) for t in THRESHOLDS]
-    consensus = consensus_masks(images, labels, subjects, args.correlation)  # for the picture
+    thumbs = thumbnails(images)
+    consensus = {t: consensus_masks(thumbs, labels, subjects, t) for t in {*THRESHOLDS, args.correlation}}
+    noise = [label_noise(consensus[t], labels, preds, t) for t in THRESHOLDS]
     print(f"{n} held-out nerve frames, mean Dice {dices.mean():.4f} (native 420x580)\n")
     print("| outcome | frames | share | mean Dice | Dice lost (of the mean) |\n|---|---:|---:|---:|---:|")
     for r in by_outcome:
@@ -132,8 +133,9 @@ def main() -> int:
               f"{r['failed_where_label_disagrees_with_consensus']} | {r['failed_where_model_agrees_with_consensus']} |")
 
     if args.picture:
-        worst = [i for i in np.argsort(dices) if i in consensus][:24]
-        draw_failures(images, labels, preds, consensus, worst, dices, Path(args.picture))
+        picture = consensus[args.correlation]
+        worst = [i for i in np.argsort(dices) if i in picture][:24]
+        draw_failures(images, labels, preds, picture, worst, dices, Path(args.picture))
         print(f"\nworst frames with a consensus: {args.picture} (green label, red prediction, blue consensus)")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"frames": n, "mean_dice": round(float(dices.mean()), 4),

@@ -49,11 +49,10 @@ def thumbnails(images: np.ndarray) -> np.ndarray:
     return (small - small.mean(1, keepdims=True)) / (small.std(1, keepdims=True) + 1e-6)
 
 
-def consensus_masks(images: np.ndarray, masks: np.ndarray, subjects: np.ndarray, correlation: float,
+def consensus_masks(thumbs: np.ndarray, masks: np.ndarray, subjects: np.ndarray, correlation: float,
                     include_self: bool = False) -> dict[int, np.ndarray]:
     """Frame index -> the majority vote of its near-identical neighbours' masks (2+ neighbours),
-    with its own mask among the voters if ``include_self``."""
-    thumbs = thumbnails(images)
+    with its own mask among the voters if ``include_self``; ``thumbs`` from :func:`thumbnails`."""
     out = {}
     for subject in np.unique(subjects):
         idx = np.flatnonzero(subjects == subject)
@@ -83,7 +82,7 @@ def agreement(images: np.ndarray, masks: np.ndarray, subjects: np.ndarray) -> li
                 pairs[t].append(dice(masks[idx[i]], masks[idx[j]]))
                 pair_subjects[t].add(int(subject))
     for t in THRESHOLDS:
-        consensus[t] = [dice(masks[i], vote) for i, vote in consensus_masks(images, masks, subjects, t).items()]
+        consensus[t] = [dice(masks[i], vote) for i, vote in consensus_masks(thumbs, masks, subjects, t).items()]
     rows = []
     for t in THRESHOLDS:
         p, c = np.asarray(pairs[t]), np.asarray(consensus[t])

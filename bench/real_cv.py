@@ -134,10 +134,11 @@ def consensus_targets(images: np.ndarray, masks: np.ndarray, subjects: np.ndarra
     """The training masks with each frame that has 2+ near-identical neighbours replaced by the
     majority vote of its own and their masks: one annotator's outline, denoised by the others'.
     Only training frames vote, so no held-out mask leaks into training."""
-    from label_agreement import consensus_masks  # here: label_agreement itself imports this module
+    from label_agreement import consensus_masks, thumbnails  # here: label_agreement itself imports this module
 
     out = masks.copy()
-    for i, vote in consensus_masks(images, masks.astype(bool), subjects, correlation, include_self=True).items():
+    votes = consensus_masks(thumbnails(images), masks.astype(bool), subjects, correlation, include_self=True)
+    for i, vote in votes.items():
         out[i] = vote.astype(masks.dtype)
     return out
 
