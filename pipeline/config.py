@@ -108,6 +108,7 @@ class LossParams(_Section):
     dice_weight: float = Field(1.0, ge=0)
     bce_weight: float = Field(1.0, ge=0)
     presence_weight: float = Field(0.5, ge=0)
+    lovasz_weight: float = Field(0.0, ge=0)  # Lovász hinge on the mask (per-frame IoU surrogate); 0 = off
 
 
 class AugmentParams(_Section):
@@ -168,6 +169,7 @@ class PostprocessParams(_Section):
     min_area: int = Field(0, ge=0)
     largest_component: bool = False  # keep only the largest predicted blob
     tta_hflip: bool = False          # test-time augmentation: mean over the frame and its mirror
+    convex_hull: bool = False        # fill each predicted blob out to its convex hull
 
 
 class EvaluateParams(_Section):

@@ -120,8 +120,7 @@ def evaluate(data_dir: Path, prepared_dir: Path, models_dir: Path, out_dir: Path
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     frames = pd.read_csv(Path(prepared_dir) / FRAMES)
     model, config = load_trained(models_dir)
-    pp = params.postprocess
-    base = Postprocess(pp.mask_threshold, pp.presence_threshold, pp.min_area, pp.largest_component, pp.tta_hflip)
+    base = Postprocess.from_params(params.postprocess)
     predictor = Predictor(model, config, base)
 
     validation = frames[frames.split == "validation"].reset_index(drop=True)

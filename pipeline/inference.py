@@ -1,5 +1,5 @@
 """Native frame in, native mask out: resize, normalise, network, presence rule,
-post-processing (small-component removal), resize back.
+post-processing (largest blob, convex hull, small-mask removal), resize back.
 
 This is the one inference path: evaluation, the registered MLflow model and
 ``nerveseg predict`` all go through :class:`Predictor`.
@@ -8,7 +8,7 @@ This is the one inference path: evaluation, the registered MLflow model and
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import cv2
@@ -31,9 +31,16 @@ class Postprocess:
     min_area: int = 0  # native pixels
     largest_component: bool = False  # keep only the largest blob (a nerve mask is one blob)
     tta_hflip: bool = False          # average the network over the frame and its mirror image
+    convex_hull: bool = False        # fill each blob out to its convex hull (annotators draw convex outlines)
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_params(cls, params) -> "Postprocess":
+        """The rules as ``params.yaml``'s ``postprocess`` section sets them (by name, so a new rule
+        cannot be dropped by a positional call)."""
+        return cls(**{f.name: getattr(params, f.name) for f in fields(cls)})
 
 
 def fuse_conv_bn(model: torch.nn.Module) -> torch.nn.Module:
@@ -117,20 +124,7 @@ class Predictor:
     def masks_from_probabilities(self, probs: np.ndarray, presence: np.ndarray, shape: tuple[int, int],
                                  post: Postprocess | None = None) -> np.ndarray:
         """Apply the presence rule and post-processing, at native size. Returns (N,H,W) uint8 {0,1}."""
-        post = post or self.post
-        height, width = shape
-        out = np.zeros((len(probs), height, width), dtype=np.uint8)
-        for i, (prob, p) in enumerate(zip(probs, presence)):
-            if p < post.presence_threshold:
-                continue
-            native = cv2.resize(prob, (width, height), interpolation=cv2.INTER_LINEAR)
-            mask = (native > post.mask_threshold).astype(np.uint8)
-            if post.largest_component:
-                mask = largest_component(mask)
-            if post.min_area and mask.sum() < post.min_area:
-                continue
-            out[i] = mask
-        return out
+        return postprocess_masks(probs, presence, shape, post or self.post)
 
     def predict(self, frames: np.ndarray) -> np.ndarray:
         frames = as_frames(frames)
@@ -145,6 +139,39 @@ def largest_component(mask: np.ndarray) -> np.ndarray:
         return mask
     keep = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
     return (labels == keep).astype(mask.dtype)
+
+
+def convex_hulls(mask: np.ndarray) -> np.ndarray:
+    """Each blob of a {0,1} mask filled out to its convex hull (holes filled too). The real masks
+    are single, nearly convex outlines (area / hull area 0.97 on average); a network's edge is
+    ragged where the image is ambiguous."""
+    contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    out = np.zeros(mask.shape, dtype=np.uint8)
+    for contour in contours:
+        cv2.fillPoly(out, [cv2.convexHull(contour)], 1)
+    return out.astype(mask.dtype)
+
+
+def postprocess_masks(probs: np.ndarray, presence: np.ndarray, shape: tuple[int, int],
+                      post: Postprocess) -> np.ndarray:
+    """Working-size probabilities (N,h,w) and presence (N,) -> native-size masks (N,H,W) uint8 {0,1}:
+    the presence rule, resize, threshold, then the shape rules of ``post`` in a fixed order
+    (largest blob, convex hull, minimum area)."""
+    height, width = shape
+    out = np.zeros((len(probs), height, width), dtype=np.uint8)
+    for i, (prob, p) in enumerate(zip(probs, presence)):
+        if p < post.presence_threshold:
+            continue
+        native = cv2.resize(prob, (width, height), interpolation=cv2.INTER_LINEAR)
+        mask = (native > post.mask_threshold).astype(np.uint8)
+        if post.largest_component:
+            mask = largest_component(mask)
+        if post.convex_hull:
+            mask = convex_hulls(mask)
+        if post.min_area and mask.sum() < post.min_area:
+            continue
+        out[i] = mask
+    return out
 
 
 def as_frames(frames) -> np.ndarray:

@@ -331,7 +331,7 @@ def fit(
                 scheduler.step()
                 sums["loss"] += float(loss.detach()) * len(x)
                 for key, value in parts.items():
-                    sums[key] += value * len(x)
+                    sums[key] = sums.get(key, 0.0) + value * len(x)
                 seen += len(x)
                 bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
             frames_seen += seen * dist.world

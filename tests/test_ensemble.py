@@ -84,8 +84,7 @@ def test_the_train_stage_registers_the_fold_models_as_one(prepared, tiny_params,
     assert 0.0 <= evaluation.metrics["dice"] <= 1.0
     # The thresholds were tuned on the out-of-fold probabilities (each frame scored by the member
     # that did not train on it), not on the ensemble's view of the validation part.
-    pp = params.postprocess
-    base = Postprocess(pp.mask_threshold, pp.presence_threshold, pp.min_area, pp.largest_component, pp.tta_hflip)
+    base = Postprocess.from_params(params.postprocess)
     probs, presence, truth = [], [], []
     for member, single, rows in out_of_fold_members(model, config, frames, params):
         images, part_masks = load_native(prepared.raw_dir, frames.iloc[rows].reset_index(drop=True))

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from pipeline.config import LossParams
-from pipeline.losses import segmentation_loss, soft_dice_loss
+from pipeline.losses import lovasz_hinge_loss, segmentation_loss, soft_dice_loss
 from pipeline.model import ModelConfig, UNet, build_model
 
 
@@ -38,3 +38,41 @@ def test_soft_dice_rewards_overlap():
     good = (target * 20 - 10)
     bad = -good
     assert soft_dice_loss(good, target) < 0.05 < 0.9 < soft_dice_loss(bad, target)
+
+
+def _lovasz_one_frame(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The reference implementation of Berman et al. for one frame, written out step by step."""
+    signs = 2 * labels - 1
+    errors = 1 - logits * signs
+    errors_sorted, perm = torch.sort(errors, descending=True)
+    gt_sorted = labels[perm]
+    gts = gt_sorted.sum()
+    intersection = gts - gt_sorted.cumsum(0)
+    union = gts + (1 - gt_sorted).cumsum(0)
+    jaccard = 1 - intersection / union
+    jaccard = torch.cat([jaccard[:1], jaccard[1:] - jaccard[:-1]])
+    return torch.dot(torch.relu(errors_sorted), jaccard)
+
+
+def test_lovasz_hinge_matches_the_reference_and_skips_frames_without_nerve():
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 1, 12, 16, generator=gen)
+    target = (torch.rand(4, 1, 12, 16, generator=gen) > 0.7).float()
+    target[2] = 0  # an empty frame: no Jaccard to lose, left to BCE and presence like the Dice
+    expected = torch.stack([_lovasz_one_frame(logits[i].flatten(), target[i].flatten()) for i in (0, 1, 3)]).mean()
+    assert lovasz_hinge_loss(logits, target) == pytest.approx(float(expected), rel=1e-5)
+    perfect = target * 20 - 10  # every pixel on the right side of the margin
+    assert lovasz_hinge_loss(perfect, target) == 0.0
+    assert lovasz_hinge_loss(logits, torch.zeros_like(target)) == 0.0
+
+    # Off by default (no sort paid for); with a weight it joins the total and the logged parts.
+    net = UNet(depth=2, base_width=4)
+    mask, presence = net(torch.randn(2, 1, 16, 16))
+    target = torch.zeros(2, 1, 16, 16)
+    target[:, :, 4:10, 4:10] = 1
+    plain, parts = segmentation_loss(mask, presence, target, LossParams())
+    assert "lovasz_loss" not in parts
+    with_lovasz, parts = segmentation_loss(mask, presence, target, LossParams(lovasz_weight=0.5))
+    assert float(with_lovasz) == pytest.approx(float(plain) + 0.5 * parts["lovasz_loss"], rel=1e-5)
+    with_lovasz.backward()
+    assert net.mask_head.weight.grad.abs().sum() > 0

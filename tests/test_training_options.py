@@ -188,6 +188,17 @@ def test_channels_last_training_runs_in_nhwc_on_the_cpu_and_learns_the_same(prep
     assert model(torch.zeros(1, 1, config.height, config.width))[0].shape[-2:] == (config.height, config.width)
 
 
+def test_lovasz_weight_joins_the_training_loss(prepared, tiny_params):
+    params = _with(tiny_params, {"train": {"epochs": 1, "loss": {"lovasz_weight": 0.5}}})
+    stages.fit(prepared, params, progress=False)
+    row = pd.read_csv(prepared.models_dir / "history.csv").iloc[0]
+    w = params.train.loss
+    assert row["lovasz_loss"] > 0
+    # The epoch's loss is the weighted sum of its logged parts, the Lovász hinge included.
+    assert row["loss"] == pytest.approx(w.dice_weight * row["dice_loss"] + w.bce_weight * row["bce_loss"]
+                                        + w.presence_weight * row["presence_loss"] + 0.5 * row["lovasz_loss"], rel=1e-4)
+
+
 def test_soft_targets_train_on_the_mask_coverage(prepared, tiny_params):
     """``train.soft_targets`` feeds each pixel's mask coverage to the loss: same seed and frames,
     so only the targets can make the losses differ; the validation Dice still scores 0/1 masks."""
@@ -272,6 +283,33 @@ def test_largest_blob_and_mirror_averaging_in_the_inference_path():
     p_mirror, _ = plain.probabilities(np.ascontiguousarray(frames[:, :, ::-1]))
     p_tta, _ = tta.probabilities(frames)
     assert np.allclose(p_tta, (p_plain + p_mirror[:, :, ::-1]) / 2, atol=1e-5)
+
+
+def test_convex_hull_fills_each_blob_out_and_runs_in_order_with_the_other_rules():
+    import cv2
+
+    from pipeline.config import PostprocessParams
+    from pipeline.inference import convex_hulls, postprocess_masks
+
+    crescent = np.zeros((60, 80), np.uint8)
+    cv2.circle(crescent, (30, 30), 20, 1, -1)
+    cv2.circle(crescent, (42, 30), 16, 0, -1)   # bite out of the disc: a crescent
+    crescent[28:32, 14:18] = 0                   # and a hole
+    speck = (slice(2, 5), slice(70, 73))         # a 9 px blob far away
+    crescent[speck] = 1
+    hull = convex_hulls(crescent)
+    assert hull[30, 16] == 1 and hull[30, 40] == 1  # the hole and the bite are filled
+    assert hull[speck].all() and hull[12:18, 52:58].sum() == 0  # each blob its own hull: one around both would cover this
+    assert (hull >= crescent).all() and hull.sum() > crescent.sum()
+    assert not convex_hulls(np.zeros_like(crescent)).any()
+
+    # At native size, after the threshold: largest blob first (the speck goes), then its hull.
+    probs = crescent.astype(np.float32)[None]
+    both = postprocess_masks(probs, np.ones(1), (60, 80), Postprocess(0.5, 0.0, largest_component=True, convex_hull=True))
+    assert both[0][speck].sum() == 0 and both[0][30, 40] == 1
+    assert np.array_equal(postprocess_masks(probs, np.ones(1), (60, 80), Postprocess(0.5, 0.0))[0], crescent)
+    # params.yaml's section maps onto the rules by name, the new one included.
+    assert Postprocess.from_params(PostprocessParams(convex_hull=True, min_area=7)) == Postprocess(min_area=7, convex_hull=True)
 
 
 def test_cv_command_logs_every_fold_to_mlflow(prepared, tiny_params):
