@@ -19,7 +19,17 @@ from pipeline.config import Params
 from pipeline.imageio import atomic_write_text
 from pipeline.preprocess import load_prepared
 from pipeline.split import assign_subjects
-from pipeline.train import EpochCallback, TrainResult, finished_metrics, fit, model_config
+from pipeline.train import (
+    Distributed,
+    EpochCallback,
+    TrainResult,
+    finished_metrics,
+    fit,
+    join_process_group,
+    leave_process_group,
+    model_config,
+    rank_device,
+)
 
 REPORT = "cv.json"
 
@@ -60,6 +70,22 @@ def cross_validate(prepared_dir: Path, out_dir: Path, params: Params, progress: 
     subjects = data.frames["subject"].to_numpy()
     config = model_config(params, data.summary.height, data.summary.width, data.summary.intensity_mean,
                           data.summary.intensity_std)
+    # Under torchrun the ranks join one process group for all folds (see join_process_group).
+    dist = Distributed.from_env()
+    joined = join_process_group(dist, rank_device(params.train.device, dist))
+    try:
+        results = _train_folds(data, subjects, config, params, out_dir, progress, on_fold, on_epoch_of)
+    finally:
+        leave_process_group(joined)
+    dice = np.array([r.best_val_dice for r in results])
+    outcome = CrossValidationResult(results, round(float(dice.mean()), 6), round(float(dice.std()), 6))
+    if dist.main:
+        atomic_write_text(Path(out_dir) / REPORT, json.dumps(outcome.to_dict(), indent=2))
+    return outcome
+
+
+def _train_folds(data, subjects, config, params: Params, out_dir: Path, progress: bool, on_fold, on_epoch_of) -> list:
+    k = params.split.folds
     results = []
     for fold in range(k):
         fold_params = params.model_copy(update={"split": params.split.model_copy(update={"fold": fold})})
@@ -87,7 +113,4 @@ def cross_validate(prepared_dir: Path, out_dir: Path, params: Params, progress: 
         results.append(fold_result)
         if on_fold:
             on_fold(fold, fold_result)
-    dice = np.array([r.best_val_dice for r in results])
-    outcome = CrossValidationResult(results, round(float(dice.mean()), 6), round(float(dice.std()), 6))
-    atomic_write_text(Path(out_dir) / REPORT, json.dumps(outcome.to_dict(), indent=2))
-    return outcome
+    return results

@@ -90,7 +90,8 @@ def _result(outcome, device: str) -> TrainResult:
     return TrainResult(best_epoch=max(f.best_epoch for f in outcome.folds), best_val_dice=outcome.mean_dice,
                        epochs_run=max(f.epochs_run for f in outcome.folds), resumed_from_epoch=None, device=device,
                        seconds=round(seconds, 2),
-                       train_frames_per_second=round(frames / seconds, 2) if seconds > 0 else 0.0)
+                       train_frames_per_second=round(frames / seconds, 2) if seconds > 0 else 0.0,
+                       world_size=Distributed.from_env().world)
 
 
 def out_of_fold_members(model: torch.nn.Module, config: ModelConfig, frames: pd.DataFrame,

@@ -181,6 +181,34 @@ class Distributed:
         return cls(int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0")), world)
 
 
+def join_process_group(dist: Distributed, device: torch.device) -> bool:
+    """Join ``torchrun``'s process group unless this process is in it already; True when this
+    call joined it, and so the caller leaves it (:func:`leave_process_group`).
+
+    Joining once per process matters: with a group destroyed and created again for each fold of
+    ``train.ensemble_folds``, both gloo ranks waited forever at the second fold's first barrier in
+    about half the runs (torchrun's store still holds the first group's keys)."""
+    if dist.world <= 1 or torch.distributed.is_initialized():
+        return False
+    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return True
+
+
+def leave_process_group(joined: bool) -> None:
+    if joined and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
+def rank_device(choice: str, dist: Distributed) -> torch.device:
+    """``train.device`` for this rank: under ``torchrun`` each process takes its own GPU."""
+    device = pick_device(choice)
+    if dist.world > 1 and device.type == "cuda":
+        device = torch.device("cuda", dist.local_rank)
+        torch.cuda.set_device(device)
+    return device
+
+
 def _reseed_worker(worker_id: int) -> None:
     """Data-loader workers start with a copy of the transform: give each its own stream."""
     info = torch.utils.data.get_worker_info()
@@ -242,13 +270,8 @@ def fit(
     if tp.threads:
         torch.set_num_threads(tp.threads)
     dist = Distributed.from_env()
-    device = pick_device(tp.device)
-    if dist.world > 1:
-        if device.type == "cuda":
-            device = torch.device("cuda", dist.local_rank)
-            torch.cuda.set_device(device)
-        if not torch.distributed.is_initialized():
-            torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    device = rank_device(tp.device, dist)
+    joined = join_process_group(dist, device)
     amp = use_autocast(tp, device)
 
     _seed_everything(tp.seed)
@@ -387,9 +410,10 @@ def fit(
             if max_epochs_this_call is not None and epoch - start_epoch + 1 >= max_epochs_this_call:
                 break
     finally:
-        if dist.world > 1 and torch.distributed.is_initialized():
-            torch.distributed.barrier()
-            torch.distributed.destroy_process_group()
+        if joined:
+            leave_process_group(joined)
+        elif dist.world > 1:
+            torch.distributed.barrier()  # the caller keeps the group: just leave in step
 
     seconds = time.perf_counter() - began
     result = TrainResult(

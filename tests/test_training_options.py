@@ -238,12 +238,10 @@ def test_compiled_training_runs(prepared, tiny_params):
     assert counters["stats"]["unique_graphs"] >= 1  # the network really went through torch.compile
 
 
-@pytest.mark.e2e
-def test_distributed_data_parallel_trains_on_two_cpu_processes(prepared, tiny_params):
-    """``torchrun`` starts two processes; gloo all-reduces their gradients; rank 0 writes."""
+def _train_under_torchrun(prepared, params) -> list[dict]:
+    """``nerveseg stage train`` in two gloo processes; the JSON lines it printed."""
     from pipeline.config import write_params
 
-    params = _with(tiny_params, {"train": {"epochs": 2, "device": "cpu", "threads": 1}})
     write_params(params, prepared.root / "params.yaml")
     torchrun = Path(sys.executable).with_name("torchrun")
     nerveseg = Path(sys.executable).with_name("nerveseg")
@@ -254,11 +252,35 @@ def test_distributed_data_parallel_trains_on_two_cpu_processes(prepared, tiny_pa
         cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    results = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    return [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+
+
+@pytest.mark.e2e
+def test_distributed_data_parallel_trains_on_two_cpu_processes(prepared, tiny_params):
+    """``torchrun`` starts two processes; gloo all-reduces their gradients; rank 0 writes."""
+    results = _train_under_torchrun(prepared, _with(tiny_params, {"train": {"epochs": 2, "device": "cpu", "threads": 1}}))
     assert len(results) == 1 and results[0]["world_size"] == 2  # rank 0 reports, once
     metrics = json.loads((prepared.models_dir / METRICS).read_text())
     assert metrics["world_size"] == 2 and metrics["epochs_run"] == 2
     model, config = load_trained(prepared.models_dir)
+    assert Predictor(model, config, Postprocess()).predict(np.zeros((420, 580), np.uint8)).shape == (1, 420, 580)
+
+
+@pytest.mark.e2e
+def test_fold_ensemble_trains_under_torchrun(prepared, tiny_params):
+    """``train.ensemble_folds`` under two processes: every fold opens and closes its own process
+    group, every fold's model is trained by both ranks, and rank 0 alone assembles the ensemble."""
+    from pipeline.ensemble import FOLDS_DIR
+
+    params = _with(tiny_params, {"split": {"folds": 2},
+                                 "train": {"epochs": 1, "device": "cpu", "threads": 1, "ensemble_folds": True}})
+    results = _train_under_torchrun(prepared, params)
+    assert len(results) == 1  # rank 0 reports, once
+    for fold in range(2):
+        fold_metrics = json.loads((prepared.models_dir / FOLDS_DIR / f"fold{fold}" / METRICS).read_text())
+        assert fold_metrics["world_size"] == 2 and fold_metrics["epochs_run"] == 1
+    model, config = load_trained(prepared.models_dir)
+    assert config.members == 2
     assert Predictor(model, config, Postprocess()).predict(np.zeros((420, 580), np.uint8)).shape == (1, 420, 580)
 
 
