@@ -17,7 +17,8 @@ import numpy as np
 
 from pipeline.config import Params
 from pipeline.imageio import atomic_write_text
-from pipeline.preprocess import load_prepared
+from pipeline.model import ModelConfig
+from pipeline.preprocess import PreparedData, load_prepared
 from pipeline.split import assign_subjects
 from pipeline.train import (
     Distributed,
@@ -76,7 +77,7 @@ def cross_validate(prepared_dir: Path, out_dir: Path, params: Params, progress: 
     try:
         results = _train_folds(data, subjects, config, params, out_dir, progress, on_fold, on_epoch_of)
     finally:
-        leave_process_group(joined)
+        leave_process_group(dist, joined)
     dice = np.array([r.best_val_dice for r in results])
     outcome = CrossValidationResult(results, round(float(dice.mean()), 6), round(float(dice.std()), 6))
     if dist.main:
@@ -84,7 +85,8 @@ def cross_validate(prepared_dir: Path, out_dir: Path, params: Params, progress: 
     return outcome
 
 
-def _train_folds(data, subjects, config, params: Params, out_dir: Path, progress: bool, on_fold, on_epoch_of) -> list:
+def _train_folds(data: PreparedData, subjects: np.ndarray, config: ModelConfig, params: Params, out_dir: Path,
+                 progress: bool, on_fold, on_epoch_of) -> list[FoldResult]:
     k = params.split.folds
     results = []
     for fold in range(k):

@@ -194,10 +194,12 @@ def join_process_group(dist: Distributed, device: torch.device) -> bool:
     return True
 
 
-def leave_process_group(joined: bool) -> None:
-    if joined and torch.distributed.is_initialized():
+def leave_process_group(dist: Distributed, joined: bool) -> None:
+    """Finish in step with the other ranks; destroy the group only where this caller joined it."""
+    if dist.world > 1 and torch.distributed.is_initialized():
         torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+        if joined:
+            torch.distributed.destroy_process_group()
 
 
 def rank_device(choice: str, dist: Distributed) -> torch.device:
@@ -410,10 +412,7 @@ def fit(
             if max_epochs_this_call is not None and epoch - start_epoch + 1 >= max_epochs_this_call:
                 break
     finally:
-        if joined:
-            leave_process_group(joined)
-        elif dist.world > 1:
-            torch.distributed.barrier()  # the caller keeps the group: just leave in step
+        leave_process_group(dist, joined)
 
     seconds = time.perf_counter() - began
     result = TrainResult(
