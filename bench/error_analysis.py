@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 
 from label_agreement import CONTENT, THRESHOLDS, consensus_masks, thumbnails  # noqa: E402
-from real_cv import DATA, load_positives  # noqa: E402
+from real_cv import load_positives, real_data_missing  # noqa: E402
 
 sys.path.insert(0, str(ROOT.parent))
 from pipeline.metrics import OUTCOMES, dice_per_frame, frame_outcomes  # noqa: E402
@@ -90,8 +90,7 @@ def main() -> int:
     parser.add_argument("--picture", default="", help="draw the worst frames into this PNG (real frames: not for the repository)")
     parser.add_argument("--out", default=str(ROOT / "results" / "error_analysis.json"))
     args = parser.parse_args()
-    if not DATA.is_dir():
-        print(f"{DATA}: not found; this benchmark needs the real frames", file=sys.stderr)
+    if real_data_missing():
         return 2
     frames = np.load(args.frames)
     images, labels, _, subjects, names = load_positives(*CONTENT)

@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT.parent))
 
-from real_cv import DATA, fold_config, load_positives, load_settings, subject_folds  # noqa: E402
+from real_cv import fold_config, load_positives, load_settings, real_data_missing, subject_folds  # noqa: E402
 
 from pipeline.train import fit  # noqa: E402
 
@@ -44,8 +44,7 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
-    if not DATA.is_dir():
-        print(f"{DATA}: not found; this benchmark needs the real frames", file=sys.stderr)
+    if real_data_missing():
         return 2
     torch.set_num_threads(args.threads)
     base = load_settings(args.settings, args.epochs)

@@ -30,7 +30,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
-from real_cv import DATA, load_positives  # noqa: E402
+from real_cv import load_positives, real_data_missing  # noqa: E402
 
 THRESHOLDS = (0.90, 0.95, 0.98, 0.99)
 # The letterbox's content of a positives-256 export: 256 columns by 186 rows (the 580x420 frame).
@@ -97,8 +97,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "label_agreement.json"))
     args = parser.parse_args()
-    if not DATA.is_dir():
-        print(f"{DATA}: not found; this benchmark needs the real frames", file=sys.stderr)
+    if real_data_missing():
         return 2
     images, masks, _, subjects, _ = load_positives(*CONTENT)
     rows = agreement(images, masks, subjects)

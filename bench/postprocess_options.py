@@ -26,7 +26,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 
-from real_cv import DATA, native_masks  # noqa: E402
+from real_cv import native_masks, real_data_missing  # noqa: E402
 
 sys.path.insert(0, str(ROOT.parent))
 from pipeline.inference import Postprocess, postprocess_masks  # noqa: E402
@@ -65,8 +65,7 @@ def main() -> int:
     parser.add_argument("--frames", required=True, help="comma-separated .npz files of bench/real_cv.py --frames-out")
     parser.add_argument("--out", default=str(ROOT / "results" / "postprocess_options.json"))
     args = parser.parse_args()
-    if not DATA.is_dir():
-        print(f"{DATA}: not found; this benchmark needs the real frames", file=sys.stderr)
+    if real_data_missing():
         return 2
     began = time.perf_counter()
     runs = [score_run(Path(p)) for p in args.frames.split(",") if p]

@@ -26,7 +26,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 
-from real_cv import DATA, NAME, native_dice, native_masks  # noqa: E402
+from real_cv import DATA, NAME, native_dice, native_masks, real_data_missing  # noqa: E402
 
 sys.path.insert(0, str(ROOT.parent))
 from pipeline.metrics import dice_per_frame  # noqa: E402
@@ -50,8 +50,7 @@ def main() -> int:
     parser.add_argument("--sizes", default="64x88,96x128,128x176", help="working sizes HxW, comma-separated")
     parser.add_argument("--out", default=str(ROOT / "results" / "quantization_ceiling.json"))
     args = parser.parse_args()
-    if not DATA.is_dir():
-        print(f"{DATA}: not found; this benchmark needs the real frames", file=sys.stderr)
+    if real_data_missing():
         return 2
     began = time.perf_counter()
     names = [p.stem for p in sorted((DATA / "positives-256" / "images").glob("*.jpg")) if NAME.match(p.stem)]

@@ -50,6 +50,14 @@ DATA = ROOT.parent / "shared" / "datasets" / "kaggle-uns"
 NAME = re.compile(r"^(\d+)_(\d+)$")
 
 
+def real_data_missing() -> bool:
+    """True (and says so on stderr) when the real frames are not beside this checkout."""
+    if DATA.is_dir():
+        return False
+    print(f"{DATA}: not found; these benchmarks need the real frames (../shared/datasets/kaggle-uns)", file=sys.stderr)
+    return True
+
+
 def deep_update(base: dict, changes: dict) -> dict:
     out = dict(base)
     for key, value in changes.items():
@@ -219,8 +227,7 @@ def main() -> int:
                         help="also write each held-out frame's name, fold, Dice and working-size probabilities "
                              "(.npz, for bench/error_analysis.py)")
     args = parser.parse_args()
-    if not DATA.is_dir():
-        print(f"{DATA}: not found; this benchmark needs the real frames", file=sys.stderr)
+    if real_data_missing():
         return 2
 
     params = load_settings(args.settings, args.epochs)

@@ -25,8 +25,8 @@ ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT.parent))
 
-from real_cv import (DATA, last_epoch_model, load_positives, load_settings, native_dice,  # noqa: E402
-                     native_masks, score_variants, subject_folds)
+from real_cv import (last_epoch_model, load_positives, load_settings, native_dice, native_masks,  # noqa: E402
+                     real_data_missing, score_variants, subject_folds)
 
 from pipeline.model import FoldEnsemble  # noqa: E402
 from pipeline.train import predict_prepared  # noqa: E402
@@ -39,8 +39,7 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default=str(ROOT / "results" / "real_cv_seed_ensemble.json"))
     args = parser.parse_args()
-    if not DATA.is_dir():
-        print(f"{DATA}: not found; this benchmark needs the real frames", file=sys.stderr)
+    if real_data_missing():
         return 2
     torch.set_num_threads(args.threads)
     runs = [Path(r) for r in args.runs.split(",")]

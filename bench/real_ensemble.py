@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from real_cv import DATA, fold_config, load_positives, load_settings, native_dice, native_masks, subject_folds  # noqa: E402
+from real_cv import fold_config, load_positives, load_settings, native_dice, native_masks, real_data_missing, subject_folds  # noqa: E402
 
 from pipeline.model import FoldEnsemble  # noqa: E402
 from pipeline.split import fold_groups  # noqa: E402
@@ -42,8 +42,7 @@ def main() -> int:
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "real_ensemble.json"))
     parser.add_argument("--work", default="/tmp/nerveseg-real-ensemble")
     args = parser.parse_args()
-    if not DATA.is_dir():
-        print(f"{DATA}: not found; this benchmark needs the real frames", file=sys.stderr)
+    if real_data_missing():
         return 2
     torch.set_num_threads(args.threads)
     params = load_settings(args.settings)

@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from real_cv import DATA, load_positives, load_settings, native_dice, native_masks, subject_folds  # noqa: E402
+from real_cv import load_positives, load_settings, native_dice, native_masks, real_data_missing, subject_folds  # noqa: E402
 from pipeline.metrics import dice_per_frame  # noqa: E402
 
 LEVELS = np.round(np.arange(0.05, 0.96, 0.05), 2)
@@ -41,8 +41,7 @@ def main() -> int:
     parser.add_argument("--settings", default=str(ROOT / "bench" / "real_cv.yaml"))
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "real_prior.json"))
     args = parser.parse_args()
-    if not DATA.is_dir():
-        print(f"{DATA}: not found; this benchmark needs the real frames", file=sys.stderr)
+    if real_data_missing():
         return 2
     began = time.perf_counter()
     params = load_settings(args.settings)

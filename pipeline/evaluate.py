@@ -139,7 +139,7 @@ def evaluate(data_dir: Path, prepared_dir: Path, models_dir: Path, out_dir: Path
     pred = predictor.masks_from_probabilities(probs, presence, masks.shape[1:])
     table = frame_table(pred, masks, holdout)
     table["presence_probability"] = presence
-    metrics = full_summary(pred, masks, presence)
+    metrics = full_summary(pred, masks, presence, outcomes=table["outcome"].to_numpy())
     metrics["n_subjects"] = int(holdout["subject"].nunique())
     subjects = per_subject_table(table)
 

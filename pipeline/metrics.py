@@ -110,10 +110,11 @@ def hausdorff95(pred: np.ndarray, true: np.ndarray) -> float:
     return float(np.percentile(np.concatenate([d_pt, d_tp]), 95))
 
 
-def full_summary(pred: np.ndarray, true: np.ndarray, presence_prob: np.ndarray | None = None) -> dict[str, float]:
+def full_summary(pred: np.ndarray, true: np.ndarray, presence_prob: np.ndarray | None = None,
+                 outcomes: np.ndarray | None = None) -> dict[str, float]:
     """Every holdout figure: competition Dice, IoU, pixel sensitivity/specificity/accuracy,
     presence accuracy and AUROC, the 95th-percentile Hausdorff distance on nerve frames, and how
-    many frames ended in each failure of :func:`frame_outcomes`."""
+    many frames ended in each failure of :func:`frame_outcomes` (``outcomes``, where the caller has them)."""
     out = summarise(pred, true)
     c = pixel_confusion(pred, true)
     out["sensitivity"] = c["tp"] / max(c["tp"] + c["fn"], 1)
@@ -124,5 +125,5 @@ def full_summary(pred: np.ndarray, true: np.ndarray, presence_prob: np.ndarray |
     distances = [hausdorff95(p, t) for p, t in zip(pred, true) if t.any()]
     found = [d for d in distances if not np.isnan(d)]
     out["hd95_px"] = float(np.mean(found)) if found else float("nan")
-    out.update(outcome_counts(frame_outcomes(pred, true)))
+    out.update(outcome_counts(frame_outcomes(pred, true) if outcomes is None else np.asarray(outcomes)))
     return out

@@ -65,3 +65,5 @@ def test_frame_outcomes_name_what_went_wrong_on_each_frame():
     summary = full_summary(pred, true, np.linspace(0, 1, 6))
     assert (summary["nerve_frames_missed"], summary["nerve_frames_elsewhere"],
             summary["nerve_frames_poor_overlap"], summary["false_alarms"]) == (1, 1, 1, 1)
+    # The evaluation passes the outcomes its frame table already holds: the same counts, not computed twice.
+    assert full_summary(pred, true, np.linspace(0, 1, 6), outcomes=outcomes) == summary

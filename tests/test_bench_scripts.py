@@ -1,0 +1,58 @@
+"""The benchmarks in bench/ are run by hand, rarely and for long: a broken import or option found only
+then costs an hour. Each script must import and build its command line; and a real-data benchmark
+without the real frames must stop at once with exit code 2 and say what is missing."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from .conftest import REPO
+
+BENCH = REPO / "bench"
+
+# One interpreter for all scripts (torch is imported once): each one's main() runs with --help,
+# which builds its parser and exits 0 before any work.
+HELP_ALL = """
+import contextlib, importlib.util, io, sys
+failures = []
+for path in sys.argv[1:]:
+    spec = importlib.util.spec_from_file_location("bench_" + path.rsplit("/", 1)[-1][:-3], path)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+        sys.argv = [path, "--help"]
+        with contextlib.redirect_stdout(io.StringIO()) as out:
+            module.main()
+        failures.append(f"{path}: main() returned without --help's exit")
+    except SystemExit as stop:
+        if stop.code not in (0, None) or "usage:" not in out.getvalue():
+            failures.append(f"{path}: --help exited {stop.code!r}")
+    except Exception as error:
+        failures.append(f"{path}: {type(error).__name__}: {error}")
+print("\\n".join(failures))
+sys.exit(1 if failures else 0)
+"""
+
+
+def test_every_benchmark_imports_and_builds_its_command_line():
+    scripts = sorted(str(p) for p in BENCH.glob("*.py"))
+    assert len(scripts) >= 15
+    done = subprocess.run([sys.executable, "-c", HELP_ALL, *scripts], cwd=REPO, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_real_data_benchmark_without_the_frames_exits_2_and_says_why(tmp_path):
+    # A copy of bench/ in a folder with no ../shared beside it: DATA resolves to a missing folder.
+    copy = tmp_path / "checkout" / "bench"
+    copy.mkdir(parents=True)
+    for name in ("real_cv.py", "quantization_ceiling.py"):
+        (copy / name).write_text((BENCH / name).read_text())
+    done = subprocess.run([sys.executable, str(copy / "quantization_ceiling.py"), "--out", str(tmp_path / "q.json")],
+                          cwd=REPO, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "kaggle-uns" in done.stderr and "not found" in done.stderr
+    assert not (tmp_path / "q.json").exists()
