@@ -187,6 +187,11 @@ class PromotionParams(_Section):
 
     margin: float = 0.0               # the interval's lower bound must exceed this
     bootstrap_resamples: int = Field(2000, ge=100)
+    # What the bootstrap draws: "frame", or "subject" (whole subjects with all their frames). A
+    # subject's frames are near-duplicates of one video, so resampling frames overstates the evidence
+    # (on real data its intervals are about 1.5x too narrow: docs/benchmarks.md, "The promotion gate").
+    resample: Literal["frame", "subject"] = "frame"
+    min_subjects: int = Field(5, ge=2)  # resample: subject promotes nothing on a holdout of fewer subjects
     confidence: float = Field(0.95, gt=0.5, lt=1)
     presence_tolerance: float = Field(0.02, ge=0, le=1)  # allowed drop in presence accuracy
     seed: int = 0

@@ -28,8 +28,8 @@ LIMITS = [
     "Decision support only: the clinician's own reading of the image decides where to inject.",
     "Trained and evaluated on the data version named below only; other probes, presets, depths or body "
     "sites are outside what it was checked on.",
-    "Frames of one subject are correlated; metrics are on held-out subjects, and intervals reflect only the "
-    "frames available.",
+    "Frames of one subject are correlated; metrics are on held-out subjects, and the interval over subjects "
+    "is the one to trust: with few holdout subjects it is wide, and it reflects only the subjects available.",
     "A frame scored as 'no nerve' may still contain one (see presence accuracy and missed nerve frames).",
 ]
 PICTURES = ("overlays.png", "threshold_curve.png", "training_curves.png")
@@ -51,10 +51,10 @@ def _frame_table(frame: pd.DataFrame) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
-def _interval(values: np.ndarray) -> str:
+def _interval(values: np.ndarray, groups: np.ndarray | None = None) -> str:
     if len(values) == 0:
         return "n/a"
-    mean, low, high = paired_bootstrap(values, 1000, 0.95, seed=0)
+    mean, low, high = paired_bootstrap(values, 1000, 0.95, seed=0, groups=groups)
     return f"{mean:.4f} [{low:.4f}, {high:.4f}]"
 
 
@@ -81,8 +81,11 @@ def build_card(uri: str, default_name: str) -> str:
     metrics_rows = [(k, f"{v:.4f}") for k, v in record["holdout"].items()]
     subject_html = "<p>No per-frame results were logged with this version.</p>"
     if per_frame is not None:
-        overall = _interval(per_frame["dice"].to_numpy())
-        metrics_rows.insert(0, ("Dice, 95 % bootstrap interval over frames", overall))
+        dice = per_frame["dice"].to_numpy()
+        metrics_rows[:0] = [("Dice, 95 % bootstrap interval over frames", _interval(dice)),
+                            # the honester one: a subject's frames are near-duplicates, not new draws
+                            ("Dice, 95 % bootstrap interval over subjects",
+                             _interval(dice, per_frame["subject"].astype(str).to_numpy()))]
         rows = []
         for subject, group in per_frame.groupby("subject"):
             rows.append({"subject": str(subject), "frames": len(group),

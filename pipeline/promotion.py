@@ -1,7 +1,8 @@
 """The promotion gate. The challenger takes ``champion`` only when, on the **same holdout frames**:
 
 - a paired bootstrap of the per-frame Dice difference (challenger − champion) gives an interval whose
-  lower bound is above ``promotion.margin``;
+  lower bound is above ``promotion.margin``; it resamples frames, or whole subjects
+  (``promotion.resample: subject``), since one subject's frames are not independent draws;
 - its presence accuracy does not drop by more than ``promotion.presence_tolerance``;
 - the data validation of its data version passed.
 
@@ -24,6 +25,7 @@ class FrameScores:
     frame_ids: list[str]
     dice: np.ndarray           # competition Dice per frame
     presence_ok: np.ndarray    # predicted presence agrees with the truth, per frame
+    subjects: list[str] | None = None  # each frame's subject, for resampling whole subjects
 
     @property
     def mean_dice(self) -> float:
@@ -34,12 +36,20 @@ class FrameScores:
         return float(np.mean(self.presence_ok))
 
 
-def paired_bootstrap(diff: np.ndarray, resamples: int, confidence: float, seed: int) -> tuple[float, float, float]:
-    """Mean of ``diff`` and its percentile bootstrap interval (frames resampled with replacement)."""
+def paired_bootstrap(diff: np.ndarray, resamples: int, confidence: float, seed: int,
+                     groups: list[str] | np.ndarray | None = None) -> tuple[float, float, float]:
+    """Mean of ``diff`` and its percentile bootstrap interval: frames resampled with replacement, or
+    with ``groups`` (each frame's subject) whole groups, the mean still taken over their frames."""
     diff = np.asarray(diff, float)
     rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(diff), size=(resamples, len(diff)))
-    means = diff[idx].mean(axis=1)
+    if groups is None:
+        idx = rng.integers(0, len(diff), size=(resamples, len(diff)))
+        means = diff[idx].mean(axis=1)
+    else:
+        _, group = np.unique(np.asarray(groups), return_inverse=True)
+        sums, counts = np.bincount(group, weights=diff), np.bincount(group).astype(float)
+        idx = rng.integers(0, len(sums), size=(resamples, len(sums)))
+        means = sums[idx].sum(axis=1) / counts[idx].sum(axis=1)
     alpha = (1 - confidence) / 2
     return float(diff.mean()), float(np.quantile(means, alpha)), float(np.quantile(means, 1 - alpha))
 
@@ -63,6 +73,8 @@ class PromotionDecision:
     margin: float
     validation_passed: bool
     n_frames: int
+    resample: str = "frame"             # what the bootstrap drew: frame or subject
+    n_subjects: int | None = None       # holdout subjects, where the scores name them
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -81,7 +93,12 @@ class PromotionDecision:
             "promotion.interval": "" if self.interval_low is None else
             f"[{self.interval_low:.6f}, {self.interval_high:.6f}] at {self.confidence:g}",
             "promotion.n_frames": str(self.n_frames),
+            "promotion.resample": self.resample,
+            "promotion.n_subjects": f(self.n_subjects),
         }
+
+    def _unit(self) -> str:
+        return f"{self.n_subjects} subjects" if self.resample == "subject" else f"{self.n_frames} frames"
 
     def to_markdown(self) -> str:
         verdict = "**promoted** to `champion`" if self.promote else "kept as `challenger`"
@@ -94,7 +111,7 @@ class PromotionDecision:
                          f"{self.champion_presence_accuracy:.4f} |")
             lines.append(f"\nDice difference {self.dice_difference:+.4f}, {self.confidence:.0%} interval "
                          f"[{self.interval_low:+.4f}, {self.interval_high:+.4f}] ({self.resamples} paired "
-                         f"bootstrap resamples), margin {self.margin:g}.")
+                         f"bootstrap resamples of the {self._unit()}), margin {self.margin:g}.")
         lines.append(f"\nReason: {self.reason}\n")
         return "\n".join(lines)
 
@@ -103,6 +120,10 @@ def decide(challenger_version: str, challenger: FrameScores, champion_version: s
            champion: FrameScores | None, params: PromotionParams, validation_passed: bool) -> PromotionDecision:
     if champion is not None and champion.frame_ids != challenger.frame_ids:
         raise ValueError("champion and challenger must be scored on the same frames, in the same order")
+    if params.resample == "subject" and challenger.subjects is None:
+        raise ValueError("promotion.resample: subject needs each holdout frame's subject")
+    n_subjects = None if challenger.subjects is None else len(set(challenger.subjects))
+    groups = challenger.subjects if params.resample == "subject" else None
     common = dict(
         challenger_version=challenger_version,
         challenger_dice=challenger.mean_dice,
@@ -115,18 +136,27 @@ def decide(challenger_version: str, challenger: FrameScores, champion_version: s
         margin=params.margin,
         validation_passed=validation_passed,
         n_frames=len(challenger.frame_ids),
+        resample=params.resample,
+        n_subjects=n_subjects,
     )
     if champion is None:
         mean = low = high = None
     else:
         mean, low, high = paired_bootstrap(challenger.dice - champion.dice, params.bootstrap_resamples,
-                                           params.confidence, params.seed)
+                                           params.confidence, params.seed, groups)
     common.update(dice_difference=mean, interval_low=low, interval_high=high)
 
     if not validation_passed:
         promote, reason = False, "the data validation of this data version did not pass"
     elif champion is None:
         promote, reason = True, "no champion yet: the first valid model becomes champion"
+    elif groups is not None and n_subjects < params.min_subjects:
+        # Resampling two or three subjects gives an interval that says nothing (one: no width at all).
+        promote, reason = False, (
+            f"the holdout has {n_subjects} subjects, fewer than promotion.min_subjects {params.min_subjects} "
+            f"that promotion.resample: subject needs; hold out more subjects (split.holdout_fraction) or "
+            f"resample frames"
+        )
     elif low <= params.margin:
         promote, reason = False, (
             f"not measurably better: Dice difference {mean:+.4f}, {params.confidence:.0%} interval "

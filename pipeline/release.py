@@ -75,11 +75,12 @@ def load_and_check(name: str, version: str, frame: np.ndarray | None = None):
     return model
 
 
-def score_version(model, images: np.ndarray, masks: np.ndarray, frame_ids: list[str]) -> FrameScores:
+def score_version(model, images: np.ndarray, masks: np.ndarray, frame_ids: list[str],
+                  subjects: list[str] | None = None) -> FrameScores:
     pred = (np.asarray(model.predict(images)) > 0).astype(np.uint8)
     dice = dice_per_frame(pred, masks)
     presence_ok = pred.reshape(len(pred), -1).any(1) == masks.reshape(len(masks), -1).any(1)
-    return FrameScores(list(frame_ids), dice, presence_ok)
+    return FrameScores(list(frame_ids), dice, presence_ok, subjects)
 
 
 def record_event(name: str, version: str, action: str, reason: str, actor: str | None = None,
@@ -122,14 +123,15 @@ def gate(paths: ProjectPaths, params: Params, version: str) -> tuple[PromotionDe
     name = params.registry.model_name
     holdout = holdout_table(paths)
     images, masks = load_native(paths.raw_dir, holdout)
-    frame_ids = holdout["frame_id"].tolist()
-    challenger = score_version(load_and_check(name, version, images[0]), images, masks, frame_ids)
+    frame_ids, subjects = holdout["frame_id"].tolist(), holdout["subject"].astype(str).tolist()
+    challenger = score_version(load_and_check(name, version, images[0]), images, masks, frame_ids, subjects)
 
     current = registry.version_by_alias(name, registry.CHAMPION)
     champion_version = str(current.version) if current is not None and str(current.version) != version else None
     champion = None
     if champion_version is not None:
-        champion = score_version(registry.load_model(f"models:/{name}/{champion_version}"), images, masks, frame_ids)
+        champion = score_version(registry.load_model(f"models:/{name}/{champion_version}"), images, masks, frame_ids,
+                                 subjects)
 
     tags = registry.client().get_model_version(name, version).tags
     validation_passed = tags.get(registry.TAG_VALIDATION) == "true"
@@ -138,7 +140,8 @@ def gate(paths: ProjectPaths, params: Params, version: str) -> tuple[PromotionDe
     evidence = {"challenger_dice": decision.challenger_dice, "champion_version": champion_version,
                 "champion_dice": decision.champion_dice, "interval": [decision.interval_low, decision.interval_high],
                 "data_hash": tags.get(registry.TAG_DATA_HASH), "validation_passed": validation_passed,
-                "flow_run": tags.get(registry.TAG_FLOW_RUN), "n_frames": decision.n_frames}
+                "flow_run": tags.get(registry.TAG_FLOW_RUN), "n_frames": decision.n_frames,
+                "resample": decision.resample, "n_subjects": decision.n_subjects}
     if champion_version is not None:
         registry.set_tags(name, champion_version, {  # the decision on both versions
             "promotion.last_challenge": f"v{version}: {decision.tags()['promotion.decision']}",

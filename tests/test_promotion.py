@@ -63,3 +63,48 @@ def test_decision_is_recorded_as_tags_and_markdown():
     assert tags["promotion.champion_dice_same_frames"] == "0.500000"
     assert tags["promotion.interval"].startswith("[")
     assert "champion v1" in d.to_markdown()
+
+
+def clustered(offsets: list[float], frames_per_subject: int, seed: int = 3) -> tuple[np.ndarray, list[str]]:
+    """Per-frame Dice differences where each subject's frames share its offset: one video's near-duplicates."""
+    rng = np.random.default_rng(seed)
+    diff = np.concatenate([o + rng.normal(0, 0.01, frames_per_subject) for o in offsets])
+    return diff, [f"s{i}" for i, _ in enumerate(offsets) for _ in range(frames_per_subject)]
+
+
+def test_resampling_subjects_sees_that_near_duplicate_frames_are_not_independent():
+    # Eight subjects of 50 near-identical frames each: four gain, four lose a little or nothing; the mean gain
+    # rests on eight draws, not on 400.
+    diff, subjects = clustered([0.05, 0.03, 0.02, 0.0, -0.01, -0.02, 0.03, -0.005], 50)
+    champion = np.full(len(diff), 0.6)
+    ids = [f"{s}_{i}" for i, s in enumerate(subjects)]
+    ones = np.ones(len(diff), bool)
+    mine, theirs = FrameScores(ids, champion + diff, ones, subjects), FrameScores(ids, champion, ones, subjects)
+    by_frame = decide("2", mine, "1", theirs, RULES, True)
+    by_subject = decide("2", mine, "1", theirs, PromotionParams(bootstrap_resamples=1000, resample="subject"), True)
+    assert by_frame.promote and not by_subject.promote
+    assert (by_subject.interval_high - by_subject.interval_low) > 3 * (by_frame.interval_high - by_frame.interval_low)
+    assert by_subject.dice_difference == pytest.approx(by_frame.dice_difference)  # the same mean over frames
+    assert (by_subject.resample, by_subject.n_subjects, by_frame.n_subjects) == ("subject", 8, 8)
+    assert by_subject.tags()["promotion.resample"] == "subject" and "of the 8 subjects" in by_subject.to_markdown()
+    assert "of the 400 frames" in by_frame.to_markdown()
+
+
+def test_one_frame_per_subject_resamples_exactly_like_frames():
+    diff = np.random.default_rng(4).normal(0.01, 0.05, 60)
+    groups = [f"{i:03d}" for i in range(60)]  # already in np.unique's order: the same draws
+    assert paired_bootstrap(diff, 500, 0.95, 0, groups) == paired_bootstrap(diff, 500, 0.95, 0)
+
+
+def test_resampling_too_few_subjects_promotes_nothing_and_says_why():
+    diff, subjects = clustered([0.2, 0.2, 0.2], 20)
+    ids = [f"{s}_{i}" for i, s in enumerate(subjects)]
+    ones = np.ones(len(diff), bool)
+    rules = PromotionParams(resample="subject", min_subjects=5)
+    d = decide("2", FrameScores(ids, 0.5 + diff, ones, subjects), "1", FrameScores(ids, np.full(60, 0.5), ones, subjects),
+               rules, True)
+    assert not d.promote and "3 subjects, fewer than promotion.min_subjects 5" in d.reason
+    first = decide("1", FrameScores(ids, 0.5 + diff, ones, subjects), None, None, rules, True)
+    assert first.promote  # without a champion there is nothing to compare: the first valid model
+    with pytest.raises(ValueError, match="subject"):
+        decide("2", scores([0.6] * 40), "1", scores([0.5] * 40), rules, True)

@@ -90,6 +90,20 @@ def test_worse_or_equal_challenger_is_not_promoted(store):
     assert [e["action"] for e in release.history(NAME)] == ["promote", "reject", "reject"]
 
 
+def test_gate_can_resample_the_holdout_subjects(store):
+    paths, params, register = store
+    release.promote(paths, params, register("worse"))
+    subjects = release.holdout_table(paths)["subject"].nunique()
+    rules = params.model_copy(update={"promotion": params.promotion.model_copy(
+        update={"resample": "subject", "min_subjects": subjects + 1})})
+    good = register("good")
+    decision = release.promote(paths, rules, good)  # far better, but too few subjects to tell
+    assert not decision.promote and f"{subjects} subjects, fewer than promotion.min_subjects" in decision.reason
+    tags = registry.client().get_model_version(NAME, good).tags
+    assert (tags["promotion.resample"], tags["promotion.n_subjects"]) == ("subject", str(subjects))
+    assert release.history(NAME)[-1]["n_subjects"] == subjects
+
+
 def test_failed_validation_blocks_promotion(store):
     paths, params, register = store
     release.promote(paths, params, register("worse"))
