@@ -29,7 +29,7 @@ LIMITS = [
     "Trained and evaluated on the data version named below only; other probes, presets, depths or body "
     "sites are outside what it was checked on.",
     "Frames of one subject are correlated; metrics are on held-out subjects, and the interval over subjects "
-    "is the one to trust: with few holdout subjects it is wide, and it reflects only the subjects available.",
+    "is the one to trust; with fewer than about five holdout subjects no interval says much.",
     "A frame scored as 'no nerve' may still contain one (see presence accuracy and missed nerve frames).",
 ]
 PICTURES = ("overlays.png", "threshold_curve.png", "training_curves.png")
@@ -84,7 +84,7 @@ def build_card(uri: str, default_name: str) -> str:
         dice = per_frame["dice"].to_numpy()
         metrics_rows[:0] = [("Dice, 95 % bootstrap interval over frames", _interval(dice)),
                             # the honester one: a subject's frames are near-duplicates, not new draws
-                            ("Dice, 95 % bootstrap interval over subjects",
+                            (f"Dice, 95 % bootstrap interval over the {per_frame['subject'].nunique()} subjects",
                              _interval(dice, per_frame["subject"].astype(str).to_numpy()))]
         rows = []
         for subject, group in per_frame.groupby("subject"):
