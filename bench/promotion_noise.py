@@ -27,20 +27,22 @@ import argparse
 import json
 import sys
 import time
+from functools import cache
 from pathlib import Path
 
 import numpy as np
-import yaml
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT.parent))
 
-from pipeline.config import PromotionParams  # noqa: E402
+from pipeline.config import PromotionParams, load_params  # noqa: E402
+from pipeline.layout import FRAME_NAME  # noqa: E402
 from pipeline.promotion import FrameScores, decide  # noqa: E402
 
 MARGINS = (0.0, 0.0025, 0.005, 0.01, 0.02)
 
 
+@cache  # each run takes part in several comparisons: read it once
 def load_run(path: str) -> dict[str, tuple[int, float]]:
     """frame name -> (fold, Dice) of one ``bench/real_cv.py --frames-out`` file."""
     frames = np.load(path)
@@ -59,7 +61,7 @@ def compare(kind: str, challenger: str, champion: str, params: PromotionParams) 
         if fold != "all" and any(b[n][0] != fold for n in held):
             raise SystemExit(f"{challenger} and {champion} split the folds differently")
         ones = np.ones(len(held), bool)
-        subjects = [n.split("_")[0] for n in held]
+        subjects = [FRAME_NAME.match(n)["subject"] for n in held]
         mine = FrameScores(held, np.array([a[n][1] for n in held]), ones, subjects)
         theirs = FrameScores(held, np.array([b[n][1] for n in held]), ones, subjects)
         row = {"kind": kind, "challenger": Path(challenger).name, "champion": Path(champion).name,
@@ -68,7 +70,7 @@ def compare(kind: str, challenger: str, champion: str, params: PromotionParams) 
             decisions = {m: decide("challenger", mine, "champion", theirs,
                                    params.model_copy(update={"margin": m, "resample": unit}), True) for m in MARGINS}
             first = decisions[MARGINS[0]]
-            row["difference"] = round(first.dice_difference, 4)
+            row["difference"] = round(first.dice_difference, 4)  # the same mean over frames for either unit
             row[f"{unit}_interval"] = [round(first.interval_low, 4), round(first.interval_high, 4)]
             row[f"promoted_{unit}s"] = {str(m): d.promote for m, d in decisions.items()}
         rows.append(row)
@@ -90,7 +92,7 @@ def main() -> int:
     parser.add_argument("--out", default=str(ROOT / "results" / "promotion_noise.json"))
     args = parser.parse_args()
     began = time.perf_counter()
-    params = PromotionParams.model_validate(yaml.safe_load(Path(args.params).read_text()).get("promotion", {}))
+    params: PromotionParams = load_params(args.params).promotion
     twins = [p for p in args.twins.split(",") if p]
     if len(twins) < 2:
         parser.error("--twins needs two or more runs of the same settings")

@@ -20,15 +20,16 @@ failures = []
 for path in sys.argv[1:]:
     spec = importlib.util.spec_from_file_location("bench_" + path.rsplit("/", 1)[-1][:-3], path)
     module = importlib.util.module_from_spec(spec)
+    out = io.StringIO()  # fresh per script: an exit before main() must not see the last script's usage text
     try:
         spec.loader.exec_module(module)
         sys.argv = [path, "--help"]
-        with contextlib.redirect_stdout(io.StringIO()) as out:
+        with contextlib.redirect_stdout(out):
             module.main()
         failures.append(f"{path}: main() returned without --help's exit")
     except SystemExit as stop:
         if stop.code not in (0, None) or "usage:" not in out.getvalue():
-            failures.append(f"{path}: --help exited {stop.code!r}")
+            failures.append(f"{path}: exited {stop.code!r} without printing its usage for --help")
     except Exception as error:
         failures.append(f"{path}: {type(error).__name__}: {error}")
 print("\\n".join(failures))

@@ -67,3 +67,5 @@ def test_frame_outcomes_name_what_went_wrong_on_each_frame():
             summary["nerve_frames_poor_overlap"], summary["false_alarms"]) == (1, 1, 1, 1)
     # The evaluation passes the outcomes its frame table already holds: the same counts, not computed twice.
     assert full_summary(pred, true, np.linspace(0, 1, 6), outcomes=outcomes) == summary
+    given = full_summary(pred, true, outcomes=np.array(["missed"] * 4 + ["true empty"] * 2))
+    assert (given["nerve_frames_missed"], given["false_alarms"]) == (4, 0)  # the given outcomes are the ones counted
