@@ -26,9 +26,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 
-from real_cv import DATA, NAME, native_dice, native_masks, real_data_missing  # noqa: E402
+from real_cv import DATA, native_dice, native_masks, real_data_missing  # noqa: E402
 
 sys.path.insert(0, str(ROOT.parent))
+from pipeline.layout import FRAME_NAME  # noqa: E402
 from pipeline.metrics import dice_per_frame  # noqa: E402
 from pipeline.preprocess import resize_mask  # noqa: E402
 from pipeline.rle import read_rle_csv, rle_decode  # noqa: E402
@@ -53,7 +54,7 @@ def main() -> int:
     if real_data_missing():
         return 2
     began = time.perf_counter()
-    names = [p.stem for p in sorted((DATA / "positives-256" / "images").glob("*.jpg")) if NAME.match(p.stem)]
+    names = [p.stem for p in sorted((DATA / "positives-256" / "images").glob("*.jpg")) if FRAME_NAME.match(p.stem)]
     native = native_masks(names)
     rows = []
     for size in args.sizes.split(","):

@@ -24,7 +24,6 @@ import argparse
 import json
 import os
 import platform
-import re
 import sys
 import time
 from pathlib import Path
@@ -39,6 +38,7 @@ sys.path.insert(0, str(ROOT))
 
 from pipeline.config import Params  # noqa: E402
 from pipeline.importers import letterbox_rows  # noqa: E402
+from pipeline.layout import FRAME_NAME  # noqa: E402
 from pipeline.inference import Postprocess, Predictor, largest_component  # noqa: E402
 from pipeline.preprocess import resize_frame, resize_mask  # noqa: E402
 from pipeline.model import ModelConfig  # noqa: E402
@@ -47,7 +47,6 @@ from pipeline.split import fold_groups  # noqa: E402
 from pipeline.train import combine_outputs, fit, load_trained, model_config, predict_prepared  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "datasets" / "kaggle-uns"
-NAME = re.compile(r"^(\d+)_(\d+)$")
 
 
 def real_data_missing() -> bool:
@@ -87,7 +86,7 @@ def load_positives(height: int, width: int) -> tuple[np.ndarray, np.ndarray, np.
     at the working size, made as the preprocess stage makes them; with each frame's subject and name."""
     images, masks, coverages, subjects, names = [], [], [], [], []
     for path in sorted((DATA / "positives-256" / "images").glob("*.jpg")):
-        match = NAME.match(path.stem)
+        match = FRAME_NAME.match(path.stem)
         mask_path = DATA / "positives-256" / "masks" / f"{path.stem}_mask.jpg"
         image = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
         box = letterbox_rows(image)  # the importer's detection (rows 35-220 for positives-256)
@@ -99,7 +98,7 @@ def load_positives(height: int, width: int) -> tuple[np.ndarray, np.ndarray, np.
         binary, coverage = resize_mask(mask > 127, height, width)
         masks.append(binary)
         coverages.append(coverage.astype(np.float32) / 255.0)
-        subjects.append(int(match.group(1)))
+        subjects.append(int(match["subject"]))
         names.append(path.stem)
     return np.stack(images), np.stack(masks), np.stack(coverages), np.asarray(subjects), np.asarray(names)
 

@@ -40,13 +40,13 @@ import numpy as np
 import pandas as pd
 
 from pipeline.imageio import ImageReadError, read_gray
+from pipeline.layout import FRAME_NAME
 
 HEIGHT, WIDTH = 420, 580
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".tif", ".tiff"}
 FORMATS = ("competition", "folders", "unlabeled")
 MANIFEST_DIR = "manifests"
 MASK_THRESHOLD = 127
-_LABELLED = re.compile(r"^(?P<subject>\d+)_(?P<n>\d+)$")
 _UNLABELED = re.compile(r"^(?P<n>\d+)$")
 MANIFEST_COLUMNS = ["frame_id", "split", "subject", "n", "image_path", "mask_path", "source_image",
                     "source_mask", "has_mask", "mask_area", "letterboxed", "status"]
@@ -81,7 +81,7 @@ def _check_image_suffix(path: Path) -> None:
 
 
 def _labelled_id(path: Path, stem: str) -> tuple[str, int, int]:
-    m = _LABELLED.match(stem)
+    m = FRAME_NAME.match(stem)
     if not m:
         raise DataImportError(f"{path}: name does not follow {{subject}}_{{n}} (e.g. 12_34{path.suffix})")
     subject, n = int(m["subject"]), int(m["n"])

@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -55,6 +54,8 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 from tqdm import tqdm
+
+from pipeline.layout import FRAME_NAME, IMAGE_SUFFIX, MASK_SUFFIX
 
 __all__ = ["DEFECT_KINDS", "PhantomSpec", "generate_phantom", "plant_defects", "synth_frame"]
 
@@ -727,7 +728,6 @@ DEFECT_KINDS = (
     "frame_16bit",  # the frame stored as 16-bit grayscale
 )
 _NEEDS_NERVE = {"non_binary_mask", "contradicting_duplicate"}
-_FRAME_NAME = re.compile(r"^(\d+)_(\d+)\.tif$")
 
 
 def plant_defects(data_dir: Path, kinds: Sequence[str], seed: int = 0) -> list[dict]:
@@ -745,10 +745,10 @@ def plant_defects(data_dir: Path, kinds: Sequence[str], seed: int = 0) -> list[d
     data_dir = Path(data_dir)
     train = data_dir / "train"
     pairs = []  # (subject, n) with both files present
-    for path in train.glob("*.tif"):
-        m = _FRAME_NAME.match(path.name)
-        if m and (train / f"{m[1]}_{m[2]}_mask.tif").exists():
-            pairs.append((int(m[1]), int(m[2])))
+    for path in train.glob(f"*{IMAGE_SUFFIX}"):
+        m = FRAME_NAME.match(path.stem)
+        if m and path.with_name(path.stem + MASK_SUFFIX).exists():
+            pairs.append((int(m["subject"]), int(m["n"])))
     pairs.sort()
     rng = np.random.default_rng([seed, 20160])
     order = [pairs[i] for i in rng.permutation(len(pairs))]
