@@ -14,7 +14,7 @@ import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -240,6 +240,119 @@ def train(
                progress=progress, max_epochs_this_call=max_epochs_this_call)
 
 
+def _training_loader(dataset: Dataset, tp, dist: Distributed, device: torch.device,
+                     generator: torch.Generator) -> tuple[DataLoader, torch.utils.data.DistributedSampler | None]:
+    """The shuffled loader of the training frames; under ``torchrun`` each rank reads its own share."""
+    batch = max(1, tp.batch_size // dist.world)
+    sampler = None
+    if dist.world > 1:
+        sampler = torch.utils.data.DistributedSampler(dataset, dist.world, dist.rank, shuffle=True, seed=tp.seed,
+                                                      drop_last=True)
+    loader = DataLoader(
+        dataset,
+        batch_size=batch,
+        shuffle=sampler is None,
+        sampler=sampler,
+        drop_last=len(dataset) // dist.world > batch,
+        generator=generator,
+        num_workers=tp.loader_workers,
+        worker_init_fn=_reseed_worker if tp.loader_workers else None,
+        pin_memory=device.type == "cuda",
+    )
+    return loader, sampler
+
+
+@dataclass
+class _RunState:
+    """Where a training stands, besides its weights and optimiser: what a checkpoint carries over."""
+
+    next_epoch: int = 1
+    best: float = -1.0
+    best_epoch: int = 0
+    stale: int = 0
+    history: list[dict] = field(default_factory=list)
+    resumed_from: int | None = None
+
+
+def _resume(ckpt_path: Path, identity_key: str, device: torch.device, model, optimizer, scheduler) -> _RunState:
+    """Load the checkpoint into the model, optimiser and schedule when it is an unfinished run of the
+    same settings and data; otherwise leave them as they are and start at epoch 1."""
+    if not ckpt_path.is_file():
+        return _RunState()
+    state = torch.load(ckpt_path, map_location=device, weights_only=True)
+    if state.get("identity") != identity_key or state["finished"]:
+        return _RunState()
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng"])
+    return _RunState(state["epoch"] + 1, state["best"], state["best_epoch"], state.get("stale", 0),
+                     json.loads(state["history"]), state["epoch"])
+
+
+def _checkpoint(identity_key: str, finished: bool, epoch: int, state: _RunState, model, optimizer,
+                scheduler) -> dict:
+    return {
+        "identity": identity_key,
+        "finished": finished,
+        "epoch": epoch,
+        "best": state.best,
+        "best_epoch": state.best_epoch,
+        "stale": state.stale,
+        "history": json.dumps(state.history),
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "rng": torch.get_rng_state(),
+    }
+
+
+def _train_epoch(net, loader: DataLoader, optimizer, scheduler, tp, device: torch.device, amp: bool,
+                 bar: str, show: bool) -> tuple[dict[str, float], int]:
+    """One pass over the loader; the frame-weighted mean of the loss and its parts, and the frames seen."""
+    net.train()
+    sums = {"loss": 0.0, "dice_loss": 0.0, "bce_loss": 0.0, "presence_loss": 0.0}
+    seen = 0
+    batches = tqdm(loader, desc=bar, disable=not show, leave=False)
+    for x, y in batches:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        if tp.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            mask_logits, presence_logits = net(x)
+        loss, parts = segmentation_loss(mask_logits, presence_logits, y, tp.loss)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        sums["loss"] += float(loss.detach()) * len(x)
+        for key, value in parts.items():
+            sums[key] = sums.get(key, 0.0) + value * len(x)
+        seen += len(x)
+        batches.set_postfix(loss=f"{float(loss.detach()):.3f}")
+    return {key: value / max(1, seen) for key, value in sums.items()}, seen
+
+
+def _validation_scores(model, val_x: np.ndarray, val_y: np.ndarray, config: ModelConfig, device: torch.device,
+                       amp: bool) -> dict[str, float]:
+    """Validation Dice (both heads combined at 0.5) and presence accuracy at the working size."""
+    prob, presence = predict_prepared(model, val_x, config, device, amp=amp)
+    val_pred = combine_outputs(prob, presence, 0.5, 0.5)
+    return {"val_dice": float(dice_per_frame(val_pred, val_y).mean()),
+            "val_presence_accuracy": float(((presence >= 0.5) == val_y.reshape(len(val_y), -1).any(1)).mean())}
+
+
+def _write_outputs(out_dir: Path, config: ModelConfig, history: list[dict], result: TrainResult) -> None:
+    atomic_write_text(out_dir / CONFIG, json.dumps(config.to_dict(), indent=2))
+    atomic_write_text(out_dir / HISTORY, pd.DataFrame(history).to_csv(index=False))
+    atomic_write_text(
+        out_dir / METRICS,
+        json.dumps({"best_epoch": result.best_epoch, "best_val_dice": result.best_val_dice,
+                    "epochs_run": result.epochs_run, "world_size": result.world_size, "seconds": result.seconds},
+                   indent=2),
+    )
+
+
 def fit(
     train_x: np.ndarray,
     train_y: np.ndarray,
@@ -282,24 +395,9 @@ def fit(
     if tp.channels_last:
         model = model.to(memory_format=torch.channels_last)
     transform = training_transform(tp.augment, tp.seed)
-    dataset = FrameDataset(train_x, train_y, config, transform)
-    batch = max(1, tp.batch_size // dist.world)
     shuffle_gen = torch.Generator()
-    sampler = None
-    if dist.world > 1:
-        sampler = torch.utils.data.DistributedSampler(dataset, dist.world, dist.rank, shuffle=True, seed=tp.seed,
-                                                      drop_last=True)
-    loader = DataLoader(
-        dataset,
-        batch_size=batch,
-        shuffle=sampler is None,
-        sampler=sampler,
-        drop_last=len(train_x) // dist.world > batch,
-        generator=shuffle_gen,
-        num_workers=tp.loader_workers,
-        worker_init_fn=_reseed_worker if tp.loader_workers else None,
-        pin_memory=device.type == "cuda",
-    )
+    loader, sampler = _training_loader(FrameDataset(train_x, train_y, config, transform), tp, dist, device,
+                                       shuffle_gen)
     optimizer = torch.optim.AdamW(model.parameters(), lr=tp.learning_rate, weight_decay=tp.weight_decay)
     per_epoch = max(1, len(loader))
     steps, warmup = tp.epochs * per_epoch, tp.warmup_epochs * per_epoch
@@ -307,20 +405,9 @@ def fit(
 
     # Resume only a checkpoint of the same settings and data that did not finish.
     identity_key = _identity_key(identity, dist.world)
-    start_epoch, best, best_epoch, stale, history, resumed = 1, -1.0, 0, 0, [], None
     ckpt_path = out_dir / CHECKPOINT
-    if ckpt_path.is_file():
-        state = torch.load(ckpt_path, map_location=device, weights_only=True)
-        if state.get("identity") == identity_key and not state["finished"]:
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            torch.set_rng_state(state["rng"])
-            start_epoch, best, best_epoch = state["epoch"] + 1, state["best"], state["best_epoch"]
-            stale = state.get("stale", 0)
-            history = json.loads(state["history"])
-            resumed = state["epoch"]
-    if dist.main and resumed is None and (out_dir / WEIGHTS).exists():
+    state = _resume(ckpt_path, identity_key, device, model, optimizer, scheduler)
+    if dist.main and state.resumed_from is None and (out_dir / WEIGHTS).exists():
         (out_dir / WEIGHTS).unlink()  # never leave the previous run's weights beside new history
     if dist.world > 1:
         torch.distributed.barrier()
@@ -331,75 +418,38 @@ def fit(
     if tp.compile:
         net = torch.compile(net, backend=tp.compile_backend)
 
-    began, frames_seen, epoch = time.perf_counter(), 0, start_epoch - 1
+    began, frames_seen, epoch = time.perf_counter(), 0, state.next_epoch - 1
     try:
-        for epoch in range(start_epoch, tp.epochs + 1):
+        for epoch in range(state.next_epoch, tp.epochs + 1):
             # Streams from the epoch number: a resumed run sees the same frames in the same order.
             shuffle_gen.manual_seed(tp.seed * 1_000_003 + epoch)
             transform.set_random_seed(tp.seed * 1_000_003 + epoch)
             if sampler is not None:
                 sampler.set_epoch(epoch)
-            net.train()
-            sums = {"loss": 0.0, "dice_loss": 0.0, "bce_loss": 0.0, "presence_loss": 0.0}
-            seen = 0
-            bar = tqdm(loader, desc=f"epoch {epoch}/{tp.epochs}", disable=not (progress and dist.main), leave=False)
-            for x, y in bar:
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                if tp.channels_last:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                    mask_logits, presence_logits = net(x)
-                loss, parts = segmentation_loss(mask_logits, presence_logits, y, tp.loss)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                scheduler.step()
-                sums["loss"] += float(loss.detach()) * len(x)
-                for key, value in parts.items():
-                    sums[key] = sums.get(key, 0.0) + value * len(x)
-                seen += len(x)
-                bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
+            row, seen = _train_epoch(net, loader, optimizer, scheduler, tp, device, amp,
+                                     f"epoch {epoch}/{tp.epochs}", progress and dist.main)
             frames_seen += seen * dist.world
             if dist.world > 1:
                 # Each rank updated its own BatchNorm statistics: take rank 0's everywhere.
                 for buffer in model.buffers():
                     torch.distributed.broadcast(buffer, 0)
-            row = {key: value / max(1, seen) for key, value in sums.items()}
 
             # Every rank scores the same validation frames with the same (synchronised) weights,
             # so every rank takes the same early-stopping decision.
-            prob, presence = predict_prepared(model, val_x, config, device, amp=amp)
-            val_pred = combine_outputs(prob, presence, 0.5, 0.5)
-            row["val_dice"] = float(dice_per_frame(val_pred, val_y).mean())
-            row["val_presence_accuracy"] = float(((presence >= 0.5) == val_y.reshape(len(val_y), -1).any(1)).mean())
+            row.update(_validation_scores(model, val_x, val_y, config, device, amp))
             row["lr"] = scheduler.get_last_lr()[0]
             row["epoch"] = epoch
-            history.append(row)
-            improved = row["val_dice"] > best
+            state.history.append(row)
+            improved = row["val_dice"] > state.best
             if improved:
-                best, best_epoch, stale = row["val_dice"], epoch, 0
+                state.best, state.best_epoch, state.stale = row["val_dice"], epoch, 0
             else:
-                stale += 1
-            finished = epoch == tp.epochs or stop_early(epoch, stale, tp)
+                state.stale += 1
+            finished = epoch == tp.epochs or stop_early(epoch, state.stale, tp)
             if dist.main:
                 if improved:
                     save_atomic(model.state_dict(), out_dir / WEIGHTS)
-                save_atomic(
-                    {
-                        "identity": identity_key,
-                        "finished": finished,
-                        "epoch": epoch,
-                        "best": best,
-                        "best_epoch": best_epoch,
-                        "stale": stale,
-                        "history": json.dumps(history),
-                        "model": model.state_dict(),
-                        "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(),
-                        "rng": torch.get_rng_state(),
-                    },
-                    ckpt_path,
-                )
+                save_atomic(_checkpoint(identity_key, finished, epoch, state, model, optimizer, scheduler), ckpt_path)
                 if on_epoch is not None:
                     on_epoch(epoch, row)
                 if progress:
@@ -409,30 +459,24 @@ def fit(
                     )
             if finished:
                 break
-            if max_epochs_this_call is not None and epoch - start_epoch + 1 >= max_epochs_this_call:
+            if max_epochs_this_call is not None and epoch - state.next_epoch + 1 >= max_epochs_this_call:
                 break
     finally:
         leave_process_group(dist, joined)
 
     seconds = time.perf_counter() - began
     result = TrainResult(
-        best_epoch=best_epoch,
-        best_val_dice=round(best, 6),
+        best_epoch=state.best_epoch,
+        best_val_dice=round(state.best, 6),
         epochs_run=epoch,
-        resumed_from_epoch=resumed,
+        resumed_from_epoch=state.resumed_from,
         device=str(device),
         seconds=round(seconds, 2),
         train_frames_per_second=round(frames_seen / seconds, 2) if seconds > 0 else 0.0,
         world_size=dist.world,
     )
     if dist.main:
-        atomic_write_text(out_dir / CONFIG, json.dumps(config.to_dict(), indent=2))
-        atomic_write_text(out_dir / HISTORY, pd.DataFrame(history).to_csv(index=False))
-        atomic_write_text(
-            out_dir / METRICS,
-            json.dumps({"best_epoch": best_epoch, "best_val_dice": result.best_val_dice, "epochs_run": epoch,
-                        "world_size": dist.world, "seconds": result.seconds}, indent=2),
-        )
+        _write_outputs(out_dir, config, state.history, result)
     return result
 
 
