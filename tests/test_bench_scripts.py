@@ -38,8 +38,8 @@ sys.exit(1 if failures else 0)
 
 
 def test_every_benchmark_imports_and_builds_its_command_line():
-    scripts = sorted(str(p) for p in BENCH.glob("*.py"))
-    assert len(scripts) >= 15
+    scripts = sorted(str(p) for p in BENCH.glob("**/*.py"))
+    assert len(scripts) >= 18 and str(BENCH / "gpu" / "cuda_path.py") in scripts
     done = subprocess.run([sys.executable, "-c", HELP_ALL, *scripts], cwd=REPO, capture_output=True, text=True,
                           timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stdout + done.stderr
@@ -57,3 +57,19 @@ def test_real_data_benchmark_without_the_frames_exits_2_and_says_why(tmp_path):
     assert done.returncode == 2, done.stdout + done.stderr
     assert "kaggle-uns" in done.stderr and "not found" in done.stderr
     assert not (tmp_path / "q.json").exists()
+
+
+def test_gpu_check_script_runs_its_steps_in_quick_mode(tmp_path):
+    # A GPU is lent to few sessions and for minutes: the one script they run must not fail on its own
+    # plumbing. QUICK=1 runs every step at tiny sizes, the CUDA-path checks on the CPU.
+    done = subprocess.run(["bash", str(BENCH / "gpu" / "check.sh")], cwd=REPO, capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "QUICK": "1", "PY": sys.executable, "OUT": str(tmp_path),
+                                            "OMP_NUM_THREADS": "1"})
+    summary = (tmp_path / "summary.txt").read_text()
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    for step in ("cuda_path", "train_throughput", "inference_speed"):
+        assert f"{step}: exit 0" in summary
+    assert "steps failed: 0" in summary
+    checks = (tmp_path / "cuda_path.log").read_text()
+    assert checks.count("PASS") == 4 and "resumes from the checkpoint" in checks
+    assert "| plain fp32 eager (in memory) |" in (tmp_path / "train_throughput.log").read_text()

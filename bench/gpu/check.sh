@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Every check that needs a GPU, in one call of the device tool (bench/gpu/README.md):
+#   the CUDA path of training and inference (bench/gpu/cuda_path.py), the training throughput
+#   ratios (bench/train_throughput.py) and batched inference (bench/inference_speed.py).
+# Run from the repository root. Logs and a summary go to $OUT (the device tool brings them back).
+# QUICK=1 tries the script itself on any machine in about a minute: tiny sizes, no compile, and the
+# CUDA-path checks on the CPU (tests/test_bench_scripts.py runs it so).
+set -uo pipefail
+OUT=${OUT:-/tmp/nerveseg-gpu-check}
+PY=${PY:-python3}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+# The wheels of bench/gpu/fetch_wheels.sh are for Python 3.12 (the GPU machine's); install them only there.
+if [ -d .whl ] && "$PY" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 12))'; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        || { echo "installing .whl/ failed" | tee "$OUT/summary.txt"; exit 1; }
+    export PYTHONPATH=/tmp/site
+fi
+if [ "${QUICK:-0}" = 1 ]; then
+    cuda_path=(--device cpu --frames 90 --epochs 3 --no-compile); throughput=(--steps 3 --batch 8 --workers 1 --no-compile)
+    inference=(--frames 20 --batch 8 --no-compile)
+else
+    cuda_path=(); throughput=(--steps 50 --batch 64 --workers 4); inference=(--frames 300 --batch 256 --no-compile)
+fi
+{ date -u; nvidia-smi -L 2>&1 || echo "no nvidia-smi"; "$PY" -c 'import torch; print("torch", torch.__version__, "CUDA", torch.cuda.is_available())'; } \
+    | tee "$OUT/summary.txt"
+failed=0
+step() {  # step NAME SECONDS COMMAND...: run it with a time limit, log to $OUT/NAME.log, note its exit status
+    local name=$1 limit=$2; shift 2
+    echo "== $name: $*"
+    timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+    local rc=$?
+    tail -n 25 "$OUT/$name.log"
+    echo "$name: exit $rc" | tee -a "$OUT/summary.txt"
+    [ "$rc" = 0 ] || failed=$((failed + 1))
+}
+step cuda_path 180 "$PY" bench/gpu/cuda_path.py "${cuda_path[@]}"
+step train_throughput 200 "$PY" bench/train_throughput.py "${throughput[@]}"
+step inference_speed 120 "$PY" bench/inference_speed.py "${inference[@]}"
+echo "steps failed: $failed" | tee -a "$OUT/summary.txt"
+exit "$failed"
