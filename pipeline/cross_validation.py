@@ -76,8 +76,10 @@ def cross_validate(prepared_dir: Path, out_dir: Path, params: Params, progress: 
     joined = join_process_group(dist, rank_device(params.train.device, dist))
     try:
         results = _train_folds(data, subjects, config, params, out_dir, progress, on_fold, on_epoch_of)
-    finally:
-        leave_process_group(dist, joined)
+    except BaseException:
+        leave_process_group(dist, joined, failed=True)
+        raise
+    leave_process_group(dist, joined)
     dice = np.array([r.best_val_dice for r in results])
     outcome = CrossValidationResult(results, round(float(dice.mean()), 6), round(float(dice.std()), 6))
     if dist.main:

@@ -194,10 +194,16 @@ def join_process_group(dist: Distributed, device: torch.device) -> bool:
     return True
 
 
-def leave_process_group(dist: Distributed, joined: bool) -> None:
-    """Finish in step with the other ranks; destroy the group only where this caller joined it."""
+def leave_process_group(dist: Distributed, joined: bool, failed: bool = False) -> None:
+    """Finish in step with the other ranks; destroy the group only where this caller joined it.
+
+    After a failure (``failed``) there is no barrier: the other ranks are already in a collective this
+    rank will never join (the next all-reduce), so waiting for them would hang both until gloo's
+    30-minute timeout. Leaving at once lets the exception end this process, and torchrun's agent
+    then stops the others and reports the failure."""
     if dist.world > 1 and torch.distributed.is_initialized():
-        torch.distributed.barrier()
+        if not failed:
+            torch.distributed.barrier()
         if joined:
             torch.distributed.destroy_process_group()
 
@@ -461,8 +467,10 @@ def fit(
                 break
             if max_epochs_this_call is not None and epoch - state.next_epoch + 1 >= max_epochs_this_call:
                 break
-    finally:
-        leave_process_group(dist, joined)
+    except BaseException:
+        leave_process_group(dist, joined, failed=True)
+        raise
+    leave_process_group(dist, joined)
 
     seconds = time.perf_counter() - began
     result = TrainResult(

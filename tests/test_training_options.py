@@ -238,19 +238,24 @@ def test_compiled_training_runs(prepared, tiny_params):
     assert counters["stats"]["unique_graphs"] >= 1  # the network really went through torch.compile
 
 
-def _train_under_torchrun(prepared, params) -> list[dict]:
-    """``nerveseg stage train`` in two gloo processes; the JSON lines it printed."""
+def _run_torchrun(prepared, params) -> subprocess.CompletedProcess:
+    """``nerveseg stage train`` in two gloo processes."""
     from pipeline.config import write_params
 
     write_params(params, prepared.root / "params.yaml")
     torchrun = Path(sys.executable).with_name("torchrun")
     nerveseg = Path(sys.executable).with_name("nerveseg")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(
+    return subprocess.run(
         [str(torchrun), "--standalone", "--nproc-per-node", "2", "--no-python", str(nerveseg), "stage", "train",
          "--project", str(prepared.root)],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
     )
+
+
+def _train_under_torchrun(prepared, params) -> list[dict]:
+    """``nerveseg stage train`` in two gloo processes; the JSON lines it printed."""
+    done = _run_torchrun(prepared, params)
     assert done.returncode == 0, done.stderr[-3000:]
     return [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
 
@@ -283,6 +288,24 @@ def test_fold_ensemble_trains_under_torchrun(prepared, tiny_params):
     model, config = load_trained(prepared.models_dir)
     assert config.members == 3
     assert Predictor(model, config, Postprocess()).predict(np.zeros((420, 580), np.uint8)).shape == (1, 420, 580)
+
+
+@pytest.mark.e2e
+def test_a_failure_on_one_rank_ends_the_distributed_training_at_once(prepared, tiny_params):
+    """Only rank 0 writes: when its checkpoint cannot be written (here a folder is in the way; in life a
+    full disk), it must fail the launch at once with the reason, not wait at a barrier while the other
+    rank waits in its next all-reduce (gloo's default timeout is 30 minutes)."""
+    import time
+
+    blocker = prepared.models_dir / "checkpoint.pt"
+    (blocker / "in-the-way").mkdir(parents=True)
+    params = _with(tiny_params, {"train": {"epochs": 4, "min_epochs": 4, "device": "cpu", "threads": 1}})
+    began = time.monotonic()
+    done = _run_torchrun(prepared, params)
+    seconds = time.monotonic() - began
+    assert done.returncode != 0
+    assert "IsADirectoryError" in done.stderr, done.stderr[-3000:]  # the reason reaches the operator
+    assert seconds < 120, f"the launch took {seconds:.0f} s to fail"
 
 
 def test_largest_blob_and_mirror_averaging_in_the_inference_path():
