@@ -37,7 +37,7 @@ from pipeline.split import fold_groups  # noqa: E402
 from pipeline.train import fit, load_trained, predict_prepared  # noqa: E402
 
 
-def test_fold(k: int, params, data, members_n: int, work: Path) -> tuple[dict, dict]:
+def score_test_fold(k: int, params, data, members_n: int, work: Path) -> tuple[dict, dict]:
     """Train ``members_n`` members without test fold ``k``; score them and their ensemble on it."""
     images, masks, targets, subjects, names = data
     order = [int(s) for s in np.random.default_rng(params.split.seed).permutation(sorted(set(subjects)))]
@@ -107,9 +107,11 @@ def main() -> int:
     data = (images, masks, coverage if params.train.soft_targets else masks, subjects, names)
     folds, per_frame = [], []
     for k in wanted:
-        report, frames = test_fold(k, params, data, args.members, Path(args.work) / f"fold{k}")
+        report, frames = score_test_fold(k, params, data, args.members, Path(args.work) / f"fold{k}")
         folds.append(report)
         per_frame.append(frames)
+        print(f"test fold {k}: members {report['member_mean_dice']:.4f} on average, ensemble {report['ensemble_dice']:.4f}, "
+              f"with mirror TTA {report['ensemble_tta_dice']:.4f} ({report['minutes']} min)")
 
     def mean(key: str) -> float:
         return round(float(np.mean([f[key] for f in folds])), 4)
