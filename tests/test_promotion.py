@@ -88,6 +88,12 @@ def test_resampling_subjects_sees_that_near_duplicate_frames_are_not_independent
     assert (by_subject.resample, by_subject.n_subjects, by_frame.n_subjects) == ("subject", 8, 8)
     assert by_subject.tags()["promotion.resample"] == "subject" and "of the 8 subjects" in by_subject.to_markdown()
     assert "of the 400 frames" in by_frame.to_markdown()
+    # Enough subjects to resample them: the frame decision says so, the subject decision has nothing to add.
+    assert "promotion.resample: subject gives an honest interval" in by_frame.to_markdown()
+    assert by_subject.advice == "" and "Note:" not in by_subject.to_markdown()
+    few = decide("2", FrameScores(ids[:100], champion[:100] + diff[:100], ones[:100], subjects[:100]), "1",
+                 FrameScores(ids[:100], champion[:100], ones[:100], subjects[:100]), RULES, True)
+    assert few.n_subjects == 2 and few.advice == ""  # too few subjects to resample: no such advice
 
 
 def test_one_frame_per_subject_resamples_exactly_like_frames():
