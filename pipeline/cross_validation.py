@@ -26,9 +26,8 @@ from pipeline.train import (
     TrainResult,
     finished_metrics,
     fit,
-    join_process_group,
-    leave_process_group,
     model_config,
+    process_group,
     rank_device,
 )
 
@@ -71,15 +70,10 @@ def cross_validate(prepared_dir: Path, out_dir: Path, params: Params, progress: 
     subjects = data.frames["subject"].to_numpy()
     config = model_config(params, data.summary.height, data.summary.width, data.summary.intensity_mean,
                           data.summary.intensity_std)
-    # Under torchrun the ranks join one process group for all folds (see join_process_group).
+    # Under torchrun the ranks join one process group for all folds (see pipeline.train.join_process_group).
     dist = Distributed.from_env()
-    joined = join_process_group(dist, rank_device(params.train.device, dist))
-    try:
+    with process_group(dist, rank_device(params.train.device, dist)):
         results = _train_folds(data, subjects, config, params, out_dir, progress, on_fold, on_epoch_of)
-    except BaseException:
-        leave_process_group(dist, joined, failed=True)
-        raise
-    leave_process_group(dist, joined)
     dice = np.array([r.best_val_dice for r in results])
     outcome = CrossValidationResult(results, round(float(dice.mean()), 6), round(float(dice.std()), 6))
     if dist.main:

@@ -13,7 +13,8 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -208,6 +209,20 @@ def leave_process_group(dist: Distributed, joined: bool, failed: bool = False) -
             torch.distributed.destroy_process_group()
 
 
+@contextmanager
+def process_group(dist: Distributed, device: torch.device) -> Iterator[None]:
+    """Run the block inside ``torchrun``'s process group (nothing to do outside torchrun): join it
+    unless already in it, leave in step with the other ranks on a normal exit, and at once, without
+    the barrier, when the block raises (:func:`leave_process_group`)."""
+    joined = join_process_group(dist, device)
+    try:
+        yield
+    except BaseException:
+        leave_process_group(dist, joined, failed=True)
+        raise
+    leave_process_group(dist, joined)
+
+
 def rank_device(choice: str, dist: Distributed) -> torch.device:
     """``train.device`` for this rank: under ``torchrun`` each process takes its own GPU."""
     device = pick_device(choice)
@@ -392,40 +407,39 @@ def fit(
         torch.set_num_threads(tp.threads)
     dist = Distributed.from_env()
     device = rank_device(tp.device, dist)
-    joined = join_process_group(dist, device)
     amp = use_autocast(tp, device)
 
-    _seed_everything(tp.seed)
-    model = build_model(config).to(device)
-    # NHWC on the CPU too: 1.12-1.27x faster training on both CPUs measured (docs/benchmarks.md).
-    if tp.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    transform = training_transform(tp.augment, tp.seed)
-    shuffle_gen = torch.Generator()
-    loader, sampler = _training_loader(FrameDataset(train_x, train_y, config, transform), tp, dist, device,
-                                       shuffle_gen)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=tp.learning_rate, weight_decay=tp.weight_decay)
-    per_epoch = max(1, len(loader))
-    steps, warmup = tp.epochs * per_epoch, tp.warmup_epochs * per_epoch
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, steps, warmup, tp.lr_schedule))
+    with process_group(dist, device):
+        _seed_everything(tp.seed)
+        model = build_model(config).to(device)
+        # NHWC on the CPU too: 1.12-1.27x faster training on both CPUs measured (docs/benchmarks.md).
+        if tp.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        transform = training_transform(tp.augment, tp.seed)
+        shuffle_gen = torch.Generator()
+        loader, sampler = _training_loader(FrameDataset(train_x, train_y, config, transform), tp, dist, device,
+                                           shuffle_gen)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=tp.learning_rate, weight_decay=tp.weight_decay)
+        per_epoch = max(1, len(loader))
+        steps, warmup = tp.epochs * per_epoch, tp.warmup_epochs * per_epoch
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, steps, warmup, tp.lr_schedule))
 
-    # Resume only a checkpoint of the same settings and data that did not finish.
-    identity_key = _identity_key(identity, dist.world)
-    ckpt_path = out_dir / CHECKPOINT
-    state = _resume(ckpt_path, identity_key, device, model, optimizer, scheduler)
-    if dist.main and state.resumed_from is None and (out_dir / WEIGHTS).exists():
-        (out_dir / WEIGHTS).unlink()  # never leave the previous run's weights beside new history
-    if dist.world > 1:
-        torch.distributed.barrier()
+        # Resume only a checkpoint of the same settings and data that did not finish.
+        identity_key = _identity_key(identity, dist.world)
+        ckpt_path = out_dir / CHECKPOINT
+        state = _resume(ckpt_path, identity_key, device, model, optimizer, scheduler)
+        if dist.main and state.resumed_from is None and (out_dir / WEIGHTS).exists():
+            (out_dir / WEIGHTS).unlink()  # never leave the previous run's weights beside new history
+        if dist.world > 1:
+            torch.distributed.barrier()
 
-    net = model
-    if dist.world > 1:
-        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    if tp.compile:
-        net = torch.compile(net, backend=tp.compile_backend)
+        net = model
+        if dist.world > 1:
+            net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        if tp.compile:
+            net = torch.compile(net, backend=tp.compile_backend)
 
-    began, frames_seen, epoch = time.perf_counter(), 0, state.next_epoch - 1
-    try:
+        began, frames_seen, epoch = time.perf_counter(), 0, state.next_epoch - 1
         for epoch in range(state.next_epoch, tp.epochs + 1):
             # Streams from the epoch number: a resumed run sees the same frames in the same order.
             shuffle_gen.manual_seed(tp.seed * 1_000_003 + epoch)
@@ -467,10 +481,6 @@ def fit(
                 break
             if max_epochs_this_call is not None and epoch - state.next_epoch + 1 >= max_epochs_this_call:
                 break
-    except BaseException:
-        leave_process_group(dist, joined, failed=True)
-        raise
-    leave_process_group(dist, joined)
 
     seconds = time.perf_counter() - began
     result = TrainResult(

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -84,14 +85,14 @@ def main() -> int:
                     max_epochs_this_call=args.epochs - 1)
         second = fit(x[~val], y[~val], x[val], y[val], config, params, out, identity, progress=False)
         seconds = time.perf_counter() - t0
-        history = (out / "history.csv").read_text().splitlines()
+        history = pd.read_csv(out / "history.csv")  # written by fit, one row per epoch
         check(f"trains on {args.device}", first.device.startswith(args.device) and second.device.startswith(args.device),
               f"device {second.device}, {first.train_frames_per_second} then {second.train_frames_per_second} "
               f"frames/s (compile warm-up included), {seconds:.1f} s in all")
         check("resumes from the checkpoint", second.resumed_from_epoch == args.epochs - 1
-              and second.epochs_run == args.epochs and len(history) == args.epochs + 1,
+              and second.epochs_run == args.epochs and list(history["epoch"]) == list(range(1, args.epochs + 1)),
               f"second call resumed from epoch {second.resumed_from_epoch}, ran to {second.epochs_run}")
-        losses = [float(line.split(",")[0]) for line in history[1:]]
+        losses = history["loss"].to_numpy()
         amp = "bf16 autocast" if use_autocast(tp, torch.device(args.device)) else "fp32"
         check(f"finite, falling loss ({amp})", all(np.isfinite(losses)) and losses[-1] < losses[0],
               f"loss by epoch {', '.join(f'{v:.3f}' for v in losses)}; best val Dice {second.best_val_dice}")
