@@ -5,7 +5,8 @@
 Unlike ``bench/train_throughput.py``, which times the bare training step, this times whole epochs of
 ``fit`` (data loader, augmentation, step, validation, checkpoint) on the real nerve frames of fold 0
 of ``bench/real_cv.py``, for: NCHW with 0/1 targets, channels-last (``train.channels_last``) with 0/1
-targets, and channels-last with mask coverage targets (``train.soft_targets``). The variants take turns
+targets, channels-last with mask coverage targets (``train.soft_targets``), and channels-last with a
+moving average of the weights (``train.ema_decay``). The variants take turns
 ``--repeats`` times in one process, so a change in the machine's speed hits them all alike; the table
 gives each one's best run and its ratio to the NCHW run.
 """
@@ -34,6 +35,7 @@ VARIANTS = {
     "NCHW, 0/1 targets": {"channels_last": False, "soft_targets": False},
     "channels-last, 0/1 targets": {"channels_last": True, "soft_targets": False},
     "channels-last, coverage targets": {"channels_last": True, "soft_targets": True},
+    "channels-last, 0/1 targets, weight average": {"channels_last": True, "soft_targets": False, "ema_decay": 0.995},
 }
 
 

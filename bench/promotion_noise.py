@@ -5,6 +5,9 @@
     python bench/real_cv.py --settings bench/real_cv_96.yaml --frames-out /tmp/b0.npz ...   # a better recipe
     python bench/promotion_noise.py --twins /tmp/a0.npz,/tmp/a1.npz --better /tmp/b0.npz:/tmp/a0.npz,/tmp/b0.npz:/tmp/a1.npz
 
+A file may name one of its Dice columns: ``/tmp/a0.npz#dice_raw`` (the raw weights of a
+``train.ema_decay`` run; ``dice``, the default, is what the run shipped).
+
 Each held-out fold of the cross-validation (339-579 nerve frames of 9-10 unseen subjects) stands in
 for a holdout set. On it, the gate of ``pipeline.promotion.decide`` (``params.yaml``'s promotion
 settings) judges a challenger against a champion from the two runs' per-frame Dice, at several
@@ -43,10 +46,16 @@ MARGINS = (0.0, 0.0025, 0.005, 0.01, 0.02)
 
 
 @cache  # each run takes part in several comparisons: read it once
-def load_run(path: str) -> dict[str, tuple[int, float]]:
-    """frame name -> (fold, Dice) of one ``bench/real_cv.py --frames-out`` file."""
+def load_run(spec: str) -> dict[str, tuple[int, float]]:
+    """frame name -> (fold, Dice) of one ``bench/real_cv.py --frames-out`` file. ``FILE.npz#COLUMN``
+    takes another of its Dice columns: ``dice_raw`` is the raw weights of a ``train.ema_decay`` run,
+    whose ``dice`` is the weight average."""
+    path, _, column = spec.partition("#")
     frames = np.load(path)
-    return {str(n): (int(f), float(d)) for n, f, d in zip(frames["name"], frames["fold"], frames["dice"])}
+    column = column or "dice"
+    if column not in frames:
+        raise SystemExit(f"{path}: no column {column!r} (it has {', '.join(frames.files)})")
+    return {str(n): (int(f), float(d)) for n, f, d in zip(frames["name"], frames["fold"], frames[column])}
 
 
 def compare(kind: str, challenger: str, champion: str, params: PromotionParams) -> list[dict]:

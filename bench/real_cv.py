@@ -116,12 +116,16 @@ def fold_config(params: Params, train_images: np.ndarray) -> ModelConfig:
     return model_config(params, h, w, round(float(scaled.mean()), 6), round(float(scaled.std()), 6))
 
 
-def last_epoch_model(fold_dir: Path) -> tuple[torch.nn.Module, ModelConfig]:
+def last_epoch_model(fold_dir: Path, raw: bool = False) -> tuple[torch.nn.Module, ModelConfig] | None:
     """A finished fold's network with its *last* epoch's weights (the checkpoint), not the best:
-    scoring held-out frames must not select on them."""
+    scoring held-out frames must not select on them. With ``train.ema_decay`` those are the weight
+    average, which fit validates and ships; ``raw`` asks for the raw weights instead (None when the
+    run kept no average, so raw and shipped are the same)."""
     model, config = load_trained(fold_dir)
     state = torch.load(fold_dir / "checkpoint.pt", map_location="cpu", weights_only=True)
-    model.load_state_dict(state["model"])
+    if raw and "ema" not in state:
+        return None
+    model.load_state_dict(state["model"] if raw or "ema" not in state else state["ema"]["module"])
     return model.eval(), config
 
 
@@ -279,10 +283,18 @@ def main() -> int:
         seconds = time.perf_counter() - t0
         model, _ = last_epoch_model(out_dir)
         prob, tta, presence = held_out_probabilities(model, config, val_x)
-        variants = score_probabilities(prob, tta, presence, val_y, native_masks(list(names[held])))
+        native_held = native_masks(list(names[held]))
+        variants = score_probabilities(prob, tta, presence, val_y, native_held)
+        raw = last_epoch_model(out_dir, raw=True)
+        if raw is not None:  # the same training's raw weights, beside their average: a paired comparison
+            raw_variants = score_probabilities(*held_out_probabilities(raw[0], config, val_x), val_y, native_held)
+            variants["plain, raw weights (no average)"] = raw_variants["plain"]
+            variants["mirror TTA, raw weights (no average)"] = raw_variants["mirror TTA"]
         if args.frames_out:
             per_frame.append({"name": names[held], "fold": np.full(int(held.sum()), fold), "prob": prob.astype(np.float16),
                               "dice": variants["plain"], "dice_tta": variants["mirror TTA"]})
+            if raw is not None:
+                per_frame[-1]["dice_raw"] = variants["plain, raw weights (no average)"]
         dice = variants[SCORED]
         native_rows = [(s, n, f, m) for s, n, f, m in native if s in groups[fold]]
         native_dice = None

@@ -158,6 +158,9 @@ class TrainParams(_Section):
     # Train on each working-size pixel's mask coverage (0-1) instead of the 0/1 mask: keeps the
     # native outline that the small working grid would round off (docs/model.md, benchmarks.md).
     soft_targets: bool = False
+    # Validate, checkpoint and ship an exponential moving average of the weights (this decay per
+    # optimiser step; 0 = off, the raw weights). pipeline/weight_average.py, docs/benchmarks.md.
+    ema_decay: float = Field(0.0, ge=0, lt=1)
     loss: LossParams = LossParams()
     augment: AugmentParams = AugmentParams()
 

@@ -1,7 +1,8 @@
 """Train stage: the U-Net with its presence head on the prepared train part, early stopping
 on the validation part, a checkpoint every epoch and resume after an interrupted process.
 
-Outputs (``models/``): ``model.pt`` (best weights, a plain state dict), ``model_config.json``,
+Outputs (``models/``): ``model.pt`` (best weights, a plain state dict; with ``train.ema_decay``
+the best epoch's weight average), ``model_config.json``,
 ``history.csv`` (per-epoch curves), ``train_metrics.json``; ``checkpoint.pt`` holds the state
 to resume from and is not a stage output.
 """
@@ -31,6 +32,7 @@ from pipeline.losses import segmentation_loss
 from pipeline.metrics import dice_per_frame
 from pipeline.model import ModelConfig, build_model
 from pipeline.preprocess import load_prepared
+from pipeline.weight_average import WeightAverage
 
 WEIGHTS = "model.pt"
 CONFIG = "model_config.json"
@@ -295,7 +297,8 @@ class _RunState:
     resumed_from: int | None = None
 
 
-def _resume(ckpt_path: Path, identity_key: str, device: torch.device, model, optimizer, scheduler) -> _RunState:
+def _resume(ckpt_path: Path, identity_key: str, device: torch.device, model, optimizer, scheduler,
+            average: WeightAverage | None) -> _RunState:
     """Load the checkpoint into the model, optimiser and schedule when it is an unfinished run of the
     same settings and data; otherwise leave them as they are and start at epoch 1."""
     if not ckpt_path.is_file():
@@ -306,13 +309,18 @@ def _resume(ckpt_path: Path, identity_key: str, device: torch.device, model, opt
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
+    if average is not None:
+        average.load_state_dict(state["ema"])
     torch.set_rng_state(state["rng"])
     return _RunState(state["epoch"] + 1, state["best"], state["best_epoch"], state.get("stale", 0),
                      json.loads(state["history"]), state["epoch"])
 
 
 def _checkpoint(identity_key: str, finished: bool, epoch: int, state: _RunState, model, optimizer,
-                scheduler) -> dict:
+                scheduler, average: WeightAverage | None) -> dict:
+    """What a resume needs; ``model`` holds the raw weights and, with ``train.ema_decay``, ``ema``
+    their average (the weights that were validated)."""
+    extra = {"ema": average.state_dict()} if average is not None else {}
     return {
         "identity": identity_key,
         "finished": finished,
@@ -325,12 +333,14 @@ def _checkpoint(identity_key: str, finished: bool, epoch: int, state: _RunState,
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "rng": torch.get_rng_state(),
+        **extra,
     }
 
 
 def _train_epoch(net, loader: DataLoader, optimizer, scheduler, tp, device: torch.device, amp: bool,
-                 bar: str, show: bool) -> tuple[dict[str, float], int]:
-    """One pass over the loader; the frame-weighted mean of the loss and its parts, and the frames seen."""
+                 bar: str, show: bool, model=None, average: WeightAverage | None = None) -> tuple[dict[str, float], int]:
+    """One pass over the loader; the frame-weighted mean of the loss and its parts, and the frames seen.
+    With ``average``, each step also moves the weight average towards ``model`` (the unwrapped network)."""
     net.train()
     sums = {"loss": 0.0, "dice_loss": 0.0, "bce_loss": 0.0, "presence_loss": 0.0}
     seen = 0
@@ -346,6 +356,8 @@ def _train_epoch(net, loader: DataLoader, optimizer, scheduler, tp, device: torc
         loss.backward()
         optimizer.step()
         scheduler.step()
+        if average is not None:
+            average.update(model)
         sums["loss"] += float(loss.detach()) * len(x)
         for key, value in parts.items():
             sums[key] = sums.get(key, 0.0) + value * len(x)
@@ -397,6 +409,10 @@ def fit(
     equals that of an uninterrupted run. ``max_epochs_this_call`` stops after that many epochs
     without marking the run finished, the way a killed process would; tests use it.
 
+    With ``train.ema_decay`` a moving average of the weights (:class:`WeightAverage`) follows every
+    optimiser step; it is what is validated and written as the best weights, and the checkpoint
+    keeps it beside the raw weights, which train exactly as they would without it.
+
     Under ``torchrun`` (``WORLD_SIZE`` > 1) the network is wrapped in DistributedDataParallel
     (NCCL on CUDA, gloo on the CPU), each process trains on its share of every epoch's frames
     (``train.batch_size`` is the global batch) and only rank 0 writes files.
@@ -423,11 +439,13 @@ def fit(
         per_epoch = max(1, len(loader))
         steps, warmup = tp.epochs * per_epoch, tp.warmup_epochs * per_epoch
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, steps, warmup, tp.lr_schedule))
+        average = WeightAverage(model, tp.ema_decay) if tp.ema_decay > 0 else None
+        scored = average.module if average is not None else model  # validated, kept as the best, shipped
 
         # Resume only a checkpoint of the same settings and data that did not finish.
         identity_key = _identity_key(identity, dist.world)
         ckpt_path = out_dir / CHECKPOINT
-        state = _resume(ckpt_path, identity_key, device, model, optimizer, scheduler)
+        state = _resume(ckpt_path, identity_key, device, model, optimizer, scheduler, average)
         if dist.main and state.resumed_from is None and (out_dir / WEIGHTS).exists():
             (out_dir / WEIGHTS).unlink()  # never leave the previous run's weights beside new history
         if dist.world > 1:
@@ -447,16 +465,16 @@ def fit(
             if sampler is not None:
                 sampler.set_epoch(epoch)
             row, seen = _train_epoch(net, loader, optimizer, scheduler, tp, device, amp,
-                                     f"epoch {epoch}/{tp.epochs}", progress and dist.main)
+                                     f"epoch {epoch}/{tp.epochs}", progress and dist.main, model, average)
             frames_seen += seen * dist.world
             if dist.world > 1:
-                # Each rank updated its own BatchNorm statistics: take rank 0's everywhere.
-                for buffer in model.buffers():
+                # Each rank updated its own BatchNorm statistics (and averaged them): take rank 0's everywhere.
+                for buffer in [*model.buffers(), *(average.module.buffers() if average is not None else [])]:
                     torch.distributed.broadcast(buffer, 0)
 
             # Every rank scores the same validation frames with the same (synchronised) weights,
             # so every rank takes the same early-stopping decision.
-            row.update(_validation_scores(model, val_x, val_y, config, device, amp))
+            row.update(_validation_scores(scored, val_x, val_y, config, device, amp))
             row["lr"] = scheduler.get_last_lr()[0]
             row["epoch"] = epoch
             state.history.append(row)
@@ -468,8 +486,9 @@ def fit(
             finished = epoch == tp.epochs or stop_early(epoch, state.stale, tp)
             if dist.main:
                 if improved:
-                    save_atomic(model.state_dict(), out_dir / WEIGHTS)
-                save_atomic(_checkpoint(identity_key, finished, epoch, state, model, optimizer, scheduler), ckpt_path)
+                    save_atomic(scored.state_dict(), out_dir / WEIGHTS)
+                save_atomic(_checkpoint(identity_key, finished, epoch, state, model, optimizer, scheduler, average),
+                            ckpt_path)
                 if on_epoch is not None:
                     on_epoch(epoch, row)
                 if progress:

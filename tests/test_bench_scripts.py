@@ -73,3 +73,32 @@ def test_gpu_check_script_runs_its_steps_in_quick_mode(tmp_path):
     checks = (tmp_path / "cuda_path.log").read_text()
     assert checks.count("PASS") == 4 and "resumes from the checkpoint" in checks
     assert "| plain fp32 eager (in memory) |" in (tmp_path / "train_throughput.log").read_text()
+
+
+def test_promotion_noise_judges_twins_from_any_dice_column_of_the_frame_files(tmp_path):
+    """``bench/promotion_noise.py`` on two made-up runs of 2 folds x 6 subjects: ``FILE#dice_raw``
+    picks the raw weights' column of a weight-averaged run; a column the file lacks stops it."""
+    import json
+
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    names = np.array([f"{s}_{n}" for s in range(1, 13) for n in range(1, 9)])
+    folds = np.array([0 if int(n.split("_")[0]) <= 6 else 1 for n in names])
+    for run in ("a", "b"):
+        dice = rng.uniform(0.6, 0.9, len(names))
+        np.savez(tmp_path / f"{run}.npz", name=names, fold=folds, dice=dice, dice_raw=dice - 0.05)
+    out = tmp_path / "noise.json"
+    done = subprocess.run([sys.executable, str(BENCH / "promotion_noise.py"), "--twins",
+                           f"{tmp_path / 'a.npz'}#dice_raw,{tmp_path / 'b.npz'}#dice_raw", "--out", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == 6 and {r["challenger"] for r in rows} == {"a.npz#dice_raw", "b.npz#dice_raw"}
+    a, b = np.load(tmp_path / "a.npz"), np.load(tmp_path / "b.npz")
+    pooled = next(r for r in rows if r["fold"] == "all" and r["challenger"] == "a.npz#dice_raw")
+    assert pooled["difference"] == round(float((a["dice_raw"] - b["dice_raw"]).mean()), 4)
+    missing = subprocess.run([sys.executable, str(BENCH / "promotion_noise.py"), "--twins",
+                              f"{tmp_path / 'a.npz'}#dice_tta,{tmp_path / 'b.npz'}", "--out", str(out)],
+                             cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert missing.returncode != 0 and "no column 'dice_tta'" in missing.stderr

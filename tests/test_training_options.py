@@ -22,7 +22,10 @@ from pipeline.config import AugmentParams, Params, SplitParams, TrainParams
 from pipeline.inference import Postprocess, Predictor, fuse_conv_bn
 from pipeline.model import ModelConfig, ResizeConv, build_model
 from pipeline.split import assign_subjects
-from pipeline.train import METRICS, WEIGHTS, cpu_has_native_bf16, load_trained, lr_factor, stop_early, use_autocast
+from pipeline.preprocess import load_prepared
+from pipeline.train import (METRICS, WEIGHTS, _validation_scores, cpu_has_native_bf16, load_trained, lr_factor,
+                            stop_early, use_autocast)
+from pipeline.weight_average import WeightAverage
 
 from .conftest import REPO, deep_update
 
@@ -136,6 +139,67 @@ def test_resumed_training_equals_an_uninterrupted_one(prepared, tiny_params, tmp
     for key, value in reference.items():
         assert torch.allclose(value.float(), resumed[key].float(), atol=1e-6), key
     assert second.best_val_dice == whole.best_val_dice
+
+
+def test_weight_average_moves_towards_the_weights_and_copies_counters():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+    average = WeightAverage(model, decay=0.99)
+    start = {k: v.clone() for k, v in average.module.state_dict().items()}
+    with torch.no_grad():
+        model[0].weight.add_(1.0)
+        model[1].num_batches_tracked.fill_(7)
+    average.update(model)  # the first update takes the weights as they are (decay 0)...
+    assert torch.equal(average.module[0].weight, model[0].weight)
+    assert int(average.module[1].num_batches_tracked) == 7
+    with torch.no_grad():
+        model[0].weight.add_(1.0)
+    average.update(model)  # ... the next ones keep the mean of all so far (decay n / (n + 1))...
+    assert torch.allclose(average.module[0].weight, start["0.weight"] + 1.5)
+    assert average.current_decay() == pytest.approx(2 / 3)
+    average.updates = 10_000  # ... until the horizon 1 / (1 - decay) is shorter than the training
+    assert average.current_decay() == 0.99
+    assert not any(p.requires_grad for p in average.module.parameters())
+    copy = WeightAverage(model, decay=0.99)
+    copy.load_state_dict(average.state_dict())
+    assert copy.updates == 10_000 and torch.equal(copy.module[0].weight, average.module[0].weight)
+    with pytest.raises(ValueError, match="ema_decay"):
+        WeightAverage(model, decay=1.0)
+
+
+def test_weight_average_is_validated_shipped_and_resumed_without_changing_the_training(prepared, tiny_params):
+    """``train.ema_decay``: the average is what fit validates and ships, the optimiser's raw weights
+    follow the same path as without it (so one run compares both), and a resume restores it."""
+    base = {"epochs": 3, "warmup_epochs": 1, "early_stopping_patience": 100}
+    stages.fit(prepared, _with(tiny_params, {"train": base}), progress=False)
+    plain_raw = torch.load(prepared.models_dir / "checkpoint.pt", weights_only=True)["model"]
+    shutil.rmtree(prepared.models_dir)
+
+    params = _with(tiny_params, {"train": {**base, "ema_decay": 0.9}})
+    whole = stages.fit(prepared, params, progress=False)
+    ckpt = torch.load(prepared.models_dir / "checkpoint.pt", weights_only=True)
+    for key, value in plain_raw.items():
+        assert torch.equal(value, ckpt["model"][key]), key
+    assert ckpt["ema"]["updates"] > 0
+    assert any(not torch.equal(v, ckpt["ema"]["module"][k]) for k, v in ckpt["model"].items() if v.is_floating_point())
+
+    data = load_prepared(prepared.prepared_dir)
+    val_x, val_y, _ = data.part("validation")
+    model, config = load_trained(prepared.models_dir)  # model.pt: the best epoch's average
+    assert _validation_scores(model, val_x, val_y, config, torch.device("cpu"), False)["val_dice"] == \
+        pytest.approx(whole.best_val_dice, abs=1e-6)
+    model.load_state_dict(ckpt["ema"]["module"])  # the last epoch's average scored the last history row
+    last = pd.read_csv(prepared.models_dir / "history.csv")["val_dice"].iloc[-1]
+    assert _validation_scores(model, val_x, val_y, config, torch.device("cpu"), False)["val_dice"] == \
+        pytest.approx(last, abs=1e-6)
+
+    shutil.rmtree(prepared.models_dir)
+    stages.fit(prepared, params, progress=False, max_epochs_this_call=1)
+    resumed = stages.fit(prepared, params, progress=False)
+    assert resumed.resumed_from_epoch == 1
+    again = torch.load(prepared.models_dir / "checkpoint.pt", weights_only=True)
+    assert again["ema"]["updates"] == ckpt["ema"]["updates"]
+    for key, value in ckpt["ema"]["module"].items():
+        assert torch.allclose(value.float(), again["ema"]["module"][key].float(), atol=1e-6), key
 
 
 def test_variant_network_with_loader_workers_trains_and_serves(prepared, tiny_params):
@@ -262,11 +326,15 @@ def _train_under_torchrun(prepared, params) -> list[dict]:
 
 @pytest.mark.e2e
 def test_distributed_data_parallel_trains_on_two_cpu_processes(prepared, tiny_params):
-    """``torchrun`` starts two processes; gloo all-reduces their gradients; rank 0 writes."""
-    results = _train_under_torchrun(prepared, _with(tiny_params, {"train": {"epochs": 2, "device": "cpu", "threads": 1}}))
+    """``torchrun`` starts two processes; gloo all-reduces their gradients; rank 0 writes. With a
+    weight average (``train.ema_decay``), which each rank keeps from its synchronised weights."""
+    params = _with(tiny_params, {"train": {"epochs": 2, "device": "cpu", "threads": 1, "ema_decay": 0.9}})
+    results = _train_under_torchrun(prepared, params)
     assert len(results) == 1 and results[0]["world_size"] == 2  # rank 0 reports, once
     metrics = json.loads((prepared.models_dir / METRICS).read_text())
     assert metrics["world_size"] == 2 and metrics["epochs_run"] == 2
+    ckpt = torch.load(prepared.models_dir / "checkpoint.pt", weights_only=True)
+    assert ckpt["ema"]["updates"] > 0
     model, config = load_trained(prepared.models_dir)
     assert Predictor(model, config, Postprocess()).predict(np.zeros((420, 580), np.uint8)).shape == (1, 420, 580)
 
