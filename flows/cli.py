@@ -23,7 +23,7 @@ stage_app = typer.Typer(no_args_is_help=True, help="Run one DVC stage (what dvc.
 app.add_typer(stage_app, name="stage")
 app.add_typer(data_app, name="data")
 
-from flows.cli_options import EXIT_FAILED, EXIT_USAGE, ParamsOpt, ProjectOpt
+from flows.cli_options import EXIT_USAGE, ParamsOpt, ProjectOpt
 from flows.cli_options import fail as _fail
 
 
