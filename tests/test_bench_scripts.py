@@ -102,3 +102,33 @@ def test_promotion_noise_judges_twins_from_any_dice_column_of_the_frame_files(tm
                               f"{tmp_path / 'a.npz'}#dice_tta,{tmp_path / 'b.npz'}", "--out", str(out)],
                              cwd=REPO, capture_output=True, text=True, timeout=120)
     assert missing.returncode != 0 and "no column 'dice_tta'" in missing.stderr
+
+
+def test_every_real_cv_settings_file_resolves_to_valid_params():
+    """A settings file is only read when its 30-60 minute benchmark starts: each ``bench/real_cv*.yaml``
+    must resolve (through its ``base:`` chain) into ``Params``, which rejects unknown keys, and a variant
+    must keep its base's settings while changing what it says it changes."""
+    import json
+
+    script = """
+import importlib.util, json, sys
+spec = importlib.util.spec_from_file_location("real_cv", "bench/real_cv.py")
+real_cv = importlib.util.module_from_spec(spec); spec.loader.exec_module(real_cv)
+out = {}
+for path in sys.argv[1:]:
+    p = real_cv.load_settings(path)
+    out[path.rsplit("/", 1)[-1]] = {"size": [p.preprocess.height, p.preprocess.width], "depth": p.model.depth,
+                                    "ema_decay": p.train.ema_decay, "amp_cpu": p.train.amp_cpu, "epochs": p.train.epochs}
+print(json.dumps(out))
+"""
+    files = sorted(str(f.relative_to(REPO)) for f in BENCH.glob("real_cv*.yaml"))
+    assert len(files) >= 11
+    done = subprocess.run([sys.executable, "-c", script, *files], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    resolved = json.loads(done.stdout.strip().splitlines()[-1])
+    assert set(resolved) == {f.rsplit("/", 1)[-1] for f in files}
+    assert resolved["real_cv.yaml"] == {"size": [64, 88], "depth": 3, "ema_decay": 0.0, "amp_cpu": False, "epochs": 12}
+    assert resolved["real_cv_ema.yaml"] == {**resolved["real_cv.yaml"], "ema_decay": 0.998}
+    assert resolved["real_cv_96_ema.yaml"] == {**resolved["real_cv_96.yaml"], "ema_decay": 0.998}
+    assert resolved["real_cv_96_ema.yaml"]["depth"] == 4 and resolved["real_cv_96_ema.yaml"]["amp_cpu"] is True
+    assert resolved["real_cv_128_ema.yaml"] == {**resolved["real_cv_96_ema.yaml"], "size": [128, 176]}
