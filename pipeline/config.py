@@ -102,6 +102,7 @@ class ModelParams(_Section):
     norm: Literal["batch", "instance", "group", "none"] = "batch"
     residual: bool = False
     upsample: Literal["transpose", "resize"] = "transpose"
+    deep_supervision: int = Field(0, ge=0)  # coarser decoder levels with their own mask head in the loss; 0 = off
 
 
 class LossParams(_Section):

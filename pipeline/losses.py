@@ -5,6 +5,12 @@ prediction is 0 or undefined, which would drown the signal; empty frames are han
 the pixel BCE (which pushes their mask to zero) and by the presence head. The Lovász hinge
 (Berman et al., CVPR 2018: a convex surrogate of each frame's Jaccard loss, so it works on the
 outline that the per-frame Dice scores) follows the same rule.
+
+Deep supervision (``model.deep_supervision``) adds the same mask loss on each coarser decoder
+level, against the mask averaged down to that level's size (each coarse pixel's nerve coverage,
+so an outline pixel is not forced to 0 or 1). As in nnU-Net the levels weigh 1, 1/2, 1/4, ...
+from the finest, normalised to sum to 1, so the mask loss keeps its scale and the full-size
+output keeps the largest share.
 """
 
 from __future__ import annotations
@@ -48,20 +54,47 @@ def lovasz_hinge_loss(mask_logits: torch.Tensor, target: torch.Tensor) -> torch.
     return (F.relu(errors_sorted) * grad).sum(1).mean()
 
 
+def _mask_loss(mask_logits: torch.Tensor, target: torch.Tensor, weights: LossParams) -> dict[str, torch.Tensor]:
+    parts = {"dice_loss": soft_dice_loss(mask_logits, target),
+             "bce_loss": F.binary_cross_entropy_with_logits(mask_logits.float(), target.float())}
+    if weights.lovasz_weight > 0:  # a sort per frame: only paid for when asked for
+        parts["lovasz_loss"] = lovasz_hinge_loss(mask_logits, target)
+    return parts
+
+
+def _weighted_mask_loss(parts: dict[str, torch.Tensor], weights: LossParams) -> torch.Tensor:
+    return (weights.dice_weight * parts["dice_loss"] + weights.bce_weight * parts["bce_loss"]
+            + weights.lovasz_weight * parts.get("lovasz_loss", 0.0))
+
+
+def deep_supervision_weights(levels: int) -> list[float]:
+    """Weights of the full-size output and ``levels`` coarser ones: 1, 1/2, 1/4, ... normalised."""
+    raw = [0.5**level for level in range(levels + 1)]
+    return [w / sum(raw) for w in raw]
+
+
 def segmentation_loss(
     mask_logits: torch.Tensor,
     presence_logits: torch.Tensor,
     target: torch.Tensor,
     weights: LossParams,
+    coarse_logits: list[torch.Tensor] | tuple[torch.Tensor, ...] = (),
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """Total loss and its parts. ``target`` is (N,1,H,W): 0/1 masks or mask coverage in [0, 1]."""
+    """Total loss and its parts. ``target`` is (N,1,H,W): 0/1 masks or mask coverage in [0, 1].
+    ``coarse_logits``: the deep-supervision outputs, finest first, each half the size of the one before.
+    The reported parts are the full-size output's; ``deep_supervision_loss`` is the coarse levels' share."""
     present = (target.flatten(1).sum(1) > 0).float()
-    dice = soft_dice_loss(mask_logits, target)
-    bce = F.binary_cross_entropy_with_logits(mask_logits.float(), target.float())
-    presence = F.binary_cross_entropy_with_logits(presence_logits.float(), present)
-    total = weights.dice_weight * dice + weights.bce_weight * bce + weights.presence_weight * presence
-    parts = {"dice_loss": dice, "bce_loss": bce, "presence_loss": presence}
-    if weights.lovasz_weight > 0:  # a sort per frame: only paid for when asked for
-        parts["lovasz_loss"] = lovasz_hinge_loss(mask_logits, target)
-        total = total + weights.lovasz_weight * parts["lovasz_loss"]
+    parts = _mask_loss(mask_logits, target, weights)
+    mask_total = _weighted_mask_loss(parts, weights)
+    if coarse_logits:
+        level_weights = deep_supervision_weights(len(coarse_logits))
+        coarse = mask_total.new_zeros(())
+        for weight, logits in zip(level_weights[1:], coarse_logits):
+            # Area averaging gives each coarse pixel its nerve coverage; exact for the halving sizes here.
+            coarse_target = F.adaptive_avg_pool2d(target.float(), logits.shape[-2:])
+            coarse = coarse + weight * _weighted_mask_loss(_mask_loss(logits, coarse_target, weights), weights)
+        mask_total = level_weights[0] * mask_total + coarse
+        parts["deep_supervision_loss"] = coarse
+    parts["presence_loss"] = F.binary_cross_entropy_with_logits(presence_logits.float(), present)
+    total = mask_total + weights.presence_weight * parts["presence_loss"]
     return total, {key: float(value.detach()) for key, value in parts.items()}

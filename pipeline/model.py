@@ -3,7 +3,9 @@
 Encoder/decoder with skip connections; the presence head pools the bottleneck and says
 whether a nerve is in the frame at all (58.8 % of real frames have none, and one
 false-positive pixel on such a frame scores 0). Options: depth, base width, normalisation,
-dropout, residual blocks, and transposed-convolution or resize-convolution upsampling.
+dropout, residual blocks, transposed-convolution or resize-convolution upsampling, and deep
+supervision (a mask head on coarser decoder levels too, trained against the downsampled mask, as
+nnU-Net does; used by the training loss only, never by inference).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ class ModelConfig:
     residual: bool = False
     upsample: str = "transpose"
     members: int = 1       # > 1: an ensemble of that many networks of this shape (the fold models)
+    deep_supervision: int = 0  # coarser decoder levels with their own mask head during training
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -90,15 +93,25 @@ class ResizeConv(nn.Module):
 
 
 class UNet(nn.Module):
-    """U-Net returning ``(mask_logits (N,1,H,W), presence_logits (N,))``."""
+    """U-Net returning ``(mask_logits (N,1,H,W), presence_logits (N,))``.
+
+    With ``deep_supervision`` = k > 0 and in training mode it returns a third item: the mask logits
+    of the k next-coarser decoder levels, ``[(N,1,H/2,W/2), (N,1,H/4,W/4), ...]``, for the loss. In
+    eval mode (validation, inference, export) the extra heads are not run and the output is the
+    plain pair, so nothing downstream of training knows the option exists.
+    """
 
     def __init__(self, depth: int = 4, base_width: int = 16, dropout: float = 0.1, in_channels: int = 1,
-                 norm: str = "batch", residual: bool = False, upsample: str = "transpose"):
+                 norm: str = "batch", residual: bool = False, upsample: str = "transpose",
+                 deep_supervision: int = 0):
         super().__init__()
         if norm not in NORMS:
             raise ValueError(f"model.norm must be one of {NORMS}, got {norm!r}")
         if upsample not in UPSAMPLES:
             raise ValueError(f"model.upsample must be one of {UPSAMPLES}, got {upsample!r}")
+        if not 0 <= deep_supervision < depth:
+            raise ValueError(f"model.deep_supervision must be between 0 and model.depth - 1 = {depth - 1} "
+                             f"(the decoder has {depth - 1} levels below the output), got {deep_supervision}")
         widths = [base_width * 2**i for i in range(depth + 1)]
         self.down = nn.ModuleList()
         c_in = in_channels
@@ -114,10 +127,12 @@ class UNet(nn.Module):
                            else ResizeConv(w_low, w_high))
             self.merge.append(ConvBlock(2 * w_high, w_high, norm, residual))
         self.mask_head = nn.Conv2d(widths[0], 1, 1)
+        # aux_heads[i] reads decoder level i + 1 (half, quarter, ... of the working size).
+        self.aux_heads = nn.ModuleList(nn.Conv2d(widths[level], 1, 1) for level in range(1, deep_supervision + 1))
         self.presence_head = nn.Sequential(nn.Dropout(dropout), nn.Linear(2 * widths[-1], 1))
         self.depth = depth
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         skips = []
         for level, block in enumerate(self.down):
             x = block(x)
@@ -128,8 +143,14 @@ class UNet(nn.Module):
         # Average and max pooling: "is there a nerve anywhere" is a max-like question.
         pooled = torch.cat([x.mean(dim=(2, 3)), x.amax(dim=(2, 3))], dim=1)
         presence = self.presence_head(pooled).squeeze(1)
-        for up, merge, skip in zip(self.up, self.merge, reversed(skips)):
+        supervise = self.training and len(self.aux_heads) > 0
+        aux: list[torch.Tensor] = []
+        for level, up, merge, skip in zip(range(self.depth - 1, -1, -1), self.up, self.merge, reversed(skips)):
             x = merge(torch.cat([up(x), skip], dim=1))
+            if supervise and 0 < level <= len(self.aux_heads):
+                aux.append(self.aux_heads[level - 1](x))
+        if supervise:
+            return self.mask_head(x), presence, aux[::-1]  # finest first
         return self.mask_head(x), presence
 
 
@@ -158,4 +179,5 @@ def build_model(config: ModelConfig) -> nn.Module:
     if config.members > 1:
         return FoldEnsemble([build_model(replace(config, members=1)) for _ in range(config.members)])
     return UNet(depth=config.depth, base_width=config.base_width, dropout=config.dropout,
-                norm=config.norm, residual=config.residual, upsample=config.upsample)
+                norm=config.norm, residual=config.residual, upsample=config.upsample,
+                deep_supervision=config.deep_supervision)

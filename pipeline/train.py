@@ -144,7 +144,7 @@ def model_config(params: Params, height: int, width: int, intensity_mean: float,
     m = params.model
     return ModelConfig(depth=m.depth, base_width=m.base_width, dropout=m.dropout, height=height, width=width,
                        intensity_mean=intensity_mean, intensity_std=intensity_std, norm=m.norm,
-                       residual=m.residual, upsample=m.upsample)
+                       residual=m.residual, upsample=m.upsample, deep_supervision=m.deep_supervision)
 
 
 def stop_early(epoch: int, stale: int, tp) -> bool:
@@ -350,8 +350,8 @@ def _train_epoch(net, loader: DataLoader, optimizer, scheduler, tp, device: torc
         if tp.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            mask_logits, presence_logits = net(x)
-        loss, parts = segmentation_loss(mask_logits, presence_logits, y, tp.loss)
+            mask_logits, presence_logits, *coarse = net(x)  # coarse: deep-supervision outputs, if any
+        loss, parts = segmentation_loss(mask_logits, presence_logits, y, tp.loss, *coarse)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -1,8 +1,9 @@
 import pytest
 import torch
+import torch.nn.functional as F
 
 from pipeline.config import LossParams
-from pipeline.losses import lovasz_hinge_loss, segmentation_loss, soft_dice_loss
+from pipeline.losses import deep_supervision_weights, lovasz_hinge_loss, segmentation_loss, soft_dice_loss
 from pipeline.model import ModelConfig, UNet, build_model
 
 
@@ -78,3 +79,39 @@ def test_lovasz_hinge_matches_the_reference_and_skips_frames_without_nerve():
     mask, _ = net(torch.randn(2, 1, 16, 16))
     lovasz_hinge_loss(mask, target).backward()
     assert net.mask_head.weight.grad.abs().sum() > 0
+
+
+def test_deep_supervision_adds_coarse_mask_heads_in_training_only():
+    net = UNet(depth=3, base_width=4, deep_supervision=2)
+    x = torch.randn(2, 1, 32, 48)
+    mask, presence, coarse = net.train()(x)
+    assert mask.shape == (2, 1, 32, 48) and presence.shape == (2,)
+    assert [c.shape for c in coarse] == [(2, 1, 16, 24), (2, 1, 8, 12)]  # finest first
+    outputs = net.eval()(x)  # validation, inference and export see the plain network
+    assert len(outputs) == 2 and outputs[0].shape == (2, 1, 32, 48)
+    assert len(UNet(depth=3, base_width=4).train()(x)) == 2  # off: no third item
+    with pytest.raises(ValueError, match=r"model.deep_supervision must be between 0 and model.depth - 1 = 2"):
+        UNet(depth=3, base_width=4, deep_supervision=3)
+
+
+def test_deep_supervision_loss_scores_each_level_against_the_mask_coverage():
+    assert deep_supervision_weights(0) == [1.0]
+    assert deep_supervision_weights(2) == pytest.approx([4 / 7, 2 / 7, 1 / 7])
+    net = UNet(depth=3, base_width=4, deep_supervision=2).train()
+    target = torch.zeros(2, 1, 32, 48)
+    target[0, :, 8:21, 10:30] = 1  # odd edges: the coarse targets hold fractional coverage
+    mask, presence, coarse = net(torch.randn(2, 1, 32, 48))
+    loss, parts = segmentation_loss(mask, presence, target, LossParams(), coarse)
+    plain, plain_parts = segmentation_loss(mask, presence, target, LossParams())
+    assert "deep_supervision_loss" not in plain_parts
+    # The full-size parts are reported as without the option; the total reweighs them with the coarse levels.
+    assert parts["dice_loss"] == plain_parts["dice_loss"] and parts["bce_loss"] == plain_parts["bce_loss"]
+    half = F.avg_pool2d(target, 2)
+    assert 0 < half[half > 0].min() < 1
+    expected_coarse = sum(w * float((soft_dice_loss(c, t) + F.binary_cross_entropy_with_logits(c, t)).detach())
+                          for w, c, t in zip([2 / 7, 1 / 7], coarse, [half, F.avg_pool2d(target, 4)]))
+    assert parts["deep_supervision_loss"] == pytest.approx(expected_coarse, rel=1e-5)
+    full = parts["dice_loss"] + parts["bce_loss"]
+    assert float(loss.detach()) == pytest.approx(4 / 7 * full + expected_coarse + 0.5 * parts["presence_loss"], rel=1e-5)
+    loss.backward()
+    assert all(head.weight.grad.abs().sum() > 0 for head in net.aux_heads)

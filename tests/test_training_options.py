@@ -58,7 +58,7 @@ def test_old_model_configs_without_the_new_fields_still_load():
     old = {"depth": 2, "base_width": 4, "dropout": 0.0, "height": 16, "width": 16, "intensity_mean": 0.5,
            "intensity_std": 0.2}
     config = ModelConfig(**old)
-    assert (config.norm, config.residual, config.upsample) == ("batch", False, "transpose")
+    assert (config.norm, config.residual, config.upsample, config.deep_supervision) == ("batch", False, "transpose", 0)
 
 
 def test_augmentations_are_each_switched_by_their_probability_and_move_mask_with_frame():
@@ -261,6 +261,24 @@ def test_lovasz_weight_joins_the_training_loss(prepared, tiny_params):
     # The epoch's loss is the weighted sum of its logged parts, the Lovász hinge included.
     assert row["loss"] == pytest.approx(w.dice_weight * row["dice_loss"] + w.bce_weight * row["bce_loss"]
                                         + w.presence_weight * row["presence_loss"] + 0.5 * row["lovasz_loss"], rel=1e-4)
+
+
+def test_deep_supervision_trains_the_coarse_heads_and_serves_the_plain_network(prepared, tiny_params):
+    params = _with(tiny_params, {"model": {"deep_supervision": 2}, "train": {"epochs": 1}})
+    stages.fit(prepared, params, progress=False)
+    row = pd.read_csv(prepared.models_dir / "history.csv").iloc[0]
+    w = params.train.loss
+    assert row["deep_supervision_loss"] > 0
+    # The epoch's loss: the full-size mask loss at weight 4/7, the coarse levels' share, presence.
+    assert row["loss"] == pytest.approx(4 / 7 * (w.dice_weight * row["dice_loss"] + w.bce_weight * row["bce_loss"])
+                                        + row["deep_supervision_loss"] + w.presence_weight * row["presence_loss"],
+                                        rel=1e-4)
+    model, config = load_trained(prepared.models_dir)
+    assert config.deep_supervision == 2 and len(model.aux_heads) == 2
+    masks = Predictor(model, config, Postprocess()).predict(np.zeros((2, 420, 580), np.uint8))
+    assert masks.shape == (2, 420, 580)
+    with pytest.raises(ValueError, match="model.deep_supervision"):  # depth 3 has two coarser levels
+        stages.fit(prepared, _with(tiny_params, {"model": {"deep_supervision": 3}}), progress=False)
 
 
 def test_soft_targets_train_on_the_mask_coverage(prepared, tiny_params):
