@@ -54,8 +54,8 @@ def run(params, config, device, batches, steps: int, amp: bool, channels_last: b
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            mask, presence = net(x)
-        loss, _ = segmentation_loss(mask, presence, y, params.train.loss)
+            mask, presence, *coarse = net(x)  # coarse: with model.deep_supervision, as pipeline/train.py
+        loss, _ = segmentation_loss(mask, presence, y, params.train.loss, *coarse)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
