@@ -104,6 +104,15 @@ class ModelParams(_Section):
     upsample: Literal["transpose", "resize"] = "transpose"
     deep_supervision: int = Field(0, ge=0)  # coarser decoder levels with their own mask head in the loss; 0 = off
 
+    @model_validator(mode="after")
+    def _deep_supervision_in_range(self) -> "ModelParams":
+        # Checked here too (the network checks again) so a bad value fails when params.yaml is read,
+        # not after the flow has validated and preprocessed the data.
+        if self.deep_supervision >= self.depth:
+            raise ValueError(f"model.deep_supervision is {self.deep_supervision} but must be below model.depth "
+                             f"({self.depth}): the decoder has {self.depth - 1} levels below the output")
+        return self
+
 
 class LossParams(_Section):
     dice_weight: float = Field(1.0, ge=0)
