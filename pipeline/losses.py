@@ -54,17 +54,16 @@ def lovasz_hinge_loss(mask_logits: torch.Tensor, target: torch.Tensor) -> torch.
     return (F.relu(errors_sorted) * grad).sum(1).mean()
 
 
-def _mask_loss(mask_logits: torch.Tensor, target: torch.Tensor, weights: LossParams) -> dict[str, torch.Tensor]:
+def _mask_loss(mask_logits: torch.Tensor, target: torch.Tensor,
+               weights: LossParams) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The weighted mask loss of one output and its parts (Dice, BCE, and Lovász when weighted)."""
     parts = {"dice_loss": soft_dice_loss(mask_logits, target),
              "bce_loss": F.binary_cross_entropy_with_logits(mask_logits.float(), target.float())}
+    total = weights.dice_weight * parts["dice_loss"] + weights.bce_weight * parts["bce_loss"]
     if weights.lovasz_weight > 0:  # a sort per frame: only paid for when asked for
         parts["lovasz_loss"] = lovasz_hinge_loss(mask_logits, target)
-    return parts
-
-
-def _weighted_mask_loss(parts: dict[str, torch.Tensor], weights: LossParams) -> torch.Tensor:
-    return (weights.dice_weight * parts["dice_loss"] + weights.bce_weight * parts["bce_loss"]
-            + weights.lovasz_weight * parts.get("lovasz_loss", 0.0))
+        total = total + weights.lovasz_weight * parts["lovasz_loss"]
+    return total, parts
 
 
 def deep_supervision_weights(levels: int) -> list[float]:
@@ -84,15 +83,14 @@ def segmentation_loss(
     ``coarse_logits``: the deep-supervision outputs, finest first, each half the size of the one before.
     The reported parts are the full-size output's; ``deep_supervision_loss`` is the coarse levels' share."""
     present = (target.flatten(1).sum(1) > 0).float()
-    parts = _mask_loss(mask_logits, target, weights)
-    mask_total = _weighted_mask_loss(parts, weights)
+    mask_total, parts = _mask_loss(mask_logits, target, weights)
     if coarse_logits:
         level_weights = deep_supervision_weights(len(coarse_logits))
         coarse = mask_total.new_zeros(())
         for weight, logits in zip(level_weights[1:], coarse_logits):
             # Area averaging gives each coarse pixel its nerve coverage; exact for the halving sizes here.
             coarse_target = F.adaptive_avg_pool2d(target.float(), logits.shape[-2:])
-            coarse = coarse + weight * _weighted_mask_loss(_mask_loss(logits, coarse_target, weights), weights)
+            coarse = coarse + weight * _mask_loss(logits, coarse_target, weights)[0]
         mask_total = level_weights[0] * mask_total + coarse
         parts["deep_supervision_loss"] = coarse
     parts["presence_loss"] = F.binary_cross_entropy_with_logits(presence_logits.float(), present)

@@ -27,6 +27,16 @@ def test_out_of_range_value_is_an_error(tmp_path):
         load_params(bad)
 
 
+def test_deep_supervision_beyond_the_decoder_is_refused_when_params_are_read(tmp_path):
+    # Depth 3 has two coarser decoder levels: a third fails at load, naming the file, not after preprocessing.
+    bad = tmp_path / "params.yaml"
+    bad.write_text("model:\n  depth: 3\n  deep_supervision: 3\n")
+    with pytest.raises(ParamsError, match=r"params.yaml: model: .*deep_supervision is 3 but must be below model.depth \(3\)"):
+        load_params(bad)
+    bad.write_text("model:\n  depth: 3\n  deep_supervision: 2\n")
+    assert load_params(bad).model.deep_supervision == 2
+
+
 def test_missing_file_says_what_to_do(tmp_path):
     with pytest.raises(ParamsError, match="no such file"):
         load_params(tmp_path / "nope.yaml")
