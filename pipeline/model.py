@@ -163,7 +163,9 @@ class FoldEnsemble(nn.Module):
         self.members = nn.ModuleList(members)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        outputs = [member(x) for member in self.members]
+        # [:2]: a deep-supervised member in training mode also returns its coarse outputs, which an
+        # ensemble (built for inference only) has no use for.
+        outputs = [member(x)[:2] for member in self.members]
         mask = torch.stack([torch.sigmoid(m.float()) for m, _ in outputs]).mean(0)
         presence = torch.stack([torch.sigmoid(p.float()) for _, p in outputs]).mean(0)
         return torch.logit(mask, eps=1e-6), torch.logit(presence, eps=1e-6)

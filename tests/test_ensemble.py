@@ -43,6 +43,14 @@ def test_an_ensemble_averages_its_members_probabilities():
     assert not torch.allclose(torch.sigmoid(outputs[0][0]), expected_mask, atol=1e-3)
 
 
+def test_an_ensemble_of_deep_supervised_members_returns_the_plain_pair_in_either_mode():
+    ensemble = build_model(ModelConfig(**{**CONFIG.to_dict(), "members": 2, "deep_supervision": 1}))
+    x = torch.randn(2, 1, 32, 48)
+    for mode in (True, False):
+        mask, presence = ensemble.train(mode)(x)
+        assert mask.shape == (2, 1, 32, 48) and presence.shape == (2,)
+
+
 def test_configs_written_before_ensembles_still_load_as_one_unet():
     old = {k: v for k, v in CONFIG.to_dict().items() if k != "members"}
     assert isinstance(build_model(ModelConfig(**old)), UNet)
