@@ -15,6 +15,8 @@ from typing import Annotated, Optional
 
 import typer
 
+from flows.cli_options import EXIT_USAGE, ParamsOpt, ProjectOpt
+from flows.cli_options import fail as _fail
 from flows.data_cli import data_app
 from flows.environment import configure_environment
 
@@ -22,9 +24,6 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split
 stage_app = typer.Typer(no_args_is_help=True, help="Run one DVC stage (what dvc.yaml calls).")
 app.add_typer(stage_app, name="stage")
 app.add_typer(data_app, name="data")
-
-from flows.cli_options import EXIT_USAGE, ParamsOpt, ProjectOpt
-from flows.cli_options import fail as _fail
 
 
 def _load(project: Path, params_file: str):

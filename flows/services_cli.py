@@ -9,13 +9,12 @@ from typing import Annotated, Optional
 
 import typer
 
+from flows.cli_options import EXIT_FAILED, EXIT_USAGE, JsonOpt, ProjectOpt
+from flows.cli_options import fail as _fail
 from flows.environment import configure_environment
 
 services_app = typer.Typer(no_args_is_help=True,
                            help="Prefect and MLflow servers on 127.0.0.1 for this project (UI, schedules).")
-
-from flows.cli_options import EXIT_FAILED, EXIT_USAGE, JsonOpt, ProjectOpt
-from flows.cli_options import fail as _fail
 
 
 def _config(project: Path, **overrides):
