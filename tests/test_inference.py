@@ -1,10 +1,13 @@
 import numpy as np
 import pandas as pd
+import pytest
+import torch
 
 from pipeline import stages
 from pipeline.evaluate import load_postprocess
 from pipeline.inference import Postprocess, Predictor, write_bundle
 from pipeline.metrics import FAILURES
+from pipeline.model import ModelConfig, build_model
 from pipeline.train import WEIGHTS, load_model_config
 
 
@@ -62,3 +65,30 @@ def test_a_bundle_loads_with_or_without_the_fast_paths(prepared, tiny_params, tm
     plain = Predictor.from_bundle(bundle, fuse=False, channels_last=False)
     assert not plain.channels_last and fast.channels_last
     assert np.allclose(fast.probabilities(frames)[0], plain.probabilities(frames)[0], atol=1e-4)
+
+
+@pytest.mark.parametrize("norm", ["batch", "instance", "group", "none"])
+def test_the_fast_path_matches_the_plain_one_for_every_normalisation(norm):
+    # Only batch norm is folded into the convolutions; instance and group norm must pass through the
+    # fast path (channels-last) unchanged and still normalise each frame on its own.
+    config = ModelConfig(depth=2, base_width=8, dropout=0.0, height=32, width=44, intensity_mean=0.3,
+                         intensity_std=0.2, norm=norm)
+    torch.manual_seed(0)
+    model = build_model(config)
+    for module in model.modules():  # non-trivial statistics and affine weights, so a wrong fold shows
+        if isinstance(module, torch.nn.modules.batchnorm._NormBase | torch.nn.GroupNorm) and module.affine:
+            torch.nn.init.uniform_(module.weight, 0.5, 1.5)
+            torch.nn.init.uniform_(module.bias, -0.2, 0.2)
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.3, 0.3)
+            module.running_var.uniform_(0.5, 2.0)
+    frames = np.random.default_rng(2).integers(0, 255, (3, 420, 580), dtype=np.uint8)
+    fast = Predictor(model, config, Postprocess())
+    plain = Predictor(model, config, Postprocess(), fuse=False, channels_last=False)
+    fast_probs, fast_presence = fast.probabilities(frames)
+    plain_probs, plain_presence = plain.probabilities(frames)
+    assert np.allclose(fast_probs, plain_probs, atol=1e-4) and np.allclose(fast_presence, plain_presence, atol=1e-4)
+    # one frame at a time gives what the batch gives: no statistic leaks between frames in eval mode
+    one_by_one = np.concatenate([fast.probabilities(frames[i : i + 1])[0] for i in range(len(frames))])
+    assert np.allclose(one_by_one, fast_probs, atol=1e-4)
+    assert np.ptp(fast_probs) > 1e-3  # the network's output is not constant, so the comparison means something
