@@ -102,11 +102,12 @@ def main() -> int:
     print(f"network: depth {config.depth}, width {config.base_width}, members {config.members}, working size {config.height}x{config.width}; "
           f"{len(stack)} frames of 420x580; {torch.get_num_threads()} CPU threads; {platform.processor() or platform.machine()}")
 
+    default_path = "BatchNorm folded + channels-last (default)"
     variants = {
         # Predictor defaults to channels-last, so the first two rows must switch it off by name.
         "eager fp32": Predictor(model, config, post, fuse=False, channels_last=False),
         "BatchNorm folded": Predictor(model, config, post, fuse=True, channels_last=False),
-        "BatchNorm folded + channels-last (default)": Predictor(model, config, post, fuse=True, channels_last=True),
+        default_path: Predictor(model, config, post, fuse=True, channels_last=True),
     }
     if not args.no_compile:
         compiled = Predictor(model, config, post, fuse=True)
@@ -123,7 +124,7 @@ def main() -> int:
     for name, fps, first in rows:
         print(f"| {name} | {fps:.1f} | {fps / base_fps:.2f}x | {first:.2f} |")
 
-    fps, parts = per_frame(variants["BatchNorm folded + channels-last (default)"], stack)
+    fps, parts = per_frame(variants[default_path], stack)
     total = sum(parts.values())
     print(f"\nshares of the default path (BatchNorm folded + channels-last, {fps:.1f} frames/s, {1000 / fps:.1f} ms/frame):")
     print("| part | ms/frame | share |\n|---|---|---|")

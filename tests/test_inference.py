@@ -76,7 +76,7 @@ def test_the_fast_path_matches_the_plain_one_for_every_normalisation(norm):
     torch.manual_seed(0)
     model = build_model(config)
     for module in model.modules():  # non-trivial statistics and affine weights, so a wrong fold shows
-        if isinstance(module, torch.nn.modules.batchnorm._NormBase | torch.nn.GroupNorm) and module.affine:
+        if isinstance(module, (torch.nn.BatchNorm2d, torch.nn.InstanceNorm2d, torch.nn.GroupNorm)) and module.affine:
             torch.nn.init.uniform_(module.weight, 0.5, 1.5)
             torch.nn.init.uniform_(module.bias, -0.2, 0.2)
         if isinstance(module, torch.nn.BatchNorm2d):
