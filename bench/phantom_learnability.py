@@ -38,16 +38,16 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-import numpy as np
-import pandas as pd
-import torch
-import yaml
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import torch  # noqa: E402
+import yaml  # noqa: E402
 
-from pipeline.config import load_params
-from pipeline.evaluate import evaluate
-from pipeline.phantom import PhantomSpec, generate_phantom
-from pipeline.preprocess import FRAMES, preprocess
-from pipeline.train import CHECKPOINT, train
+from pipeline.config import load_params  # noqa: E402
+from pipeline.evaluate import evaluate  # noqa: E402
+from pipeline.phantom import PhantomSpec, generate_phantom  # noqa: E402
+from pipeline.preprocess import FRAMES, preprocess  # noqa: E402
+from pipeline.train import CHECKPOINT, train  # noqa: E402
 
 
 class _OutOfTime(Exception):

@@ -21,8 +21,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from pipeline import phantom
-from pipeline.phantom import PhantomSpec, generate_phantom
+from pipeline import phantom  # noqa: E402
+from pipeline.phantom import PhantomSpec, generate_phantom  # noqa: E402
 
 
 def main(argv=None) -> int:

@@ -41,8 +41,8 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline import phantom
-from pipeline.phantom import PhantomSpec, synth_frame
+from pipeline import phantom  # noqa: E402
+from pipeline.phantom import PhantomSpec, synth_frame  # noqa: E402
 
 PATCH = 24  # px, side of the speckle patches
 ACF_PATCH = 32
