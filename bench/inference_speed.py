@@ -1,6 +1,6 @@
 """Real-time inference: one native 420x580 frame in, its native-size mask out.
 
-    python bench/inference_speed.py [--bundle DIR] [--frames 300] [--threads 0] [--batch 64]
+    python bench/inference_speed.py [--bundle DIR] [--norm batch|instance|group|none] [--frames 300] [--threads 0] [--batch 64]
 
 Times the whole path of :class:`pipeline.inference.Predictor` one frame at a time (resize,
 normalise, network, presence rule, post-processing, resize back), the share of each part,
@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 
 from pipeline.config import load_params  # noqa: E402
 from pipeline.inference import Postprocess, Predictor  # noqa: E402
-from pipeline.model import build_model  # noqa: E402
+from pipeline.model import NORMS, build_model  # noqa: E402
 from pipeline.train import model_config  # noqa: E402
 
 REAL = ROOT.parent / "shared" / "datasets" / "kaggle-uns" / "test"
@@ -76,6 +76,27 @@ def through_predict(predictor: Predictor, stack: np.ndarray) -> float:
     return len(stack) / (time.perf_counter() - began)
 
 
+def path_name(predictor: Predictor) -> str:
+    """The row name of a Predictor's CPU path, read from what it does rather than how it was built."""
+    if not predictor.fused:
+        return "eager fp32, NCHW" if not predictor.channels_last else "eager fp32, channels-last"
+    return "BatchNorm folded + channels-last" if predictor.channels_last else "BatchNorm folded, NCHW"
+
+
+def cpu_paths(model: torch.nn.Module, config, post: Postprocess, compile_too: bool) -> dict[str, Predictor]:
+    """The CPU variants of one network, each named by :func:`path_name` (the first row is the baseline).
+    Every option is passed by name: Predictor's defaults change with the normalisation."""
+    paths = [Predictor(model, config, post, fuse=False, channels_last=False),
+             Predictor(model, config, post, fuse=True, channels_last=False),
+             Predictor(model, config, post, fuse=True, channels_last=True)]
+    variants = {path_name(p): p for p in paths}
+    if compile_too:
+        compiled = Predictor(model, config, post, fuse=True, channels_last=True)
+        compiled.model = torch.compile(compiled.model, dynamic=False)
+        variants["BatchNorm folded + channels-last + torch.compile"] = compiled
+    return variants
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bundle", help="a registered model's bundle folder (model.pt, model_config.json, ...)")
@@ -85,34 +106,28 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--members", type=int, default=1, help="time a fold ensemble of this many networks")
+    parser.add_argument("--norm", choices=NORMS, help="override model.norm of --params (ignored with --bundle)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     stack = frames(args.frames)
     post = Postprocess(0.5, 0.5, 0)
     if args.bundle:
-        base = Predictor.from_bundle(args.bundle, fuse=False)
+        base = Predictor.from_bundle(args.bundle, fuse=False, channels_last=False)
         model, config = base.model, base.config
     else:
         params = load_params(args.params)
         config = replace(model_config(params, params.preprocess.height, params.preprocess.width, 0.3, 0.2),
-                         members=args.members)
+                         members=args.members, norm=args.norm or params.model.norm)
         torch.manual_seed(0)
         model = build_model(config).eval()
     print(f"network: depth {config.depth}, width {config.base_width}, members {config.members}, working size {config.height}x{config.width}; "
           f"{len(stack)} frames of 420x580; {torch.get_num_threads()} CPU threads; {platform.processor() or platform.machine()}")
 
-    default_path = "BatchNorm folded + channels-last (default)"
-    variants = {
-        # Predictor defaults to channels-last, so the first two rows must switch it off by name.
-        "eager fp32": Predictor(model, config, post, fuse=False, channels_last=False),
-        "BatchNorm folded": Predictor(model, config, post, fuse=True, channels_last=False),
-        default_path: Predictor(model, config, post, fuse=True, channels_last=True),
-    }
-    if not args.no_compile:
-        compiled = Predictor(model, config, post, fuse=True)
-        compiled.model = torch.compile(compiled.model, dynamic=False)
-        variants["BatchNorm folded + channels-last + torch.compile"] = compiled
+    variants = cpu_paths(model, config, post, compile_too=not args.no_compile)
+    default = Predictor(model, config, post)
+    default_path = path_name(default)
+    print(f"default path for {config.norm} norm: {default_path}")
     rows = []
     for name, predictor in variants.items():
         t0 = time.perf_counter()
@@ -126,13 +141,13 @@ def main() -> int:
 
     fps, parts = per_frame(variants[default_path], stack)
     total = sum(parts.values())
-    print(f"\nshares of the default path (BatchNorm folded + channels-last, {fps:.1f} frames/s, {1000 / fps:.1f} ms/frame):")
+    print(f"\nshares of the default path ({default_path}, {fps:.1f} frames/s, {1000 / fps:.1f} ms/frame):")
     print("| part | ms/frame | share |\n|---|---|---|")
     for name, seconds in parts.items():
         print(f"| {name} | {1000 * seconds / len(stack):.2f} | {100 * seconds / total:.0f} % |")
 
     if torch.cuda.is_available():
-        gpu = Predictor(model, config, post, device="cuda", fuse=True, channels_last=True)
+        gpu = Predictor(model, config, post, device="cuda")
         gpu.probabilities(stack[: args.batch], batch_size=args.batch)
         torch.cuda.synchronize()
         began = time.perf_counter()

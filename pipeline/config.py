@@ -156,7 +156,9 @@ class TrainParams(_Section):
     threads: int = Field(0, ge=0)
     lr_schedule: Literal["cosine", "constant"] = "cosine"
     warmup_epochs: int = Field(0, ge=0)
-    channels_last: bool = True  # NHWC tensors and weights (faster convolutions on CUDA and the CPU)
+    # NHWC tensors and weights; "auto": where the normalisation runs faster in NHWC (batch, none;
+    # pipeline.model.CHANNELS_LAST_NORMS, measured on the CPU), true/false force it.
+    channels_last: Literal["auto"] | bool = "auto"
     compile: bool = False       # torch.compile the network (measured in docs/benchmarks.md)
     # inductor generates fused kernels (minutes of compiling on a CPU); aot_eager only traces,
     # which checks that the network compiles without the wait.

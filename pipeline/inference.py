@@ -7,6 +7,7 @@ This is the one inference path: evaluation, the registered MLflow model and
 
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -15,7 +16,7 @@ import cv2
 import numpy as np
 import torch
 
-from pipeline.model import ModelConfig, build_model
+from pipeline.model import ModelConfig, build_model, uses_channels_last
 
 BUNDLE_WEIGHTS = "model.pt"
 BUNDLE_CONFIG = "model_config.json"
@@ -50,8 +51,6 @@ def fuse_conv_bn(model: torch.nn.Module) -> torch.nn.Module:
     measurable difference; channels-last did: docs/benchmarks.md). Works on a copy; the trained
     model is left as it is.
     """
-    import copy
-
     from torch.nn.utils.fusion import fuse_conv_bn_eval
 
     model = copy.deepcopy(model).eval()
@@ -67,22 +66,24 @@ def fuse_conv_bn(model: torch.nn.Module) -> torch.nn.Module:
 
 class Predictor:
     """``fuse`` folds BatchNorm into the convolutions; ``channels_last`` uses NHWC tensors
-    (about 10 % faster on the CPU, docs/benchmarks.md)."""
+    (None: where the network's normalisation runs faster in NHWC, :data:`pipeline.model.CHANNELS_LAST_NORMS`)."""
 
     def __init__(self, model: torch.nn.Module, config: ModelConfig, post: Postprocess, device: str = "cpu",
-                 fuse: bool = True, channels_last: bool = True):
+                 fuse: bool = True, channels_last: bool | None = None):
         self.device = torch.device(device)
         model = model.to(self.device).eval()
         self.model = fuse_conv_bn(model) if fuse else model
-        self.channels_last = channels_last
-        if channels_last:
-            self.model = self.model.to(memory_format=torch.channels_last)
+        self.fused = fuse
+        self.channels_last = uses_channels_last("auto" if channels_last is None else channels_last, config.norm)
+        if self.channels_last:
+            # Module.to converts in place: copy first so the caller's model keeps its layout.
+            self.model = (self.model if fuse else copy.deepcopy(self.model)).to(memory_format=torch.channels_last)
         self.config = config
         self.post = post
 
     @classmethod
     def from_bundle(cls, bundle_dir: Path | str, device: str = "cpu", fuse: bool = True,
-                    channels_last: bool = True) -> "Predictor":
+                    channels_last: bool | None = None) -> "Predictor":
         """Load ``model.pt`` + ``model_config.json`` + ``postprocess.json`` from a folder.
 
         Weights are read with ``weights_only=True``: no arbitrary object is unpickled.

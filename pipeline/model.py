@@ -18,6 +18,16 @@ from torch import nn
 
 NORMS = ("batch", "instance", "group", "none")
 UPSAMPLES = ("transpose", "resize")
+# Normalisations whose networks run faster in NHWC (channels-last) than in NCHW, measured on the CPU
+# (docs/benchmarks.md, "Channels-last by normalisation"): a network of convolutions only (no norm, or
+# batch norm folded away at inference) gains 1.1-1.6x; instance norm's per-frame reductions run at
+# 0.75-0.95x in NHWC (training steps 0.79x), so its networks stay NCHW, as do group norm's (mixed).
+CHANNELS_LAST_NORMS = frozenset({"batch", "none"})
+
+
+def uses_channels_last(setting: bool | str, norm: str) -> bool:
+    """``train.channels_last`` (or a Predictor's option) resolved: ``"auto"`` follows the normalisation."""
+    return norm in CHANNELS_LAST_NORMS if setting == "auto" else bool(setting)
 
 
 @dataclass(frozen=True)

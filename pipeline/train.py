@@ -30,7 +30,7 @@ from pipeline.config import Params
 from pipeline.imageio import atomic_write_text
 from pipeline.losses import segmentation_loss
 from pipeline.metrics import dice_per_frame
-from pipeline.model import ModelConfig, build_model
+from pipeline.model import ModelConfig, build_model, uses_channels_last
 from pipeline.preprocess import load_prepared
 from pipeline.weight_average import WeightAverage
 
@@ -337,7 +337,7 @@ def _checkpoint(identity_key: str, finished: bool, epoch: int, state: _RunState,
     }
 
 
-def _train_epoch(net, loader: DataLoader, optimizer, scheduler, tp, device: torch.device, amp: bool,
+def _train_epoch(net, loader: DataLoader, optimizer, scheduler, tp, device: torch.device, amp: bool, nhwc: bool,
                  bar: str, show: bool, model=None, average: WeightAverage | None = None) -> tuple[dict[str, float], int]:
     """One pass over the loader; the frame-weighted mean of the loss and its parts, and the frames seen.
     With ``average``, each step also moves the weight average towards ``model`` (the unwrapped network)."""
@@ -347,7 +347,7 @@ def _train_epoch(net, loader: DataLoader, optimizer, scheduler, tp, device: torc
     batches = tqdm(loader, desc=bar, disable=not show, leave=False)
     for x, y in batches:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        if tp.channels_last:
+        if nhwc:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             mask_logits, presence_logits, *coarse = net(x)  # coarse: deep-supervision outputs, if any
@@ -428,8 +428,9 @@ def fit(
     with process_group(dist, device):
         _seed_everything(tp.seed)
         model = build_model(config).to(device)
-        # NHWC on the CPU too: 1.12-1.27x faster training on both CPUs measured (docs/benchmarks.md).
-        if tp.channels_last:
+        # NHWC on the CPU too: 1.12-1.27x faster training with batch norm (docs/benchmarks.md).
+        nhwc = uses_channels_last(tp.channels_last, config.norm)
+        if nhwc:
             model = model.to(memory_format=torch.channels_last)
         transform = training_transform(tp.augment, tp.seed)
         shuffle_gen = torch.Generator()
@@ -464,7 +465,7 @@ def fit(
             transform.set_random_seed(tp.seed * 1_000_003 + epoch)
             if sampler is not None:
                 sampler.set_epoch(epoch)
-            row, seen = _train_epoch(net, loader, optimizer, scheduler, tp, device, amp,
+            row, seen = _train_epoch(net, loader, optimizer, scheduler, tp, device, amp, nhwc,
                                      f"epoch {epoch}/{tp.epochs}", progress and dist.main, model, average)
             frames_seen += seen * dist.world
             if dist.world > 1:

@@ -8,6 +8,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from .conftest import REPO
 
 BENCH = REPO / "bench"
@@ -136,3 +138,28 @@ print(json.dumps(out))
     assert resolved["real_cv_128_ema.yaml"] == {**resolved["real_cv_96_ema.yaml"], "size": [128, 176]}
     # A partial ``model:`` in a variant merges into its base's, keeping the other network keys.
     assert resolved["real_cv_96_ds.yaml"] == {**resolved["real_cv_96.yaml"], "deep_supervision": 2}
+
+
+@pytest.mark.parametrize("norm", ["batch", "instance"])
+def test_inference_speed_rows_time_the_paths_their_names_say(norm):
+    """Each row of ``bench/inference_speed.py`` is judged by its network's state, not by its options:
+    a row once timed channels-last while named NCHW because ``Predictor``'s default changed under it."""
+    import importlib.util
+
+    import torch
+
+    from pipeline.inference import Postprocess
+    from pipeline.model import ModelConfig, build_model
+
+    spec = importlib.util.spec_from_file_location("bench_inference_speed", BENCH / "inference_speed.py")
+    speed = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(speed)
+    config = ModelConfig(depth=2, base_width=8, dropout=0.0, height=32, width=44, intensity_mean=0.3,
+                         intensity_std=0.2, norm=norm)
+    rows = speed.cpu_paths(build_model(config), config, Postprocess(), compile_too=False)
+    assert list(rows) == ["eager fp32, NCHW", "BatchNorm folded, NCHW", "BatchNorm folded + channels-last"]
+    for name, predictor in rows.items():
+        conv = next(m for m in predictor.model.modules() if isinstance(m, torch.nn.Conv2d) and m.in_channels > 1)
+        assert conv.weight.is_contiguous(memory_format=torch.channels_last) == ("channels-last" in name), name
+        has_batch_norm = any(isinstance(m, torch.nn.BatchNorm2d) for m in predictor.model.modules())
+        assert has_batch_norm == (norm == "batch" and name.startswith("eager")), name

@@ -83,7 +83,7 @@ def test_the_fast_path_matches_the_plain_one_for_every_normalisation(norm):
             module.running_mean.uniform_(-0.3, 0.3)
             module.running_var.uniform_(0.5, 2.0)
     frames = np.random.default_rng(2).integers(0, 255, (3, 420, 580), dtype=np.uint8)
-    fast = Predictor(model, config, Postprocess())
+    fast = Predictor(model, config, Postprocess(), channels_last=True)  # forced: the default is NCHW for some norms
     plain = Predictor(model, config, Postprocess(), fuse=False, channels_last=False)
     fast_probs, fast_presence = fast.probabilities(frames)
     plain_probs, plain_presence = plain.probabilities(frames)
@@ -92,3 +92,23 @@ def test_the_fast_path_matches_the_plain_one_for_every_normalisation(norm):
     one_by_one = np.concatenate([fast.probabilities(frames[i : i + 1])[0] for i in range(len(frames))])
     assert np.allclose(one_by_one, fast_probs, atol=1e-4)
     assert np.ptp(fast_probs) > 1e-3  # the network's output is not constant, so the comparison means something
+
+
+@pytest.mark.parametrize("norm", ["batch", "instance", "group", "none"])
+def test_the_default_path_is_channels_last_only_for_norms_that_run_faster_in_it(norm):
+    # Measured (docs/benchmarks.md): NHWC speeds up convolution-only networks (batch norm folded, or
+    # none) and slows instance norm's reductions. The caller's model keeps its own layout either way.
+    config = ModelConfig(depth=2, base_width=8, dropout=0.0, height=32, width=44, intensity_mean=0.3,
+                         intensity_std=0.2, norm=norm)
+    model = build_model(config)
+    def a_conv(net):  # one with several input channels: a 1-channel kernel is contiguous in both layouts
+        return next(m for m in net.modules() if isinstance(m, torch.nn.Conv2d) and m.in_channels > 1)
+
+    first_conv = a_conv(model)
+    for fuse in (True, False):
+        predictor = Predictor(model, config, Postprocess(), fuse=fuse)
+        assert predictor.channels_last == (norm in ("batch", "none"))
+        served_conv = a_conv(predictor.model)
+        assert served_conv.weight.is_contiguous(memory_format=torch.channels_last) == predictor.channels_last
+        Predictor(model, config, Postprocess(), fuse=fuse, channels_last=True)
+        assert first_conv.weight.is_contiguous() and not first_conv.weight.is_contiguous(memory_format=torch.channels_last)

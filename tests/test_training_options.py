@@ -216,7 +216,7 @@ def test_variant_network_with_loader_workers_trains_and_serves(prepared, tiny_pa
 
 
 def test_folded_batchnorm_and_channels_last_give_the_same_masks(prepared, tiny_params):
-    stages.fit(prepared, _with(tiny_params, {"train": {"epochs": 1}}), progress=False)
+    stages.fit(prepared, _with(tiny_params, {"model": {"norm": "batch"}, "train": {"epochs": 1}}), progress=False)
     model, config = load_trained(prepared.models_dir)
     x = torch.randn(3, 1, config.height, config.width)
     with torch.inference_mode():
@@ -250,6 +250,18 @@ def test_channels_last_training_runs_in_nhwc_on_the_cpu_and_learns_the_same(prep
     assert losses[True] == pytest.approx(losses[False], rel=1e-3)
     model, config = load_trained(prepared.models_dir)  # NHWC weights load into a plain model
     assert model(torch.zeros(1, 1, config.height, config.width))[0].shape[-2:] == (config.height, config.width)
+
+
+@pytest.mark.parametrize("norm,nhwc", [("batch", True), ("instance", False)])
+def test_channels_last_auto_trains_nhwc_only_where_the_normalisation_runs_faster_in_it(prepared, tiny_params,
+                                                                                        norm, nhwc):
+    # Measured on the CPU (docs/benchmarks.md): NHWC speeds batch-norm training up and slows instance norm's.
+    shutil.rmtree(prepared.models_dir, ignore_errors=True)
+    stages.fit(prepared, _with(tiny_params, {"model": {"norm": norm}, "train": {"epochs": 1, "channels_last": "auto"}}),
+               progress=False)
+    state = torch.load(prepared.models_dir / "checkpoint.pt", weights_only=True)["model"]
+    kernels = [v for v in state.values() if v.dim() == 4 and v.shape[1] > 1 and v.shape[2] > 1]
+    assert kernels and all(k.is_contiguous(memory_format=torch.channels_last) == nhwc for k in kernels)
 
 
 def test_lovasz_weight_joins_the_training_loss(prepared, tiny_params):
