@@ -66,15 +66,15 @@ def fuse_conv_bn(model: torch.nn.Module) -> torch.nn.Module:
 
 class Predictor:
     """``fuse`` folds BatchNorm into the convolutions; ``channels_last`` uses NHWC tensors
-    (None: where the network's normalisation runs faster in NHWC, :data:`pipeline.model.CHANNELS_LAST_NORMS`)."""
+    (``"auto"``: where the network's normalisation runs faster in NHWC, as ``train.channels_last``)."""
 
     def __init__(self, model: torch.nn.Module, config: ModelConfig, post: Postprocess, device: str = "cpu",
-                 fuse: bool = True, channels_last: bool | None = None):
+                 fuse: bool = True, channels_last: bool | str = "auto"):
         self.device = torch.device(device)
         model = model.to(self.device).eval()
         self.model = fuse_conv_bn(model) if fuse else model
         self.fused = fuse
-        self.channels_last = uses_channels_last("auto" if channels_last is None else channels_last, config.norm)
+        self.channels_last = uses_channels_last(channels_last, config.norm)
         if self.channels_last:
             # Module.to converts in place: copy first so the caller's model keeps its layout.
             self.model = (self.model if fuse else copy.deepcopy(self.model)).to(memory_format=torch.channels_last)
@@ -83,7 +83,7 @@ class Predictor:
 
     @classmethod
     def from_bundle(cls, bundle_dir: Path | str, device: str = "cpu", fuse: bool = True,
-                    channels_last: bool | None = None) -> "Predictor":
+                    channels_last: bool | str = "auto") -> "Predictor":
         """Load ``model.pt`` + ``model_config.json`` + ``postprocess.json`` from a folder.
 
         Weights are read with ``weights_only=True``: no arbitrary object is unpickled.

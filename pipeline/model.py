@@ -27,7 +27,7 @@ CHANNELS_LAST_NORMS = frozenset({"batch", "none"})
 
 
 def uses_channels_last(setting: bool | str, norm: str) -> bool:
-    """``train.channels_last`` (or a Predictor's option) resolved: ``"auto"`` follows the normalisation."""
+    """``train.channels_last`` (or Predictor's ``channels_last``) resolved: ``"auto"`` follows the normalisation."""
     return norm in CHANNELS_LAST_NORMS if setting == "auto" else bool(setting)
 
 

@@ -135,6 +135,15 @@ def write_simple_dataset(data_dir: Path, subjects: int = 6, frames: int = 4, see
     return Path(data_dir)
 
 
+def tiny_model_config(norm: str = "batch"):
+    """A two-level width-8 network's config at a 32x44 working size: enough to tell layouts and
+    normalisations apart in a fraction of a second."""
+    from pipeline.model import ModelConfig
+
+    return ModelConfig(depth=2, base_width=8, dropout=0.0, height=32, width=44, intensity_mean=0.3,
+                       intensity_std=0.2, norm=norm)
+
+
 @pytest.fixture
 def tiny_params():
     from pipeline.config import Params

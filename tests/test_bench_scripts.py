@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from .conftest import REPO
+from .conftest import REPO, tiny_model_config
 
 BENCH = REPO / "bench"
 
@@ -149,13 +149,12 @@ def test_inference_speed_rows_time_the_paths_their_names_say(norm):
     import torch
 
     from pipeline.inference import Postprocess
-    from pipeline.model import ModelConfig, build_model
+    from pipeline.model import build_model
 
     spec = importlib.util.spec_from_file_location("bench_inference_speed", BENCH / "inference_speed.py")
     speed = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(speed)
-    config = ModelConfig(depth=2, base_width=8, dropout=0.0, height=32, width=44, intensity_mean=0.3,
-                         intensity_std=0.2, norm=norm)
+    config = tiny_model_config(norm)
     rows = speed.cpu_paths(build_model(config), config, Postprocess(), compile_too=False)
     assert list(rows) == ["eager fp32, NCHW", "BatchNorm folded, NCHW", "BatchNorm folded + channels-last"]
     for name, predictor in rows.items():

@@ -7,8 +7,10 @@ from pipeline import stages
 from pipeline.evaluate import load_postprocess
 from pipeline.inference import Postprocess, Predictor, write_bundle
 from pipeline.metrics import FAILURES
-from pipeline.model import ModelConfig, build_model
+from pipeline.model import build_model
 from pipeline.train import WEIGHTS, load_model_config
+
+from .conftest import tiny_model_config
 
 
 def _bundle(prepared, tiny_params, tmp_path):
@@ -71,8 +73,7 @@ def test_a_bundle_loads_with_or_without_the_fast_paths(prepared, tiny_params, tm
 def test_the_fast_path_matches_the_plain_one_for_every_normalisation(norm):
     # Only batch norm is folded into the convolutions; instance and group norm must pass through the
     # fast path (channels-last) unchanged and still normalise each frame on its own.
-    config = ModelConfig(depth=2, base_width=8, dropout=0.0, height=32, width=44, intensity_mean=0.3,
-                         intensity_std=0.2, norm=norm)
+    config = tiny_model_config(norm)
     torch.manual_seed(0)
     model = build_model(config)
     for module in model.modules():  # non-trivial statistics and affine weights, so a wrong fold shows
@@ -98,8 +99,7 @@ def test_the_fast_path_matches_the_plain_one_for_every_normalisation(norm):
 def test_the_default_path_is_channels_last_only_for_norms_that_run_faster_in_it(norm):
     # Measured (docs/benchmarks.md): NHWC speeds up convolution-only networks (batch norm folded, or
     # none) and slows instance norm's reductions. The caller's model keeps its own layout either way.
-    config = ModelConfig(depth=2, base_width=8, dropout=0.0, height=32, width=44, intensity_mean=0.3,
-                         intensity_std=0.2, norm=norm)
+    config = tiny_model_config(norm)
     model = build_model(config)
     def a_conv(net):  # one with several input channels: a 1-channel kernel is contiguous in both layouts
         return next(m for m in net.modules() if isinstance(m, torch.nn.Conv2d) and m.in_channels > 1)
