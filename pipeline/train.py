@@ -297,13 +297,16 @@ class _RunState:
     resumed_from: int | None = None
 
 
-def _resume(ckpt_path: Path, identity_key: str, device: torch.device, model, optimizer, scheduler,
+def _resume(ckpt_path: Path, identity_key: str, model, optimizer, scheduler,
             average: WeightAverage | None) -> _RunState:
     """Load the checkpoint into the model, optimiser and schedule when it is an unfinished run of the
     same settings and data; otherwise leave them as they are and start at epoch 1."""
     if not ckpt_path.is_file():
         return _RunState()
-    state = torch.load(ckpt_path, map_location=device, weights_only=True)
+    # Onto the CPU whatever the training device: torch.set_rng_state takes only a CPU tensor (loaded
+    # onto cuda it raised "RNG state must be a torch.ByteTensor" on the first GPU run), and the
+    # load_state_dict calls below copy each tensor to where the model's and optimiser's already are.
+    state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
     if state.get("identity") != identity_key or state["finished"]:
         return _RunState()
     model.load_state_dict(state["model"])
@@ -446,7 +449,7 @@ def fit(
         # Resume only a checkpoint of the same settings and data that did not finish.
         identity_key = _identity_key(identity, dist.world)
         ckpt_path = out_dir / CHECKPOINT
-        state = _resume(ckpt_path, identity_key, device, model, optimizer, scheduler, average)
+        state = _resume(ckpt_path, identity_key, model, optimizer, scheduler, average)
         if dist.main and state.resumed_from is None and (out_dir / WEIGHTS).exists():
             (out_dir / WEIGHTS).unlink()  # never leave the previous run's weights beside new history
         if dist.world > 1:
