@@ -1,7 +1,7 @@
 """Subject-grouped k-fold cross-validation on the real nerve frames of ``positives-256``.
 
     python bench/real_cv.py [--settings bench/real_cv.yaml] [--folds-to-run 0,1] [--epochs N]
-                            [--seed N] [--soft-targets] [--threads N] [--work DIR] [--out FILE]
+                            [--seed N] [--soft-targets] [--threads N] [--loader-workers N] [--work DIR] [--out FILE]
                             [--consensus-targets] [--frames-out FILE.npz]
 
 A settings file goes on top of ``params.yaml``; one that says ``base: other.yaml`` goes on top of
@@ -221,6 +221,8 @@ def main() -> int:
     parser.add_argument("--work", default="/tmp/nerveseg-real-cv")
     parser.add_argument("--seed", type=int, default=None,
                         help="override train.seed (initial weights, shuffling, augmentation; the folds stay)")
+    parser.add_argument("--loader-workers", type=int, default=None,
+                        help="override train.loader_workers (data-loader processes; 4+ on a GPU machine)")
     parser.add_argument("--soft-targets", action="store_true",
                         help="set train.soft_targets: train on each working-size pixel's mask coverage")
     parser.add_argument("--consensus-targets", action="store_true",
@@ -239,6 +241,8 @@ def main() -> int:
     changes = {"soft_targets": True} if args.soft_targets else {}
     if args.seed is not None:
         changes["seed"] = args.seed
+    if args.loader_workers is not None:
+        changes["loader_workers"] = args.loader_workers
     params = params.model_copy(update={"train": params.train.model_copy(update=changes)})
     h, w, k = params.preprocess.height, params.preprocess.width, params.split.folds
 

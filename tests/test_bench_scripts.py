@@ -77,6 +77,29 @@ def test_gpu_check_script_runs_its_steps_in_quick_mode(tmp_path):
     assert "| plain fp32 eager (in memory) |" in (tmp_path / "train_throughput.log").read_text()
 
 
+def test_gpu_real_cv_script_links_the_carried_frames_and_keeps_to_its_deadline(tmp_path):
+    # On the GPU machine ../shared does not exist: the script must link the carried .gpudata/ where
+    # bench/real_cv.py looks, refuse plainly when nothing was carried, and start no run it cannot finish.
+    checkout = tmp_path / "checkout"
+    (checkout / "bench" / "gpu").mkdir(parents=True)
+    script = checkout / "bench" / "gpu" / "real_cv.sh"
+    script.write_text((BENCH / "gpu" / "real_cv.sh").read_text())
+    env = {**os.environ, "PY": sys.executable, "OUT": str(tmp_path / "out"), "DEADLINE": "0"}
+    run = lambda: subprocess.run(["bash", str(script), "bench/real_cv_96_instance_norm.yaml"], cwd=tmp_path,
+                                 capture_output=True, text=True, timeout=60, env=env)
+    missing = run()
+    assert missing.returncode == 2 and "bench/gpu/real_cv.sh --stage" in missing.stdout
+    assert not (tmp_path / "shared").exists()
+
+    (checkout / ".gpudata" / "positives-256").mkdir(parents=True)
+    late = run()
+    link = tmp_path / "shared" / "datasets" / "kaggle-uns"
+    assert link.is_symlink() and link.resolve() == (checkout / ".gpudata").resolve()
+    assert late.returncode == 1
+    assert "real_cv_96_instance_norm: not run" in (tmp_path / "out" / "summary.txt").read_text()
+    assert not (tmp_path / "out" / "real_cv_96_instance_norm.log").exists()
+
+
 def test_promotion_noise_judges_twins_from_any_dice_column_of_the_frame_files(tmp_path):
     """``bench/promotion_noise.py`` on two made-up runs of 2 folds x 6 subjects: ``FILE#dice_raw``
     picks the raw weights' column of a weight-averaged run; a column the file lacks stops it."""
