@@ -4,8 +4,8 @@ and the step fed by the real data loader against the step on tensors already in 
     python bench/train_throughput.py [--steps 30] [--batch 16] [--workers 2] [--no-compile]
 
 Frames/s of each variant, measured in one run, as ratios to the plain loop. On the CPU the
-variants are: channels-last, torch.compile (inductor), bf16 autocast; on CUDA: bf16 autocast +
-channels-last, then + torch.compile. The loader variant runs the tuned step on batches from
+variants are: channels-last, torch.compile (inductor), bf16 autocast; on CUDA: bf16 autocast, bf16
+autocast + channels-last, then + torch.compile. It also says which of them ``fit`` runs with the params. The loader variant runs the tuned step on batches from
 :class:`pipeline.train.FrameDataset` (augmentation included) with ``--workers`` processes.
 """
 
@@ -27,8 +27,8 @@ sys.path.insert(0, str(ROOT))
 from pipeline.augment import training_transform  # noqa: E402
 from pipeline.config import load_params  # noqa: E402
 from pipeline.losses import segmentation_loss  # noqa: E402
-from pipeline.model import build_model  # noqa: E402
-from pipeline.train import FrameDataset, cpu_has_native_bf16, model_config  # noqa: E402
+from pipeline.model import build_model, uses_channels_last  # noqa: E402
+from pipeline.train import FrameDataset, cpu_has_native_bf16, model_config, use_autocast  # noqa: E402
 
 
 def frames(n: int, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
@@ -108,11 +108,17 @@ def main() -> int:
     cuda = device.type == "cuda"
     where = torch.cuda.get_device_name() if cuda else (f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
                                                                f"{torch.backends.cpu.get_cpu_capability()}, native bf16: {cpu_has_native_bf16()})")
-    print(f"network: depth {config.depth}, width {config.base_width}, {h}x{w}, batch {args.batch}; device: {where}")
+    print(f"network: depth {config.depth}, width {config.base_width}, {config.norm} norm, {h}x{w}, batch {args.batch}; device: {where}")
+    tp = params.train
+    print(f"fit's step with these params here: {'bf16 autocast' if use_autocast(tp, device) else 'fp32'}, "
+          f"{'channels-last' if uses_channels_last(tp.channels_last, config.norm) else 'NCHW'}, "
+          f"{'torch.compile' if tp.compile else 'eager'}")
 
     mem = lambda: in_memory(images, masks, config, args.batch, device)  # noqa: E731
     variants = [("plain fp32 eager (in memory)", dict(amp=False, channels_last=False, compile_=False), mem)]
     if cuda:
+        # NCHW too: what `fit` runs by default for the norms that train.channels_last: auto keeps in NCHW.
+        variants.append(("bf16 autocast", dict(amp=True, channels_last=False, compile_=False), mem))
         variants.append(("bf16 autocast + channels-last", dict(amp=True, channels_last=True, compile_=False), mem))
         if not args.no_compile:
             variants.append(("bf16 + channels-last + torch.compile", dict(amp=True, channels_last=True, compile_=True), mem))

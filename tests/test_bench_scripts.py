@@ -74,7 +74,9 @@ def test_gpu_check_script_runs_its_steps_in_quick_mode(tmp_path):
     assert "steps failed: 0" in summary
     checks = (tmp_path / "cuda_path.log").read_text()
     assert checks.count("PASS") == 4 and "resumes from the checkpoint" in checks
-    assert "| plain fp32 eager (in memory) |" in (tmp_path / "train_throughput.log").read_text()
+    throughput = (tmp_path / "train_throughput.log").read_text()
+    assert "| plain fp32 eager (in memory) |" in throughput
+    assert "fit's step with these params here: fp32, NCHW, eager" in throughput  # params.yaml's instance norm, CPU
 
 
 def test_gpu_real_cv_script_links_the_carried_frames_and_keeps_to_its_deadline(tmp_path):
