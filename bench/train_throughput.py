@@ -5,8 +5,9 @@ and the step fed by the real data loader against the step on tensors already in 
 
 Frames/s of each variant, measured in one run, as ratios to the plain loop. On the CPU the
 variants are: channels-last, torch.compile (inductor), bf16 autocast; on CUDA: bf16 autocast, bf16
-autocast + channels-last, then + torch.compile. It also says which of them ``fit`` runs with the params. The loader variant runs the tuned step on batches from
-:class:`pipeline.train.FrameDataset` (augmentation included) with ``--workers`` processes.
+autocast + channels-last, then + torch.compile. The loader variant runs the tuned step on batches from
+:class:`pipeline.train.FrameDataset` (augmentation included) with ``--workers`` processes. It also says
+which step ``fit`` runs with the params.
 """
 
 from __future__ import annotations

@@ -86,6 +86,7 @@ def test_gpu_real_cv_script_links_the_carried_frames_and_keeps_to_its_deadline(t
     (checkout / "bench" / "gpu").mkdir(parents=True)
     script = checkout / "bench" / "gpu" / "real_cv.sh"
     script.write_text((BENCH / "gpu" / "real_cv.sh").read_text())
+    (script.parent / "carried_wheels.sh").write_text((BENCH / "gpu" / "carried_wheels.sh").read_text())
     env = {**os.environ, "PY": sys.executable, "OUT": str(tmp_path / "out"), "DEADLINE": "0"}
     run = lambda: subprocess.run(["bash", str(script), "bench/real_cv_96_instance_norm.yaml"], cwd=tmp_path,
                                  capture_output=True, text=True, timeout=60, env=env)

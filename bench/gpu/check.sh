@@ -10,12 +10,7 @@ OUT=${OUT:-/tmp/nerveseg-gpu-check}
 PY=${PY:-python3}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-# The wheels of bench/gpu/fetch_wheels.sh are for Python 3.12 (the GPU machine's); install them only there.
-if [ -d .whl ] && "$PY" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 12))'; then
-    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-        || { echo "installing .whl/ failed" | tee "$OUT/summary.txt"; exit 1; }
-    export PYTHONPATH=/tmp/site
-fi
+source bench/gpu/carried_wheels.sh
 if [ "${QUICK:-0}" = 1 ]; then
     cuda_path=(--device cpu --frames 90 --epochs 3 --no-compile); throughput=(--steps 3 --batch 8 --workers 1 --no-compile)
     inference=(--frames 20 --batch 8 --no-compile)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The real-data cross-validation (bench/real_cv.py) on the GPU machine, in the same device call as
-# bench/gpu/check.sh (which installs .whl/ into /tmp/site). ../shared does not travel to that machine,
+# The real-data cross-validation (bench/real_cv.py) on the GPU machine, alone or after bench/gpu/check.sh
+# in the same device call (carry .whl: bench/gpu/carried_wheels.sh installs it). ../shared does not travel to that machine,
 # so first, here, copy the nerve frames into the git-ignored .gpudata/ (38 MB):
 #     bash bench/gpu/real_cv.sh --stage
 # then, there (carry .whl and .gpudata), each settings file in turn until DEADLINE (epoch seconds):
@@ -17,7 +17,7 @@ OUT=${OUT:-/tmp/nerveseg-gpu-cv}
 PY=${PY:-python3}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-[ -d /tmp/site ] && export PYTHONPATH=/tmp/site
+source bench/gpu/carried_wheels.sh
 data=$(cd .. && pwd)/shared/datasets/kaggle-uns   # where bench/real_cv.py looks
 if [ ! -e "$data" ]; then
     [ -d .gpudata/positives-256 ] || { echo "no .gpudata/positives-256: run 'bash bench/gpu/real_cv.sh --stage' first" | tee -a "$OUT/summary.txt"; exit 2; }
