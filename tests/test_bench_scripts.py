@@ -88,8 +88,10 @@ def test_gpu_real_cv_script_links_the_carried_frames_and_keeps_to_its_deadline(t
     script.write_text((BENCH / "gpu" / "real_cv.sh").read_text())
     (script.parent / "carried_wheels.sh").write_text((BENCH / "gpu" / "carried_wheels.sh").read_text())
     env = {**os.environ, "PY": sys.executable, "OUT": str(tmp_path / "out"), "DEADLINE": "0"}
-    run = lambda: subprocess.run(["bash", str(script), "bench/real_cv_96_instance_norm.yaml"], cwd=tmp_path,
-                                 capture_output=True, text=True, timeout=60, env=env)
+    def run():
+        return subprocess.run(["bash", str(script), "bench/real_cv_96_instance_norm.yaml"], cwd=tmp_path,
+                              capture_output=True, text=True, timeout=60, env=env)
+
     missing = run()
     assert missing.returncode == 2 and "bench/gpu/real_cv.sh --stage" in missing.stdout
     assert not (tmp_path / "shared").exists()
@@ -130,6 +132,25 @@ def test_promotion_noise_judges_twins_from_any_dice_column_of_the_frame_files(tm
                               f"{tmp_path / 'a.npz'}#dice_tta,{tmp_path / 'b.npz'}", "--out", str(out)],
                              cwd=REPO, capture_output=True, text=True, timeout=120)
     assert missing.returncode != 0 and "no column 'dice_tta'" in missing.stderr
+
+
+def test_phantom_seeds_trains_each_norm_and_seed_and_reports_each_holdout_subjects_empty_frames(tmp_path):
+    """``bench/phantom_seeds.py`` on a 6-subject phantom, one epoch per run: one row per (norm, seed)
+    with the settings it says, and the holdout subjects' empty-frame presence in every row."""
+    import json
+
+    out = tmp_path / "seeds.json"
+    done = subprocess.run([sys.executable, str(BENCH / "phantom_seeds.py"), "--seeds", "3,5", "--norms", "batch,instance",
+                           "--epochs", "1", "--threads", "1", "--subjects", "6", "--frames-per-subject", "8",
+                           "--keep", str(tmp_path / "work"), "--out", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    runs = json.loads(out.read_text())["runs"]
+    assert [(r["norm"], r["seed"]) for r in runs] == [("batch", 3), ("batch", 5), ("instance", 3), ("instance", 5)]
+    assert all(r["empty_presence_median"] and 0 <= r["dice"] <= 1 for r in runs)
+    config = json.loads((tmp_path / "work" / "instance-5" / "models" / "model_config.json").read_text())
+    assert config["norm"] == "instance"
+    assert "| instance | 2 |" in done.stdout  # the summary row
 
 
 def test_every_real_cv_settings_file_resolves_to_valid_params():
