@@ -5,7 +5,7 @@
                                   [--out bench/results/phantom_seeds.json]
 
 The quickstart trains one model and prints one holdout Dice, on the 3 holdout subjects of the phantom
-(90 frames, 60 % of them empty, where an empty prediction scores 1). This trains the same recipe with
+(90 frames, 62 of them empty, where an empty prediction scores 1). This trains the same recipe with
 several seeds to show how much of that figure is the seed. It generates the quickstart's phantom
 (``params.yaml``'s ``data.synth``) once, preprocesses and splits it as the flow does, then for each
 normalisation and seed runs the pipeline's own ``train`` (early stopping on the validation subjects) and
