@@ -168,7 +168,8 @@ for path in sys.argv[1:]:
     p = real_cv.load_settings(path)
     out[path.rsplit("/", 1)[-1]] = {"size": [p.preprocess.height, p.preprocess.width], "depth": p.model.depth,
                                     "ema_decay": p.train.ema_decay, "amp_cpu": p.train.amp_cpu, "epochs": p.train.epochs,
-                                    "deep_supervision": p.model.deep_supervision, "upsample": p.model.upsample}
+                                    "deep_supervision": p.model.deep_supervision, "upsample": p.model.upsample,
+                                    "norm": p.model.norm, "augment": p.train.augment.model_dump(mode="json")}
 print(json.dumps(out))
 """
     files = sorted(str(f.relative_to(REPO)) for f in BENCH.glob("real_cv*.yaml"))
@@ -177,14 +178,21 @@ print(json.dumps(out))
     assert done.returncode == 0, done.stdout + done.stderr
     resolved = json.loads(done.stdout.strip().splitlines()[-1])
     assert set(resolved) == {f.rsplit("/", 1)[-1] for f in files}
-    assert resolved["real_cv.yaml"] == {"size": [64, 88], "depth": 3, "ema_decay": 0.0, "amp_cpu": False, "epochs": 12,
-                                         "deep_supervision": 0, "upsample": "transpose"}
+    plain = {k: v for k, v in resolved["real_cv.yaml"].items() if k != "augment"}
+    assert plain == {"size": [64, 88], "depth": 3, "ema_decay": 0.0, "amp_cpu": False, "epochs": 12,
+                     "deep_supervision": 0, "upsample": "transpose", "norm": "batch"}
     assert resolved["real_cv_ema.yaml"] == {**resolved["real_cv.yaml"], "ema_decay": 0.998}
     assert resolved["real_cv_96_ema.yaml"] == {**resolved["real_cv_96.yaml"], "ema_decay": 0.998}
     assert resolved["real_cv_96_ema.yaml"]["depth"] == 4 and resolved["real_cv_96_ema.yaml"]["amp_cpu"] is True
     assert resolved["real_cv_128_ema.yaml"] == {**resolved["real_cv_96_ema.yaml"], "size": [128, 176]}
     # A partial ``model:`` in a variant merges into its base's, keeping the other network keys.
     assert resolved["real_cv_96_ds.yaml"] == {**resolved["real_cv_96.yaml"], "deep_supervision": 2}
+    # The default size's long+strong recipe repeats the augmentation of the 64x88 one (a base: chain has one
+    # parent): the copy must stay the same.
+    long_strong = resolved["real_cv_long_strong.yaml"]
+    assert long_strong["augment"] != resolved["real_cv.yaml"]["augment"]
+    assert resolved["real_cv_96_instance_long_strong.yaml"] == {
+        **resolved["real_cv_96.yaml"], "norm": "instance", "epochs": long_strong["epochs"], "augment": long_strong["augment"]}
 
 
 @pytest.mark.parametrize("norm", ["batch", "instance"])
