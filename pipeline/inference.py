@@ -71,13 +71,14 @@ class Predictor:
     def __init__(self, model: torch.nn.Module, config: ModelConfig, post: Postprocess, device: str = "cpu",
                  fuse: bool = True, channels_last: bool | str = "auto"):
         self.device = torch.device(device)
-        model = model.to(self.device).eval()
+        # Module.to and .eval change a module in place: serve a copy, so the caller's model (a
+        # training loop's, mid-fit) keeps its device, its train/eval mode and its memory layout.
+        model = copy.deepcopy(model).to(self.device).eval()
         self.model = fuse_conv_bn(model) if fuse else model
         self.fused = fuse
         self.channels_last = uses_channels_last(channels_last, config.norm)
         if self.channels_last:
-            # Module.to converts in place: copy first so the caller's model keeps its layout.
-            self.model = (self.model if fuse else copy.deepcopy(self.model)).to(memory_format=torch.channels_last)
+            self.model = self.model.to(memory_format=torch.channels_last)
         self.config = config
         self.post = post
 

@@ -112,3 +112,17 @@ def test_the_default_path_is_channels_last_only_for_norms_that_run_faster_in_it(
         assert served_conv.weight.is_contiguous(memory_format=torch.channels_last) == predictor.channels_last
         Predictor(model, config, Postprocess(), fuse=fuse, channels_last=True)
         assert first_conv.weight.is_contiguous() and not first_conv.weight.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("fuse", [True, False])
+def test_building_a_predictor_leaves_the_callers_model_as_it_was(fuse):
+    # A model handed over mid-training must come back still training, with its own weights untouched.
+    config = tiny_model_config("batch")
+    model = build_model(config).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    predictor = Predictor(model, config, Postprocess(), fuse=fuse)
+    assert model.training and all(m.training for m in model.modules())
+    assert not predictor.model.training
+    predictor.predict(np.zeros((2, 420, 580), np.uint8))
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # batch-norm running stats included
