@@ -145,6 +145,8 @@ def main(argv=None) -> int:
         "machine": f"{machine()}, {torch.get_num_threads()} torch threads",
         "torch": torch.__version__, "date": time.strftime("%Y-%m-%d", time.gmtime()),
         "phantom": {"subjects": spec.subjects, "frames_per_subject": spec.frames_per_subject, "seed": spec.seed},
+        # The augmentation too: a --params file outside the repository leaves no other trace of it.
+        "params_file": str(args.params), "augment": params.train.augment.model_dump(mode="json"),
         "train_overrides": train_overrides, "runs": rows}, indent=2))
     print(f"wrote {args.out}")
     return 0

@@ -71,10 +71,9 @@ class Predictor:
     def __init__(self, model: torch.nn.Module, config: ModelConfig, post: Postprocess, device: str = "cpu",
                  fuse: bool = True, channels_last: bool | str = "auto"):
         self.device = torch.device(device)
-        # Module.to and .eval change a module in place: serve a copy, so the caller's model (a
-        # training loop's, mid-fit) keeps its device, its train/eval mode and its memory layout.
-        model = copy.deepcopy(model).to(self.device).eval()
-        self.model = fuse_conv_bn(model) if fuse else model
+        # Module.to and .eval change a module in place: serve a copy (fuse_conv_bn makes its own), so the
+        # caller's model (a training loop's, mid-fit) keeps its device, its train/eval mode and its layout.
+        self.model = (fuse_conv_bn(model) if fuse else copy.deepcopy(model)).to(self.device).eval()
         self.fused = fuse
         self.channels_last = uses_channels_last(channels_last, config.norm)
         if self.channels_last:

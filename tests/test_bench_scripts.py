@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 
 from .conftest import REPO, tiny_model_config
 
@@ -140,12 +141,17 @@ def test_phantom_seeds_trains_each_norm_and_seed_and_reports_each_holdout_subjec
     import json
 
     out = tmp_path / "seeds.json"
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["train"]["augment"]["elastic_p"] = 0.55  # --params is honoured, and the result records what ran
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     done = subprocess.run([sys.executable, str(BENCH / "phantom_seeds.py"), "--seeds", "3,5", "--norms", "batch,instance",
                            "--epochs", "1", "--threads", "1", "--subjects", "6", "--frames-per-subject", "8",
-                           "--keep", str(tmp_path / "work"), "--out", str(out)],
+                           "--params", str(tmp_path / "params.yaml"), "--keep", str(tmp_path / "work"), "--out", str(out)],
                           cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
-    runs = json.loads(out.read_text())["runs"]
+    result = json.loads(out.read_text())
+    assert result["augment"] == params["train"]["augment"]
+    runs = result["runs"]
     assert [(r["norm"], r["seed"]) for r in runs] == [("batch", 3), ("batch", 5), ("instance", 3), ("instance", 5)]
     assert all(r["empty_presence_median"] and 0 <= r["dice"] <= 1 for r in runs)
     config = json.loads((tmp_path / "work" / "instance-5" / "models" / "model_config.json").read_text())
