@@ -2,7 +2,8 @@
 
 Every stage receives a :class:`Params` object; nothing reads the YAML file again.
 Unknown keys are errors, so a typo in ``params.yaml`` cannot silently fall back
-to a default.
+to a default. The defaults below are the repository's ``params.yaml`` (a test keeps them
+equal), so a key left out of an operator's file means the documented recipe, not another one.
 """
 
 from __future__ import annotations
@@ -99,7 +100,7 @@ class ModelParams(_Section):
     depth: int = Field(4, ge=1, le=6)
     base_width: int = Field(16, ge=2)
     dropout: float = Field(0.1, ge=0, lt=1)
-    norm: Literal["batch", "instance", "group", "none"] = "batch"
+    norm: Literal["batch", "instance", "group", "none"] = "instance"
     residual: bool = False
     upsample: Literal["transpose", "resize"] = "transpose"
     deep_supervision: int = Field(0, ge=0)  # coarser decoder levels with their own mask head in the loss; 0 = off
@@ -125,19 +126,19 @@ class AugmentParams(_Section):
     """Each transform with its probability; frame and mask get the same geometry."""
 
     hflip_p: float = Field(0.5, ge=0, le=1)
-    affine_p: float = Field(0.7, ge=0, le=1)  # shift, scale, rotate and shear together
-    shift_limit: float = Field(0.06, ge=0)
-    scale_limit: float = Field(0.1, ge=0)
-    rotate_limit: float = Field(10, ge=0)
-    shear_limit: float = Field(0, ge=0)  # degrees
-    elastic_p: float = Field(0, ge=0, le=1)
-    grid_distortion_p: float = Field(0, ge=0, le=1)
+    affine_p: float = Field(0.8, ge=0, le=1)  # shift, scale, rotate and shear together
+    shift_limit: float = Field(0.1, ge=0)
+    scale_limit: float = Field(0.2, ge=0)
+    rotate_limit: float = Field(15, ge=0)
+    shear_limit: float = Field(8, ge=0)  # degrees
+    elastic_p: float = Field(0.3, ge=0, le=1)
+    grid_distortion_p: float = Field(0.3, ge=0, le=1)
     brightness_contrast_p: float = Field(0.5, ge=0, le=1)
     brightness_limit: float = Field(0.15, ge=0)
     contrast_limit: float = Field(0.15, ge=0)
-    gamma_p: float = Field(0, ge=0, le=1)
+    gamma_p: float = Field(0.3, ge=0, le=1)
     gamma_limit: tuple[int, int] = (80, 120)  # percent
-    speckle_p: float = Field(0, ge=0, le=1)  # multiplicative noise, like speckle
+    speckle_p: float = Field(0.3, ge=0, le=1)  # multiplicative noise, like speckle
     speckle_limit: float = Field(0.1, ge=0, lt=1)
 
 
@@ -149,13 +150,13 @@ class TrainParams(_Section):
     learning_rate: float = Field(0.003, ge=0)
     weight_decay: float = Field(0.0001, ge=0)
     early_stopping_patience: int = Field(8, ge=1)
-    min_epochs: int = Field(1, ge=1)  # early stopping only from this epoch on
+    min_epochs: int = Field(12, ge=1)  # early stopping only from this epoch on
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: bool = True
     amp_cpu: bool = False  # bf16 autocast on the CPU too, where it has native bf16 (docs/benchmarks.md)
     threads: int = Field(0, ge=0)
     lr_schedule: Literal["cosine", "constant"] = "cosine"
-    warmup_epochs: int = Field(0, ge=0)
+    warmup_epochs: int = Field(1, ge=0)
     # NHWC tensors and weights; "auto": where the normalisation runs faster in NHWC (batch, none;
     # pipeline.model.CHANNELS_LAST_NORMS, measured on the CPU), true/false force it.
     channels_last: Literal["auto"] | bool = "auto"

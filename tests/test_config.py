@@ -12,6 +12,23 @@ def test_repository_params_load_and_are_typed():
     assert params.preprocess.height % 2**params.model.depth == 0
 
 
+def _differences(code: dict, file: dict, prefix: str = "") -> list[str]:
+    if isinstance(code, dict):
+        return [d for key in code for d in _differences(code[key], file.get(key), f"{prefix}.{key}")]
+    return [] if code == file else [f"{prefix[1:]}: code {code!r}, params.yaml {file!r}"]
+
+
+def test_code_defaults_are_the_repository_params(tmp_path):
+    # An operator's params.yaml that leaves a key out must get the documented recipe; a change to
+    # the recipe changes both places.
+    differences = _differences(Params().model_dump(), load_params(REPO / "params.yaml").model_dump())
+    assert differences == [], "pipeline/config.py defaults differ from params.yaml:\n" + "\n".join(differences)
+    (tmp_path / "params.yaml").write_text("train: {epochs: 3}\n")
+    partial = load_params(tmp_path / "params.yaml")
+    assert partial.train.epochs == 3
+    assert partial.train.augment == load_params(REPO / "params.yaml").train.augment
+
+
 def test_unknown_key_is_an_error_naming_file_and_key(tmp_path):
     bad = tmp_path / "params.yaml"
     bad.write_text("train:\n  epochz: 3\n")
