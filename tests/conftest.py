@@ -61,6 +61,11 @@ def deep_update(base: dict, changes: dict) -> dict:
     return out
 
 
+def with_settings(params, changes: dict):
+    """``params`` with ``changes`` (nested dicts, as in params.yaml) on top, validated again."""
+    return type(params).model_validate(deep_update(params.model_dump(), changes))
+
+
 def write_settings(root: Path, changes: dict) -> None:
     """Apply ``changes`` on top of the repository's params.yaml and write it to ``root``."""
     base = yaml.safe_load((REPO / "params.yaml").read_text())
@@ -148,7 +153,7 @@ def tiny_model_config(norm: str = "batch"):
 def tiny_params():
     from pipeline.config import Params
 
-    return Params.model_validate(deep_update(Params().model_dump(), TINY_SETTINGS))
+    return with_settings(Params(), TINY_SETTINGS)
 
 
 @pytest.fixture

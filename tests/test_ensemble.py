@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from pipeline import stages
-from pipeline.config import Params
 from pipeline.ensemble import FOLDS_DIR, out_of_fold_members
 from pipeline.evaluate import load_native, load_postprocess, tune_on_probabilities
 from pipeline.inference import Postprocess, Predictor, write_bundle
@@ -18,13 +17,9 @@ from pipeline.model import FoldEnsemble, ModelConfig, UNet, build_model
 from pipeline.preprocess import FRAMES
 from pipeline.train import HISTORY, METRICS, WEIGHTS, load_trained
 
-from .conftest import deep_update
+from .conftest import with_settings
 
 CONFIG = ModelConfig(depth=2, base_width=4, dropout=0.0, height=32, width=48, intensity_mean=0.3, intensity_std=0.2)
-
-
-def _with(params: Params, changes: dict) -> Params:
-    return Params.model_validate(deep_update(params.model_dump(), changes))
 
 
 def test_an_ensemble_averages_its_members_probabilities():
@@ -57,7 +52,7 @@ def test_configs_written_before_ensembles_still_load_as_one_unet():
 
 
 def test_the_train_stage_registers_the_fold_models_as_one(prepared, tiny_params, tmp_path):
-    params = _with(tiny_params, {"split": {"folds": 2}, "train": {"epochs": 1, "ensemble_folds": True}})
+    params = with_settings(tiny_params, {"split": {"folds": 2}, "train": {"epochs": 1, "ensemble_folds": True}})
     stages.prepare(prepared, params, progress=False)
     epochs: list[dict] = []
     result = stages.fit(prepared, params, progress=False, on_epoch=lambda e, row: epochs.append(row))
@@ -118,4 +113,4 @@ def test_the_train_stage_registers_the_fold_models_as_one(prepared, tiny_params,
 
 def test_ensemble_folds_needs_folds(prepared, tiny_params):
     with pytest.raises(ValueError, match="split.folds"):
-        stages.fit(prepared, _with(tiny_params, {"train": {"ensemble_folds": True}}), progress=False)
+        stages.fit(prepared, with_settings(tiny_params, {"train": {"ensemble_folds": True}}), progress=False)

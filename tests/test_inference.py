@@ -4,14 +4,13 @@ import pytest
 import torch
 
 from pipeline import stages
-from pipeline.config import Params
 from pipeline.evaluate import load_postprocess
 from pipeline.inference import Postprocess, Predictor, write_bundle
 from pipeline.metrics import FAILURES
-from pipeline.model import CHANNELS_LAST_NORMS, build_model
+from pipeline.model import build_model
 from pipeline.train import WEIGHTS, load_model_config
 
-from .conftest import deep_update, tiny_model_config
+from .conftest import tiny_model_config, with_settings
 
 
 def _bundle(prepared, tiny_params, tmp_path):
@@ -64,12 +63,12 @@ def test_evaluation_writes_reports(prepared, tiny_params, tmp_path):
 @pytest.mark.parametrize("norm", ["batch", "instance"])
 def test_a_bundle_loads_with_or_without_the_fast_paths(prepared, tiny_params, tmp_path, norm):
     # batch: folded into the convolutions and NHWC; instance (the default): NCHW, where it is faster
-    params = Params.model_validate(deep_update(tiny_params.model_dump(), {"model": {"norm": norm}}))
+    params = with_settings(tiny_params, {"model": {"norm": norm}})
     bundle, _ = _bundle(prepared, params, tmp_path)
     frames = np.random.default_rng(1).integers(0, 255, (2, 420, 580), dtype=np.uint8)
     fast = Predictor.from_bundle(bundle)
     plain = Predictor.from_bundle(bundle, fuse=False, channels_last=False)
-    assert not plain.channels_last and fast.channels_last == (norm in CHANNELS_LAST_NORMS)
+    assert not plain.channels_last and fast.channels_last == {"batch": True, "instance": False}[norm]
     assert np.allclose(fast.probabilities(frames)[0], plain.probabilities(frames)[0], atol=1e-4)
 
 

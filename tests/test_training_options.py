@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from pipeline import stages
-from pipeline.config import AugmentParams, Params, SplitParams, TrainParams
+from pipeline.config import AugmentParams, SplitParams, TrainParams
 from pipeline.inference import Postprocess, Predictor, fuse_conv_bn
 from pipeline.model import ModelConfig, ResizeConv, build_model
 from pipeline.split import assign_subjects
@@ -27,11 +27,7 @@ from pipeline.train import (METRICS, WEIGHTS, _validation_scores, cpu_has_native
                             stop_early, use_autocast)
 from pipeline.weight_average import WeightAverage
 
-from .conftest import REPO, deep_update
-
-
-def _with(params: Params, changes: dict) -> Params:
-    return Params.model_validate(deep_update(params.model_dump(), changes))
+from .conftest import REPO, with_settings
 
 
 @pytest.mark.parametrize("norm", ["batch", "instance", "group", "none"])
@@ -105,7 +101,7 @@ def test_k_fold_split_keeps_the_holdout_and_validates_every_other_subject_once()
 def test_cross_validation_trains_every_fold(prepared, tiny_params):
     from pipeline.cross_validation import cross_validate
 
-    params = _with(tiny_params, {"split": {"folds": 3}, "train": {"epochs": 1}})
+    params = with_settings(tiny_params, {"split": {"folds": 3}, "train": {"epochs": 1}})
     outcome = cross_validate(prepared.prepared_dir, prepared.models_dir / "cv", params, progress=False)
     assert [f.fold for f in outcome.folds] == [0, 1, 2]
     seen = [s for f in outcome.folds for s in f.validation_subjects]
@@ -120,7 +116,7 @@ def test_cross_validation_trains_every_fold(prepared, tiny_params):
     again = cross_validate(prepared.prepared_dir, prepared.models_dir / "cv", params, progress=False)
     assert again == outcome and [w.stat().st_mtime_ns for w in weights] == stamps
     # ... and trains again the folds whose settings changed.
-    changed = _with(params, {"train": {"epochs": 2}})
+    changed = with_settings(params, {"train": {"epochs": 2}})
     retrained = cross_validate(prepared.prepared_dir, prepared.models_dir / "cv", changed, progress=False)
     assert all(f.epochs_run == 2 for f in retrained.folds)
     assert all(w.stat().st_mtime_ns != t for w, t in zip(weights, stamps))
@@ -128,7 +124,7 @@ def test_cross_validation_trains_every_fold(prepared, tiny_params):
 
 def test_resumed_training_equals_an_uninterrupted_one(prepared, tiny_params, tmp_path):
     """Seeded and reproducible: stopping after an epoch and rerunning gives the same weights."""
-    params = _with(tiny_params, {"train": {"epochs": 3, "warmup_epochs": 1, "augment": {"speckle_p": 0.5}}})
+    params = with_settings(tiny_params, {"train": {"epochs": 3, "warmup_epochs": 1, "augment": {"speckle_p": 0.5}}})
     whole = stages.fit(prepared, params, progress=False)
     reference = torch.load(prepared.models_dir / "checkpoint.pt", weights_only=True)["model"]
     shutil.rmtree(prepared.models_dir)
@@ -170,11 +166,11 @@ def test_weight_average_is_validated_shipped_and_resumed_without_changing_the_tr
     """``train.ema_decay``: the average is what fit validates and ships, the optimiser's raw weights
     follow the same path as without it (so one run compares both), and a resume restores it."""
     base = {"epochs": 3, "warmup_epochs": 1, "early_stopping_patience": 100}
-    stages.fit(prepared, _with(tiny_params, {"train": base}), progress=False)
+    stages.fit(prepared, with_settings(tiny_params, {"train": base}), progress=False)
     plain_raw = torch.load(prepared.models_dir / "checkpoint.pt", weights_only=True)["model"]
     shutil.rmtree(prepared.models_dir)
 
-    params = _with(tiny_params, {"train": {**base, "ema_decay": 0.9}})
+    params = with_settings(tiny_params, {"train": {**base, "ema_decay": 0.9}})
     whole = stages.fit(prepared, params, progress=False)
     ckpt = torch.load(prepared.models_dir / "checkpoint.pt", weights_only=True)
     for key, value in plain_raw.items():
@@ -203,7 +199,7 @@ def test_weight_average_is_validated_shipped_and_resumed_without_changing_the_tr
 
 
 def test_variant_network_with_loader_workers_trains_and_serves(prepared, tiny_params):
-    params = _with(tiny_params, {
+    params = with_settings(tiny_params, {
         "model": {"norm": "group", "residual": True, "upsample": "resize"},
         "train": {"epochs": 1, "loader_workers": 2, "lr_schedule": "constant"},
     })
@@ -216,7 +212,7 @@ def test_variant_network_with_loader_workers_trains_and_serves(prepared, tiny_pa
 
 
 def test_folded_batchnorm_and_channels_last_give_the_same_masks(prepared, tiny_params):
-    stages.fit(prepared, _with(tiny_params, {"model": {"norm": "batch"}, "train": {"epochs": 1}}), progress=False)
+    stages.fit(prepared, with_settings(tiny_params, {"model": {"norm": "batch"}, "train": {"epochs": 1}}), progress=False)
     model, config = load_trained(prepared.models_dir)
     x = torch.randn(3, 1, config.height, config.width)
     with torch.inference_mode():
@@ -239,7 +235,7 @@ def test_channels_last_training_runs_in_nhwc_on_the_cpu_and_learns_the_same(prep
     losses = {}
     for nhwc in (False, True):
         shutil.rmtree(prepared.models_dir, ignore_errors=True)
-        stages.fit(prepared, _with(tiny_params, {"train": {"epochs": 1, "channels_last": nhwc}}), progress=False)
+        stages.fit(prepared, with_settings(tiny_params, {"train": {"epochs": 1, "channels_last": nhwc}}), progress=False)
         losses[nhwc] = pd.read_csv(prepared.models_dir / "history.csv")["loss"].iloc[0]
         state = torch.load(prepared.models_dir / "checkpoint.pt", weights_only=True)["model"]
         # 3x3 convolutions with several input channels: their layout tells NHWC from NCHW apart.
@@ -257,7 +253,7 @@ def test_channels_last_auto_trains_nhwc_only_where_the_normalisation_runs_faster
                                                                                         norm, nhwc):
     # Measured on the CPU (docs/benchmarks.md): NHWC speeds batch-norm training up and slows instance norm's.
     shutil.rmtree(prepared.models_dir, ignore_errors=True)
-    stages.fit(prepared, _with(tiny_params, {"model": {"norm": norm}, "train": {"epochs": 1, "channels_last": "auto"}}),
+    stages.fit(prepared, with_settings(tiny_params, {"model": {"norm": norm}, "train": {"epochs": 1, "channels_last": "auto"}}),
                progress=False)
     state = torch.load(prepared.models_dir / "checkpoint.pt", weights_only=True)["model"]
     kernels = [v for v in state.values() if v.dim() == 4 and v.shape[1] > 1 and v.shape[2] > 1]
@@ -265,7 +261,7 @@ def test_channels_last_auto_trains_nhwc_only_where_the_normalisation_runs_faster
 
 
 def test_lovasz_weight_joins_the_training_loss(prepared, tiny_params):
-    params = _with(tiny_params, {"train": {"epochs": 1, "loss": {"lovasz_weight": 0.5}}})
+    params = with_settings(tiny_params, {"train": {"epochs": 1, "loss": {"lovasz_weight": 0.5}}})
     stages.fit(prepared, params, progress=False)
     row = pd.read_csv(prepared.models_dir / "history.csv").iloc[0]
     w = params.train.loss
@@ -276,7 +272,7 @@ def test_lovasz_weight_joins_the_training_loss(prepared, tiny_params):
 
 
 def test_deep_supervision_trains_the_coarse_heads_and_serves_the_plain_network(prepared, tiny_params):
-    params = _with(tiny_params, {"model": {"deep_supervision": 2}, "train": {"epochs": 1}})
+    params = with_settings(tiny_params, {"model": {"deep_supervision": 2}, "train": {"epochs": 1}})
     stages.fit(prepared, params, progress=False)
     row = pd.read_csv(prepared.models_dir / "history.csv").iloc[0]
     w = params.train.loss
@@ -297,7 +293,7 @@ def test_soft_targets_train_on_the_mask_coverage(prepared, tiny_params):
     runs = {}
     for soft in (False, True):
         shutil.rmtree(prepared.models_dir, ignore_errors=True)
-        result = stages.fit(prepared, _with(tiny_params, {"train": {"epochs": 1, "soft_targets": soft}}),
+        result = stages.fit(prepared, with_settings(tiny_params, {"train": {"epochs": 1, "soft_targets": soft}}),
                             progress=False)
         runs[soft] = pd.read_csv(prepared.models_dir / "history.csv").iloc[0], result
     hard, soft = runs[False][0], runs[True][0]
@@ -308,10 +304,10 @@ def test_soft_targets_train_on_the_mask_coverage(prepared, tiny_params):
     # Cross-validation trains on the same targets as the train stage.
     from pipeline.cross_validation import cross_validate
 
-    params = _with(tiny_params, {"split": {"folds": 2}, "train": {"epochs": 1, "soft_targets": True}})
+    params = with_settings(tiny_params, {"split": {"folds": 2}, "train": {"epochs": 1, "soft_targets": True}})
     outcome = cross_validate(prepared.prepared_dir, prepared.models_dir / "cv", params, progress=False)
     fold_loss = pd.read_csv(prepared.models_dir / "cv" / "fold0" / "history.csv")["bce_loss"].iloc[0]
-    hard_cv = _with(params, {"train": {"soft_targets": False}})
+    hard_cv = with_settings(params, {"train": {"soft_targets": False}})
     cross_validate(prepared.prepared_dir, prepared.models_dir / "cv-hard", hard_cv, progress=False)
     assert fold_loss != pd.read_csv(prepared.models_dir / "cv-hard" / "fold0" / "history.csv")["bce_loss"].iloc[0]
     assert len(outcome.folds) == 2
@@ -320,7 +316,7 @@ def test_soft_targets_train_on_the_mask_coverage(prepared, tiny_params):
 def test_compiled_training_runs(prepared, tiny_params):
     # aot_eager traces forward and backward graphs like inductor does, without generating C++
     # kernels (minutes on two cores); inductor itself is timed by bench/train_throughput.py.
-    params = _with(tiny_params, {"model": {"depth": 1, "base_width": 4},
+    params = with_settings(tiny_params, {"model": {"depth": 1, "base_width": 4},
                                  "train": {"epochs": 1, "compile": True, "compile_backend": "aot_eager"}})
     from torch._dynamo.utils import counters
 
@@ -356,7 +352,7 @@ def _train_under_torchrun(prepared, params) -> list[dict]:
 def test_distributed_data_parallel_trains_on_two_cpu_processes(prepared, tiny_params):
     """``torchrun`` starts two processes; gloo all-reduces their gradients; rank 0 writes. With a
     weight average (``train.ema_decay``), which each rank keeps from its synchronised weights."""
-    params = _with(tiny_params, {"train": {"epochs": 2, "device": "cpu", "threads": 1, "ema_decay": 0.9}})
+    params = with_settings(tiny_params, {"train": {"epochs": 2, "device": "cpu", "threads": 1, "ema_decay": 0.9}})
     results = _train_under_torchrun(prepared, params)
     assert len(results) == 1 and results[0]["world_size"] == 2  # rank 0 reports, once
     metrics = json.loads((prepared.models_dir / METRICS).read_text())
@@ -374,7 +370,7 @@ def test_fold_ensemble_trains_under_torchrun(prepared, tiny_params):
     about half the runs; three folds give that two chances to show."""
     from pipeline.ensemble import FOLDS_DIR
 
-    params = _with(tiny_params, {"split": {"folds": 3},
+    params = with_settings(tiny_params, {"split": {"folds": 3},
                                  "train": {"epochs": 1, "device": "cpu", "threads": 1, "ensemble_folds": True}})
     results = _train_under_torchrun(prepared, params)
     assert len(results) == 1 and results[0]["world_size"] == 2  # rank 0 reports, once
@@ -395,7 +391,7 @@ def test_a_failure_on_one_rank_ends_the_distributed_training_at_once(prepared, t
 
     blocker = prepared.models_dir / "checkpoint.pt"
     (blocker / "in-the-way").mkdir(parents=True)
-    params = _with(tiny_params, {"train": {"epochs": 4, "min_epochs": 4, "device": "cpu", "threads": 1}})
+    params = with_settings(tiny_params, {"train": {"epochs": 4, "min_epochs": 4, "device": "cpu", "threads": 1}})
     began = time.monotonic()
     done = _run_torchrun(prepared, params)
     seconds = time.monotonic() - began
@@ -461,7 +457,7 @@ def test_cv_command_logs_every_fold_to_mlflow(prepared, tiny_params):
     from flows.cli import app
     from pipeline.config import write_params
 
-    write_params(_with(tiny_params, {"split": {"folds": 2}, "train": {"epochs": 1}}), prepared.root / "params.yaml")
+    write_params(with_settings(tiny_params, {"split": {"folds": 2}, "train": {"epochs": 1}}), prepared.root / "params.yaml")
     done = CliRunner().invoke(app, ["cv", "--project", str(prepared.root), "--json"])
     assert done.exit_code == 0, done.output
     outcome = json.loads(done.output[done.output.index("{"):])
@@ -483,11 +479,11 @@ def test_early_stopping_waits_for_min_epochs():
 
 
 def test_bf16_autocast_on_the_cpu_trains_only_where_the_cpu_has_native_bf16(prepared, tiny_params, caplog):
-    fp32 = _with(tiny_params, {"train": {"epochs": 1, "amp": True, "amp_cpu": False}})
+    fp32 = with_settings(tiny_params, {"train": {"epochs": 1, "amp": True, "amp_cpu": False}})
     stages.fit(prepared, fp32, progress=False)
     fp32_loss = pd.read_csv(prepared.models_dir / "history.csv")["loss"].iloc[0]
     shutil.rmtree(prepared.models_dir)
-    bf16 = _with(tiny_params, {"train": {"epochs": 1, "amp": True, "amp_cpu": True}})
+    bf16 = with_settings(tiny_params, {"train": {"epochs": 1, "amp": True, "amp_cpu": True}})
     with caplog.at_level(logging.WARNING, logger="pipeline.train"):
         result = stages.fit(prepared, bf16, progress=False)
     bf16_loss = pd.read_csv(prepared.models_dir / "history.csv")["loss"].iloc[0]
