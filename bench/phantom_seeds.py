@@ -14,7 +14,8 @@ normalisation and seed runs the pipeline's own ``train`` (early stopping on the 
 One row per run: best epoch and its validation Dice, holdout Dice over all frames and over the nerve
 frames, presence accuracy, false alarms, missed nerve frames, and each holdout subject's median presence
 probability on its empty frames (a subject whose empty frames all drift towards the threshold is what
-turns a 0.95 into a 0.6); then each normalisation's median and range.
+turns a 0.95 into a 0.6), and whether the promotion floor would let it become a first champion; then
+each normalisation's median and range.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from pipeline.config import load_params  # noqa: E402
 from pipeline.evaluate import evaluate  # noqa: E402
 from pipeline.phantom import PhantomSpec, generate_phantom  # noqa: E402
 from pipeline.preprocess import FRAMES, preprocess  # noqa: E402
+from pipeline.promotion import FrameScores, floor_failure  # noqa: E402
 from pipeline.train import train  # noqa: E402
 from phantom_vs_real import machine  # noqa: E402
 
@@ -59,6 +61,10 @@ def run_one(raw: Path, prepared: Path, work: Path, params) -> dict:
     ev = evaluate(raw, prepared, work / "models", work / "reports", params)
     m, table = ev.metrics, ev.per_frame
     empty = table[table.true_area == 0]
+    has_nerve = (table.true_area > 0).to_numpy()
+    scores = FrameScores(table.frame_id.tolist(), table.dice.to_numpy(), has_nerve == (table.pred_area > 0).to_numpy(),
+                         has_nerve)
+    refused = floor_failure(scores, params.promotion)  # would the gate let it become the first champion?
     return {
         "norm": params.model.norm, "seed": params.train.seed,
         "best_epoch": result.best_epoch, "val_dice": round(result.best_val_dice, 4),
@@ -66,6 +72,7 @@ def run_one(raw: Path, prepared: Path, work: Path, params) -> dict:
         "presence_accuracy": round(m["presence_accuracy"], 4),
         "false_alarms": int(m["false_alarms"]), "nerve_frames_missed": int(m["nerve_frames_missed"]),
         "presence_threshold": ev.postprocess.presence_threshold,
+        "floor": "refused" if refused else "clears", "floor_reason": refused or "",
         "empty_presence_median": {str(s): round(float(g.presence_probability.median()), 3)
                                   for s, g in empty.groupby("subject")},
         "seconds": round(time.perf_counter() - began, 1),
@@ -75,12 +82,13 @@ def run_one(raw: Path, prepared: Path, work: Path, params) -> dict:
 def table(rows: list[dict]) -> str:
     subjects = sorted({s for r in rows for s in r["empty_presence_median"]}, key=int)
     head = ["norm", "seed", "best epoch", "val Dice", "holdout Dice", "nerve frames", "presence acc",
-            "false alarms", "missed", *[f"subj {s} empty p" for s in subjects]]
+            "false alarms", "missed", *[f"subj {s} empty p" for s in subjects], "floor"]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for r in rows:
         cells = [r["norm"], r["seed"], r["best_epoch"], f"{r['val_dice']:.3f}", f"{r['dice']:.3f}",
                  f"{r['dice_nerve_frames']:.3f}", f"{r['presence_accuracy']:.3f}", r["false_alarms"],
-                 r["nerve_frames_missed"], *[f"{r['empty_presence_median'].get(s, float('nan')):.2f}" for s in subjects]]
+                 r["nerve_frames_missed"], *[f"{r['empty_presence_median'].get(s, float('nan')):.2f}" for s in subjects],
+                 r.get("floor", "")]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines)
 

@@ -71,8 +71,8 @@ def compare(kind: str, challenger: str, champion: str, params: PromotionParams) 
             raise SystemExit(f"{challenger} and {champion} split the folds differently")
         ones = np.ones(len(held), bool)
         subjects = [FRAME_NAME.match(n)["subject"] for n in held]
-        mine = FrameScores(held, np.array([a[n][1] for n in held]), ones, subjects)
-        theirs = FrameScores(held, np.array([b[n][1] for n in held]), ones, subjects)
+        mine = FrameScores(held, np.array([a[n][1] for n in held]), ones, ones, subjects)
+        theirs = FrameScores(held, np.array([b[n][1] for n in held]), ones, ones, subjects)
         row = {"kind": kind, "challenger": Path(challenger).name, "champion": Path(champion).name,
                "fold": fold, "frames": len(held), "subjects": len(set(subjects))}
         for unit in ("frame", "subject"):

@@ -62,19 +62,30 @@ def _run_flow(project: Path, params_file: str, force: bool = False) -> dict:
         _fail(str(exc))
 
 
-def _print_result(result: dict, paths, elapsed: float | None = None) -> None:
+def _left_without_champion(result: dict) -> bool:
+    """The run's model was refused and no earlier champion exists (the floor refused a first model)."""
+    decision = result.get("decision") or {}
+    return not result.get("skipped") and not decision["promote"] and decision["champion_version"] is None
+
+
+def _print_result(result: dict, paths, model_name: str, elapsed: float | None = None) -> None:
     if result.get("skipped"):
         typer.secho(f"retraining skipped: {result['reason']}", fg=typer.colors.YELLOW)
         typer.echo("  models: nerveseg models   lineage: nerveseg audit")
         return
     decision, holdout = result["decision"], result["holdout"]
     typer.echo("")
-    typer.secho(
-        f"model {decision['challenger_version']} "
-        + ("is the new champion" if decision["promote"] else "is the challenger; the champion stays"),
-        fg=typer.colors.GREEN, bold=True,
-    )
+    no_champion = _left_without_champion(result)
+    if decision["promote"]:
+        verdict = "is the new champion"
+    else:
+        verdict = "is the challenger; " + ("there is no champion yet" if no_champion else "the champion stays")
+    typer.secho(f"model {decision['challenger_version']} {verdict}",
+                fg=typer.colors.YELLOW if no_champion else typer.colors.GREEN, bold=True)
     typer.echo(f"  reason:        {decision['reason']}")
+    if no_champion:
+        typer.echo("  next:          look at the evaluation report and overlays below; retrain with another "
+                   "train.seed, or promote it by hand (nerveseg promote VERSION --reason ...)")
     typer.echo(f"  holdout:       Dice {holdout['dice']:.4f}, IoU {holdout['iou']:.4f}, "
                f"presence accuracy {holdout['presence_accuracy']:.4f} on {holdout['n_frames']} frames")
     typer.echo(f"  data version:  {result['data']['dvc_hash']} ({result['data']['dvc_file']} "
@@ -90,7 +101,8 @@ def _print_result(result: dict, paths, elapsed: float | None = None) -> None:
         typer.echo(f"  MLflow UI:       mlflow ui --backend-store-uri {result['tracking_uri']} --port 5000"
                    "   then open http://127.0.0.1:5000")
     typer.echo("  models:          nerveseg models --json")
-    typer.echo(f"  predict:         nerveseg predict {paths.rel(paths.raw_dir)}/train/1_1.tif --out predictions")
+    model = "" if not no_champion else f" --model models:/{model_name}/{decision['challenger_version']}"
+    typer.echo(f"  predict:         nerveseg predict {paths.rel(paths.raw_dir)}/train/1_1.tif --out predictions{model}")
 
 
 @app.command()
@@ -106,7 +118,9 @@ def quickstart(project: ProjectOpt = Path("."), params_file: ParamsOpt = "params
     except (DataVersionError, CommandError) as exc:
         _fail(str(exc))
     result = _run_flow(paths.root, params_file)
-    _print_result(result, paths, time.perf_counter() - began)
+    _print_result(result, paths, params.registry.model_name, time.perf_counter() - began)
+    if _left_without_champion(result):
+        raise typer.Exit(1)  # the quickstart's promise is a champion; a script should not go on without one
 
 
 @app.command()
@@ -120,7 +134,7 @@ def run(project: ProjectOpt = Path("."), params_file: ParamsOpt = "params.yaml",
     if as_json:
         typer.echo(json.dumps(result, indent=2, default=str))
     else:
-        _print_result(result, paths, time.perf_counter() - began)
+        _print_result(result, paths, params.registry.model_name, time.perf_counter() - began)
 
 
 @app.command()

@@ -210,6 +210,11 @@ class PromotionParams(_Section):
     min_subjects: int = Field(5, ge=2)  # resample: subject promotes nothing on a holdout of fewer subjects
     confidence: float = Field(0.95, gt=0.5, lt=1)
     presence_tolerance: float = Field(0.02, ge=0, le=1)  # allowed drop in presence accuracy
+    # The floor for any promotion, the first included (pipeline/promotion.py): Dice on the holdout's
+    # nerve frames (0 switches it off), and the holdout Dice's gain over predicting "no nerve" on every
+    # frame (-1 switches it off). Healthy models: 0.75-0.88 on nerve frames, phantom and real.
+    min_nerve_dice: float = Field(0.5, ge=0, le=1)
+    min_gain_over_empty: float = Field(0.0, ge=-1, le=1)
     seed: int = 0
     # Hold a promotion that passed the gate for a person's approve/reject (nerveseg approve/reject);
     # no answer within approval_timeout_s seconds means no promotion.

@@ -6,7 +6,12 @@
 - its presence accuracy does not drop by more than ``promotion.presence_tolerance``;
 - the data validation of its data version passed.
 
-Without a champion, the first valid model becomes it.
+Every promotion, the first one included, must also clear an absolute floor: Dice on the holdout's nerve
+frames of at least ``promotion.min_nerve_dice``, and a holdout Dice above what predicting "no nerve"
+on every frame scores (the share of empty frames) by more than ``promotion.min_gain_over_empty``. A
+model that never finds a nerve, or that raises false alarms on a whole subject, can otherwise look
+good on a holdout where most frames are empty (docs/operations.md, "The floor"). Without a champion,
+the first valid model that clears the floor becomes it.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ class FrameScores:
     frame_ids: list[str]
     dice: np.ndarray           # competition Dice per frame
     presence_ok: np.ndarray    # predicted presence agrees with the truth, per frame
+    has_nerve: np.ndarray      # the truth holds a nerve, per frame
     subjects: list[str] | None = None  # each frame's subject, for resampling whole subjects
 
     @property
@@ -34,6 +40,17 @@ class FrameScores:
     @property
     def presence_accuracy(self) -> float:
         return float(np.mean(self.presence_ok))
+
+    @property
+    def nerve_dice(self) -> float | None:
+        """Mean Dice over the frames that hold a nerve; None when there are none."""
+        nerve = np.asarray(self.has_nerve, bool)
+        return float(np.mean(self.dice[nerve])) if nerve.any() else None
+
+    @property
+    def empty_baseline_dice(self) -> float:
+        """What predicting no nerve on every frame would score: empty frames 1, nerve frames 0."""
+        return float(np.mean(~np.asarray(self.has_nerve, bool)))
 
 
 def paired_bootstrap(diff: np.ndarray, resamples: int, confidence: float, seed: int,
@@ -76,6 +93,10 @@ class PromotionDecision:
     resample: str = "frame"             # what the bootstrap drew: frame or subject
     n_subjects: int | None = None       # holdout subjects, where the scores name them
     advice: str = ""                    # a note for the operator that does not change the decision
+    challenger_nerve_dice: float | None = None  # its Dice on the holdout's nerve frames
+    empty_baseline_dice: float | None = None    # the holdout Dice of predicting no nerve anywhere
+    min_nerve_dice: float = 0.0
+    min_gain_over_empty: float = -1.0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -96,6 +117,8 @@ class PromotionDecision:
             "promotion.n_frames": str(self.n_frames),
             "promotion.resample": self.resample,
             "promotion.n_subjects": f(self.n_subjects),
+            "promotion.challenger_nerve_dice": f(self.challenger_nerve_dice),
+            "promotion.empty_baseline_dice": f(self.empty_baseline_dice),
         }
 
     def _unit(self) -> str:
@@ -113,10 +136,44 @@ class PromotionDecision:
             lines.append(f"\nDice difference {self.dice_difference:+.4f}, {self.confidence:.0%} interval "
                          f"[{self.interval_low:+.4f}, {self.interval_high:+.4f}] ({self.resamples} paired "
                          f"bootstrap resamples of the {self._unit()}), margin {self.margin:g}.")
+        if self.empty_baseline_dice is not None:
+            nerve = "none in the holdout" if self.challenger_nerve_dice is None else f"{self.challenger_nerve_dice:.4f}"
+            lines.append(f"\nFloor: Dice on the nerve frames {nerve} (at least {self.min_nerve_dice:g}); "
+                         f"predicting no nerve anywhere would score {self.empty_baseline_dice:.4f} "
+                         f"(the challenger must beat it by more than {self.min_gain_over_empty:g}).")
         lines.append(f"\nReason: {self.reason}\n")
         if self.advice:
             lines.append(f"Note: {self.advice}\n")
         return "\n".join(lines)
+
+
+def nerve_text(scores: FrameScores) -> str:
+    return "n/a" if scores.nerve_dice is None else f"{scores.nerve_dice:.4f}"
+
+
+def floor_failure(scores: FrameScores, params: PromotionParams) -> str | None:
+    """Why a model is not fit to be champion whatever it is compared with, or None if it clears the floor."""
+    return floor_check(scores.mean_dice, scores.nerve_dice, int(np.sum(scores.has_nerve)),
+                       scores.empty_baseline_dice, params)
+
+
+def floor_check(mean_dice: float, nerve_dice: float | None, n_nerve: int, empty_baseline: float,
+                params: PromotionParams) -> str | None:
+    """The floor on a holdout's summary: Dice over all frames, over the ``n_nerve`` nerve frames, and
+    the Dice of predicting no nerve anywhere (the share of empty frames)."""
+    if params.min_nerve_dice > 0:
+        if nerve_dice is None:
+            return (f"the holdout has no frame with a nerve, so promotion.min_nerve_dice {params.min_nerve_dice:g} "
+                    f"cannot be checked; hold out subjects whose frames show the nerve")
+        if nerve_dice < params.min_nerve_dice:
+            return (f"below the floor: Dice {nerve_dice:.4f} on the holdout's {n_nerve} nerve frames, under "
+                    f"promotion.min_nerve_dice {params.min_nerve_dice:g} (it rarely finds the nerve)")
+    gain = mean_dice - empty_baseline
+    if gain <= params.min_gain_over_empty:
+        return (f"below the floor: holdout Dice {mean_dice:.4f} against {empty_baseline:.4f} for predicting no "
+                f"nerve on any frame, a gain of {gain:+.4f}, not above promotion.min_gain_over_empty "
+                f"{params.min_gain_over_empty:g} (false alarms on empty frames, or missed nerves)")
+    return None
 
 
 def decide(challenger_version: str, challenger: FrameScores, champion_version: str | None,
@@ -141,6 +198,10 @@ def decide(challenger_version: str, challenger: FrameScores, champion_version: s
         n_frames=len(challenger.frame_ids),
         resample=params.resample,
         n_subjects=n_subjects,
+        challenger_nerve_dice=challenger.nerve_dice,
+        empty_baseline_dice=challenger.empty_baseline_dice,
+        min_nerve_dice=params.min_nerve_dice,
+        min_gain_over_empty=params.min_gain_over_empty,
     )
     if params.resample == "frame" and champion is not None and n_subjects is not None and n_subjects >= params.min_subjects:
         # Measured on real folds (docs/operations.md): the frame bootstrap promoted a same-recipe retrain 8 times in 30.
@@ -155,10 +216,15 @@ def decide(challenger_version: str, challenger: FrameScores, champion_version: s
                                            params.confidence, params.seed, groups)
     common.update(dice_difference=mean, interval_low=low, interval_high=high)
 
+    below_floor = floor_failure(challenger, params)
     if not validation_passed:
         promote, reason = False, "the data validation of this data version did not pass"
+    elif below_floor:
+        promote, reason = False, below_floor
     elif champion is None:
-        promote, reason = True, "no champion yet: the first valid model becomes champion"
+        promote, reason = True, ("no champion yet: the first valid model that clears the floor becomes champion "
+                                 f"(nerve-frame Dice {nerve_text(challenger)}, holdout Dice {challenger.mean_dice:.4f} "
+                                 f"against {challenger.empty_baseline_dice:.4f} for predicting no nerve)")
     elif groups is not None and n_subjects < params.min_subjects:
         # Resampling two or three subjects gives an interval that says nothing (one: no width at all).
         promote, reason = False, (

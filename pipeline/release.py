@@ -79,8 +79,9 @@ def score_version(model, images: np.ndarray, masks: np.ndarray, frame_ids: list[
                   subjects: list[str] | None = None) -> FrameScores:
     pred = (np.asarray(model.predict(images)) > 0).astype(np.uint8)
     dice = dice_per_frame(pred, masks)
-    presence_ok = pred.reshape(len(pred), -1).any(1) == masks.reshape(len(masks), -1).any(1)
-    return FrameScores(list(frame_ids), dice, presence_ok, subjects)
+    has_nerve = masks.reshape(len(masks), -1).any(1)
+    presence_ok = pred.reshape(len(pred), -1).any(1) == has_nerve
+    return FrameScores(list(frame_ids), dice, presence_ok, has_nerve, subjects)
 
 
 def record_event(name: str, version: str, action: str, reason: str, actor: str | None = None,
@@ -141,7 +142,9 @@ def gate(paths: ProjectPaths, params: Params, version: str) -> tuple[PromotionDe
                 "champion_dice": decision.champion_dice, "interval": [decision.interval_low, decision.interval_high],
                 "data_hash": tags.get(registry.TAG_DATA_HASH), "validation_passed": validation_passed,
                 "flow_run": tags.get(registry.TAG_FLOW_RUN), "n_frames": decision.n_frames,
-                "resample": decision.resample, "n_subjects": decision.n_subjects}
+                "resample": decision.resample, "n_subjects": decision.n_subjects,
+                "challenger_nerve_dice": decision.challenger_nerve_dice,
+                "empty_baseline_dice": decision.empty_baseline_dice}
     if champion_version is not None:
         registry.set_tags(name, champion_version, {  # the decision on both versions
             "promotion.last_challenge": f"v{version}: {decision.tags()['promotion.decision']}",

@@ -48,6 +48,9 @@ TINY_SETTINGS = {
     "model": {"depth": 3, "base_width": 8, "dropout": 0.0},
     "train": {"epochs": 3, "batch_size": 8, "learning_rate": 0.01, "early_stopping_patience": 3},
     "evaluate": {"overlays": 4},
+    # Three epochs on 32x48 frames rarely find the nerve: the floor is off here and tested on its own
+    # (tests/test_promotion.py, tests/test_release.py).
+    "promotion": {"min_nerve_dice": 0.0, "min_gain_over_empty": -1.0},
 }
 
 PROJECT_FILES = ["dvc.yaml", ".gitignore", ".dvcignore"]

@@ -154,9 +154,40 @@ def test_phantom_seeds_trains_each_norm_and_seed_and_reports_each_holdout_subjec
     runs = result["runs"]
     assert [(r["norm"], r["seed"]) for r in runs] == [("batch", 3), ("batch", 5), ("instance", 3), ("instance", 5)]
     assert all(r["empty_presence_median"] and 0 <= r["dice"] <= 1 for r in runs)
+    assert all(r["floor"] in ("clears", "refused") and (r["floor"] == "refused") == bool(r["floor_reason"]) for r in runs)
     config = json.loads((tmp_path / "work" / "instance-5" / "models" / "model_config.json").read_text())
     assert config["norm"] == "instance"
     assert "| instance | 2 |" in done.stdout  # the summary row
+
+
+def test_promotion_floor_replays_recorded_phantom_runs_through_the_gates_floor(tmp_path):
+    """``bench/promotion_floor.py`` on a made-up phantom_seeds file: the no-nerve baseline comes from the
+    regenerated phantom's holdout subjects; a blind run, a false-alarm collapse and a healthy run."""
+    import json
+
+    from pipeline.phantom import PhantomSpec, generate_phantom
+
+    spec = {"subjects": 4, "frames_per_subject": 6, "seed": 11}
+    table = generate_phantom(tmp_path / "phantom", PhantomSpec(**spec))
+    held = table[table.subject.isin([1, 2])]
+    baseline = float((~held.has_nerve).mean())
+    assert 0 < baseline < 1
+
+    def run(seed, dice, nerve):
+        return {"norm": "instance", "seed": seed, "dice": dice, "dice_nerve_frames": nerve, "false_alarms": 0,
+                "empty_presence_median": {"2": 0.1, "1": 0.0}}
+
+    runs = [run(0, baseline, 0.0), run(1, baseline - 0.05, 0.8), run(2, baseline + 0.2, 0.8)]
+    (tmp_path / "seeds.json").write_text(json.dumps({"phantom": spec, "runs": runs}))
+    out = tmp_path / "floor.json"
+    done = subprocess.run([sys.executable, str(BENCH / "promotion_floor.py"), str(tmp_path / "seeds.json"),
+                           "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    rows = json.loads(out.read_text())["runs"]
+    assert [r["floor"] for r in rows] == ["refused", "refused", "clears"]
+    assert rows[0]["empty_baseline"] == round(baseline, 4) and rows[0]["holdout_frames"] == len(held)
+    assert "min_nerve_dice" in rows[0]["reason"] and "predicting no nerve" in rows[1]["reason"]
+    assert "2 of 3 runs refused" in done.stdout
 
 
 def test_every_real_cv_settings_file_resolves_to_valid_params():

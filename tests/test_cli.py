@@ -67,3 +67,27 @@ def test_the_temporary_prefect_server_gets_time_for_its_first_start(tmp_path):
     out = subprocess.run([sys.executable, "-c", probe.format(str(tmp_path))], env=env, cwd=REPO,
                          capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "45"
+
+
+def test_a_first_model_refused_by_the_floor_is_reported_without_a_champion(tmp_path, capsys):
+    import numpy as np
+
+    from flows.cli import _left_without_champion, _print_result
+    from pipeline.config import Params
+    from pipeline.paths import ProjectPaths
+    from pipeline.promotion import FrameScores, decide
+
+    params = Params()
+    blind = FrameScores(["1_1", "1_2", "2_1"], np.array([0.0, 1.0, 1.0]), np.array([False, True, True]),
+                        np.array([True, False, False]))
+    decision = decide("1", blind, None, None, params.promotion, True).to_dict()
+    result = {"decision": decision, "holdout": {"dice": 0.6667, "iou": 0.6667, "presence_accuracy": 0.6667,
+                                                "n_frames": 3},
+              "data": {"dvc_hash": "abc.dir", "dvc_file": "data/raw.dvc", "git_revision": "0123456789abcdef"},
+              "tracking_uri": "sqlite:///mlflow/mlflow.db"}
+    assert _left_without_champion(result)
+    _print_result(result, ProjectPaths.of(tmp_path, params), params.registry.model_name)
+    out = capsys.readouterr().out
+    assert "model 1 is the challenger; there is no champion yet" in out
+    assert "below the floor" in out and "train.seed" in out
+    assert "--model models:/nerve-segmentation/1" in out  # there is no @champion to predict with

@@ -9,9 +9,10 @@ RULES = PromotionParams(bootstrap_resamples=1000)
 
 
 def scores(dice, presence=1.0) -> FrameScores:
+    """Scores on frames that all hold a nerve, ``presence`` of them with the presence right."""
     dice = np.asarray(dice, float)
     ok = np.arange(len(dice)) < round(presence * len(dice))
-    return FrameScores(IDS[: len(dice)], dice, ok)
+    return FrameScores(IDS[: len(dice)], dice, ok, np.ones(len(dice), bool))
 
 
 def test_first_valid_model_becomes_champion():
@@ -47,7 +48,7 @@ def test_margin_presence_tolerance_and_validation_are_enforced():
 
 def test_frames_must_be_the_same():
     with pytest.raises(ValueError, match="same frames"):
-        decide("2", scores([0.5] * 40), "1", FrameScores(IDS[::-1], np.full(40, 0.5), np.ones(40, bool)), RULES, True)
+        decide("2", scores([0.5] * 40), "1", FrameScores(IDS[::-1], np.full(40, 0.5), *[np.ones(40, bool)] * 2), RULES, True)
 
 
 def test_bootstrap_interval_contains_the_mean_and_is_seeded():
@@ -79,7 +80,7 @@ def test_resampling_subjects_sees_that_near_duplicate_frames_are_not_independent
     champion = np.full(len(diff), 0.6)
     ids = [f"{s}_{i}" for i, s in enumerate(subjects)]
     ones = np.ones(len(diff), bool)
-    mine, theirs = FrameScores(ids, champion + diff, ones, subjects), FrameScores(ids, champion, ones, subjects)
+    mine, theirs = FrameScores(ids, champion + diff, ones, ones, subjects), FrameScores(ids, champion, ones, ones, subjects)
     by_frame = decide("2", mine, "1", theirs, RULES, True)
     by_subject = decide("2", mine, "1", theirs, PromotionParams(bootstrap_resamples=1000, resample="subject"), True)
     assert by_frame.promote and not by_subject.promote
@@ -91,8 +92,8 @@ def test_resampling_subjects_sees_that_near_duplicate_frames_are_not_independent
     # Enough subjects to resample them: the frame decision says so, the subject decision has nothing to add.
     assert "promotion.resample: subject gives an honest interval" in by_frame.to_markdown()
     assert by_subject.advice == "" and "Note:" not in by_subject.to_markdown()
-    few = decide("2", FrameScores(ids[:100], champion[:100] + diff[:100], ones[:100], subjects[:100]), "1",
-                 FrameScores(ids[:100], champion[:100], ones[:100], subjects[:100]), RULES, True)
+    few = decide("2", FrameScores(ids[:100], champion[:100] + diff[:100], ones[:100], ones[:100], subjects[:100]),
+                 "1", FrameScores(ids[:100], champion[:100], ones[:100], ones[:100], subjects[:100]), RULES, True)
     assert few.n_subjects == 2 and few.advice == ""  # too few subjects to resample: no such advice
 
 
@@ -107,10 +108,66 @@ def test_resampling_too_few_subjects_promotes_nothing_and_says_why():
     ids = [f"{s}_{i}" for i, s in enumerate(subjects)]
     ones = np.ones(len(diff), bool)
     rules = PromotionParams(resample="subject", min_subjects=5)
-    d = decide("2", FrameScores(ids, 0.5 + diff, ones, subjects), "1", FrameScores(ids, np.full(60, 0.5), ones, subjects),
-               rules, True)
+    d = decide("2", FrameScores(ids, 0.5 + diff, ones, ones, subjects), "1",
+               FrameScores(ids, np.full(60, 0.5), ones, ones, subjects), rules, True)
     assert not d.promote and "3 subjects, fewer than promotion.min_subjects 5" in d.reason
-    first = decide("1", FrameScores(ids, 0.5 + diff, ones, subjects), None, None, rules, True)
+    first = decide("1", FrameScores(ids, 0.5 + diff, ones, ones, subjects), None, None, rules, True)
     assert first.promote  # without a champion there is nothing to compare: the first valid model
     with pytest.raises(ValueError, match="subject"):
         decide("2", scores([0.6] * 40), "1", scores([0.5] * 40), rules, True)
+
+
+def holdout(nerve_dice: float, false_alarms: int, nerve: int = 28, empty: int = 62) -> FrameScores:
+    """The quickstart's holdout shape (90 frames, 62 empty): nerve frames at ``nerve_dice``, and
+    ``false_alarms`` empty frames wrongly given a mask (Dice 0 there, 1 on the other empty frames)."""
+    dice = np.concatenate([np.full(nerve, nerve_dice), np.zeros(false_alarms), np.ones(empty - false_alarms)])
+    has_nerve = np.arange(nerve + empty) < nerve
+    ok = np.concatenate([np.full(nerve, nerve_dice > 0), np.zeros(false_alarms, bool), np.ones(empty - false_alarms, bool)])
+    return FrameScores([f"{i % 3}_{i}" for i in range(nerve + empty)], dice, ok, has_nerve)
+
+
+def test_a_model_that_never_finds_the_nerve_does_not_become_the_first_champion():
+    # Phantom seed 6 (docs/benchmarks.md): every frame left empty scores 0.689 on this holdout.
+    blind = holdout(0.0, 0)
+    assert blind.mean_dice == pytest.approx(62 / 90) and blind.empty_baseline_dice == pytest.approx(62 / 90)
+    d = decide("1", blind, None, None, RULES, True)
+    assert not d.promote and d.alias == "challenger"
+    assert "Dice 0.0000 on the holdout's 28 nerve frames, under promotion.min_nerve_dice 0.5" in d.reason
+    # Without the nerve-frame floor the gain over "no nerve anywhere" (exactly 0) still refuses it.
+    no_nerve_floor = decide("1", blind, None, None, RULES.model_copy(update={"min_nerve_dice": 0.0}), True)
+    assert not no_nerve_floor.promote and "gain of +0.0000" in no_nerve_floor.reason
+    off = RULES.model_copy(update={"min_nerve_dice": 0.0, "min_gain_over_empty": -1.0})
+    assert decide("1", blind, None, None, off, True).promote
+
+
+def test_false_alarms_on_a_whole_subject_fall_below_predicting_nothing():
+    # Phantom seed 3 with the former augmentation: nerve frames fine, 27 empty frames of one subject flagged.
+    collapsed = holdout(0.787, 27)
+    d = decide("1", collapsed, None, None, RULES, True)
+    assert collapsed.nerve_dice == pytest.approx(0.787) and collapsed.mean_dice < collapsed.empty_baseline_dice
+    assert not d.promote and "against 0.6889 for predicting no nerve on any frame" in d.reason
+    healthy = decide("1", holdout(0.80, 0), None, None, RULES, True)
+    assert healthy.promote and "clears the floor" in healthy.reason
+
+
+def test_the_floor_holds_against_a_champion_too():
+    # A broken champion is beaten, but the challenger is itself below the floor: the champion stays.
+    champion, challenger = holdout(0.0, 0), holdout(0.3, 0)
+    d = decide("2", challenger, "1", champion, RULES, True)
+    assert d.interval_low > 0 and not d.promote and "min_nerve_dice" in d.reason
+    assert decide("2", holdout(0.6, 0), "1", champion, RULES, True).promote
+
+
+def test_a_holdout_without_nerve_frames_cannot_check_the_floor():
+    empty = holdout(0.0, 0, nerve=0, empty=30)
+    d = decide("1", empty, None, None, RULES, True)
+    assert empty.nerve_dice is None and not d.promote and "no frame with a nerve" in d.reason
+    assert "none in the holdout" in d.to_markdown()
+
+
+def test_the_floor_is_recorded_in_tags_and_markdown():
+    d = decide("1", holdout(0.8, 2), None, None, RULES, True)
+    tags = d.tags()
+    assert (tags["promotion.challenger_nerve_dice"], tags["promotion.empty_baseline_dice"]) == ("0.800000", "0.688889")
+    assert "Floor: Dice on the nerve frames 0.8000 (at least 0.5)" in d.to_markdown()
+    assert d.to_dict()["min_gain_over_empty"] == 0.0

@@ -104,6 +104,24 @@ def test_gate_can_resample_the_holdout_subjects(store):
     assert release.history(NAME)[-1]["n_subjects"] == subjects
 
 
+def test_the_floor_keeps_an_untrained_model_from_becoming_the_first_champion(store):
+    paths, params, register = store
+    rules = params.model_copy(update={"promotion": Params().promotion})  # the repository's floor, not the tests' off
+    untrained = register("worse")
+    decision = release.promote(paths, rules, untrained)
+    assert not decision.promote and "below the floor" in decision.reason
+    assert champion() is None
+    assert str(registry.version_by_alias(NAME, registry.CHALLENGER).version) == untrained
+    tags = registry.client().get_model_version(NAME, untrained).tags
+    assert float(tags["promotion.challenger_nerve_dice"]) < rules.promotion.min_nerve_dice
+    assert tags["promotion.reason"] == decision.reason
+    event = release.history(NAME)[-1]
+    assert (event["action"], event["challenger_nerve_dice"]) == ("reject", decision.challenger_nerve_dice)
+    trained = release.promote(paths, rules, register("good"))  # no champion yet, and it clears the floor
+    assert trained.promote and trained.challenger_nerve_dice >= rules.promotion.min_nerve_dice
+    assert "clears the floor" in trained.reason and champion() == trained.challenger_version
+
+
 def test_failed_validation_blocks_promotion(store):
     paths, params, register = store
     release.promote(paths, params, register("worse"))
