@@ -272,6 +272,9 @@ def promote(
         _fail(str(exc))
     except Exception as exc:  # MLflow: unknown version
         _fail(f"{params.registry.model_name} version {version}: {exc}")
+    if event["overrules_gate"]:
+        typer.secho(f"note: the promotion gate had refused version {version}: {event['overrules_gate']}; "
+                    f"the override is recorded with your reason", fg=typer.colors.YELLOW)
     typer.echo(f"version {version} is now champion (was {event['previous_champion'] or 'none'}); "
                f"recorded: {event['actor']} at {event['time']}: {event['reason']}")
 

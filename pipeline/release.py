@@ -202,16 +202,20 @@ def apply_approval(name: str, version: str, decision: PromotionDecision, evidenc
 
 
 def manual_promote(name: str, version: str, reason: str, actor: str | None = None) -> dict:
-    """An operator's promotion: the version must load and run; the move is recorded first."""
+    """An operator's promotion: the version must load and run; the move is recorded first. A person
+    may overrule the gate (its floor included); the event then records the gate's refusal beside the
+    person's reason (``overrules_gate``), so the ledger shows a deliberate override, not a gap."""
     if not reason.strip():
         raise PromotionError("a manual promotion needs a reason (--reason)")
-    registry.client().get_model_version(name, version)  # raises if the version does not exist
+    tags = registry.client().get_model_version(name, version).tags or {}  # raises if the version does not exist
     load_and_check(name, version)
     current = registry.version_by_alias(name, registry.CHAMPION)
     previous = str(current.version) if current is not None else None
     if previous == version:
         raise PromotionError(f"{name} version {version} is already the champion")
-    event = record_event(name, version, "promote", reason, actor, manual=True, previous_champion=previous)
+    refused = tags.get("promotion.reason", "") if tags.get("promotion.decision") == "not_promoted" else ""
+    event = record_event(name, version, "promote", reason, actor, manual=True, previous_champion=previous,
+                         overrules_gate=refused)
     _move_champion(name, version, previous)
     return event
 

@@ -285,3 +285,22 @@ def test_model_card_is_logged_and_renders_in_chromium(flow_project, tmp_path):
     subprocess.run([chromium, *flags, f"--screenshot={shot}", "--window-size=1200,2400", card.as_uri()],
                    capture_output=True, timeout=120)
     assert shot.is_file() and shot.stat().st_size > 20_000
+
+
+def test_quickstart_exits_1_when_the_floor_refuses_its_first_model(tmp_path, prefect_server):
+    """The real quickstart command on a tiny phantom, with a floor that three epochs cannot reach: the
+    model is registered and becomes challenger, no champion exists, and the command exits 1 saying why."""
+    from flows.cli import app
+
+    floor = deep_update(TINY_SETTINGS, {"promotion": {"min_nerve_dice": 0.99, "min_gain_over_empty": 0.0}})
+    root = make_project(tmp_path / "project", floor, with_data=False)
+    out = CliRunner().invoke(app, ["quickstart", "-C", str(root)])
+    assert out.exit_code == 1, out.output
+    assert "model 1 is the challenger; there is no champion yet" in out.output
+    assert "under promotion.min_nerve_dice 0.99" in out.output
+    assert f"--model models:/{MODEL}/1" in out.output
+    registry = _registry(root)
+    assert registry.version_by_alias(MODEL, registry.CHAMPION) is None
+    refused = registry.version_by_alias(MODEL, registry.CHALLENGER)
+    assert str(refused.version) == "1" and refused.tags["promotion.decision"] == "not_promoted"
+    assert float(refused.tags["promotion.challenger_nerve_dice"]) < 0.99

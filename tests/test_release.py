@@ -120,6 +120,11 @@ def test_the_floor_keeps_an_untrained_model_from_becoming_the_first_champion(sto
     trained = release.promote(paths, rules, register("good"))  # no champion yet, and it clears the floor
     assert trained.promote and trained.challenger_nerve_dice >= rules.promotion.min_nerve_dice
     assert "clears the floor" in trained.reason and champion() == trained.challenger_version
+    # A person may overrule the floor by hand; the ledger keeps the gate's refusal beside the reason.
+    forced = release.manual_promote(NAME, untrained, "demo of an untrained model", actor="carol")
+    assert champion() == untrained and forced["overrules_gate"] == decision.reason
+    clean = release.manual_promote(NAME, trained.challenger_version, "back to the trained one", actor="carol")
+    assert clean["overrules_gate"] == ""  # the gate had promoted it: nothing overruled
 
 
 def test_failed_validation_blocks_promotion(store):
