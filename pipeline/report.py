@@ -16,6 +16,7 @@ METRIC_NAMES = {
     "dice": "Dice (competition: 1 when both empty)",
     "iou": "IoU",
     "dice_nerve_frames": "Dice on frames with a nerve",
+    "empty_baseline_dice": "Dice of predicting no nerve on any frame (the promotion floor's baseline)",
     "sensitivity": "pixel sensitivity",
     "specificity": "pixel specificity",
     "pixel_accuracy": "pixel accuracy",

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 
+import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
@@ -46,6 +47,9 @@ def test_first_model_becomes_champion_with_lineage(flow_project):
     assert champion.tags[registry.TAG_FLOW_RUN]
     assert champion.tags["promotion.decision"] == "promoted"
     assert 0.0 <= float(champion.tags["holdout.dice"]) <= 1.0
+    frames = pd.read_csv(root / "reports" / "holdout_frames.csv")
+    # The floor's bar, recorded with the version: the holdout's share of empty frames.
+    assert float(champion.tags["holdout.empty_baseline_dice"]) == pytest.approx((frames.true_area == 0).mean(), abs=1e-6)
 
 
 def test_run_logs_params_curves_and_overlays(flow_project):

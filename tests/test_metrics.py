@@ -65,6 +65,7 @@ def test_frame_outcomes_name_what_went_wrong_on_each_frame():
     summary = full_summary(pred, true, np.linspace(0, 1, 6))
     assert (summary["nerve_frames_missed"], summary["nerve_frames_elsewhere"],
             summary["nerve_frames_poor_overlap"], summary["false_alarms"]) == (1, 1, 1, 1)
+    assert summary["empty_baseline_dice"] == pytest.approx(2 / 6)  # two of six frames are empty
     # The evaluation passes the outcomes its frame table already holds: the same counts, not computed twice.
     assert full_summary(pred, true, np.linspace(0, 1, 6), outcomes=outcomes) == summary
     given = full_summary(pred, true, outcomes=np.array(["missed"] * 4 + ["true empty"] * 2))
