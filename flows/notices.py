@@ -1,4 +1,5 @@
-"""Failure notices: a failed (or crashed) retraining run says so where people look.
+"""Failure notices: a failed (or crashed) retraining run says so where people look; so does a run that
+ends with no champion at all (:func:`notify_no_champion`: the gate refused the model's first version).
 
 :func:`notify_failure` is the flow's ``on_failure``/``on_crashed`` hook. It gathers the failed task,
 the error, the data version and a link to the run in the Prefect UI, and leaves them
@@ -243,4 +244,32 @@ def notify_failure(flow, flow_run, state) -> dict | None:
                                ATTEMPTS, detail)
         except Exception:  # noqa: BLE001
             pass
+    return notice
+
+
+def notify_no_champion(name: str, version: str, reason: str, webhook: str, timeout_s: float,
+                       flow_run_id: Any = None, flow_run_name: str | None = None, logger=None) -> dict:
+    """A run that finished but left ``name`` without any champion: nothing can serve ``@champion``.
+
+    Not a failure (the gate did its job), so it comes from the flow, not from the failure hook: a
+    warning in the run's log and, where a webhook is configured (``NERVESEG_WEBHOOK_URL`` wins over
+    ``webhook``), a JSON POST with ``event: nerveseg.promotion.no_champion``. Never raises."""
+    logger = logger or _fallback_logger
+    link = run_link(flow_run_id) if flow_run_id else None
+    text = (f"nerveseg: {name} has no champion: version {version} was not promoted: {reason} | "
+            f"{link or f'flow run id {flow_run_id}'}")
+    notice = {"event": "nerveseg.promotion.no_champion", "model": name, "version": str(version),
+              "reason": reason, "flow_run_id": str(flow_run_id) if flow_run_id else None,
+              "flow_run_name": flow_run_name, "url": link,
+              "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "text": text}
+    try:
+        logger.warning("NO CHAMPION: %s", text)
+        url = (os.environ.get(WEBHOOK_ENV) or webhook or "").strip()
+        if url:
+            delivered, detail = post_json(url, notice, timeout_s=min(max(timeout_s, 0.5), 60.0))
+            notice["delivered"] = delivered
+            if not delivered:
+                logger.warning("no-champion notice could not be posted to the webhook: %s", detail)
+    except Exception:  # noqa: BLE001 (a notice must never fail the run)
+        pass
     return notice

@@ -17,7 +17,7 @@ from prefect.runtime import flow_run
 from prefect.tasks import exponential_backoff
 
 from flows.approval import Answer, ApprovalTimeout, evidence_markdown, wait_for_approval
-from flows.notices import notify_failure
+from flows.notices import notify_failure, notify_no_champion
 from flows.runner import make_mapper
 from pipeline import registry, release, stages, versioning
 from pipeline.config import Params, load_params
@@ -190,6 +190,9 @@ def promote_task(paths: ProjectPaths, params: Params, version: str) -> dict:
         return {**decision.to_dict(), "awaiting_approval": True, "evidence": evidence}
     release.apply_decision(name, version, decision, evidence)
     _log_decision(params, version, decision)
+    if not decision.promote and registry.version_by_alias(name, registry.CHAMPION) is None:
+        notify_no_champion(name, version, decision.reason, params.notify.webhook_url, params.notify.timeout_s,
+                           flow_run.id, flow_run.name, get_run_logger())
     return decision.to_dict()
 
 

@@ -291,14 +291,21 @@ def test_model_card_is_logged_and_renders_in_chromium(flow_project, tmp_path):
     assert shot.is_file() and shot.stat().st_size > 20_000
 
 
-def test_quickstart_exits_1_when_the_floor_refuses_its_first_model(tmp_path, prefect_server):
+def test_quickstart_exits_1_when_the_floor_refuses_its_first_model(tmp_path, prefect_server, monkeypatch):
     """The real quickstart command on a tiny phantom, with a floor that three epochs cannot reach: the
-    model is registered and becomes challenger, no champion exists, and the command exits 1 saying why."""
+    model is registered and becomes challenger, no champion exists, the webhook hears of it, and the
+    command exits 1 saying why."""
     from flows.cli import app
+    from tests.webhook import Hook
 
     floor = deep_update(TINY_SETTINGS, {"promotion": {"min_nerve_dice": 0.99, "min_gain_over_empty": 0.0}})
     root = make_project(tmp_path / "project", floor, with_data=False)
-    out = CliRunner().invoke(app, ["quickstart", "-C", str(root)])
+    with Hook() as hook:
+        monkeypatch.setenv("NERVESEG_WEBHOOK_URL", hook.url)
+        out = CliRunner().invoke(app, ["quickstart", "-C", str(root)])
+    [notice] = [p["json"] for p in hook.posts]
+    assert (notice["event"], notice["model"], notice["version"]) == ("nerveseg.promotion.no_champion", MODEL, "1")
+    assert "under promotion.min_nerve_dice 0.99" in notice["reason"] and notice["flow_run_id"]
     assert out.exit_code == 1, out.output
     assert "model 1 is the challenger; there is no champion yet" in out.output
     assert "under promotion.min_nerve_dice 0.99" in out.output

@@ -4,54 +4,15 @@ run's own error is what the caller still sees, also when the webhook is unreacha
 
 from __future__ import annotations
 
-import json
 import socket
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
 from tests.conftest import TINY_SETTINGS, deep_update, make_project, write_settings
+from tests.webhook import Hook
 
 pytestmark = pytest.mark.e2e
-
-
-class Hook:
-    """A webhook receiver on 127.0.0.1 (random port) that answers 500 to the first ``fail_first`` posts."""
-
-    def __init__(self, fail_first: int = 0):
-        self.posts: list[dict] = []
-        self.attempts = 0
-        hook = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):  # noqa: N802
-                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                hook.attempts += 1
-                if hook.attempts <= fail_first:
-                    self.send_response(500)
-                    self.end_headers()
-                    return
-                hook.posts.append({"path": self.path, "type": self.headers.get("Content-Type"),
-                                   "json": json.loads(body)})
-                self.send_response(204)
-                self.end_headers()
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hooks/nerveseg"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.server.shutdown()
-        self.server.server_close()
 
 
 @pytest.fixture(scope="module")
