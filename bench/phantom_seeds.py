@@ -40,7 +40,7 @@ from pipeline.config import load_params  # noqa: E402
 from pipeline.evaluate import evaluate  # noqa: E402
 from pipeline.phantom import PhantomSpec, generate_phantom  # noqa: E402
 from pipeline.preprocess import FRAMES, preprocess  # noqa: E402
-from pipeline.promotion import FrameScores, floor_failure  # noqa: E402
+from pipeline.promotion import floor_check  # noqa: E402
 from pipeline.train import train  # noqa: E402
 from phantom_vs_real import machine  # noqa: E402
 
@@ -61,14 +61,14 @@ def run_one(raw: Path, prepared: Path, work: Path, params) -> dict:
     ev = evaluate(raw, prepared, work / "models", work / "reports", params)
     m, table = ev.metrics, ev.per_frame
     empty = table[table.true_area == 0]
-    has_nerve = (table.true_area > 0).to_numpy()
-    scores = FrameScores(table.frame_id.tolist(), table.dice.to_numpy(), has_nerve == (table.pred_area > 0).to_numpy(),
-                         has_nerve)
-    refused = floor_failure(scores, params.promotion)  # would the gate let it become the first champion?
+    n_nerve = int((table.true_area > 0).sum())
+    refused = floor_check(m["dice"], m["dice_nerve_frames"] if n_nerve else None, n_nerve,  # would the gate let
+                          m["empty_baseline_dice"], params.promotion)                       # it be the first champion?
     return {
         "norm": params.model.norm, "seed": params.train.seed,
         "best_epoch": result.best_epoch, "val_dice": round(result.best_val_dice, 4),
         "dice": round(m["dice"], 4), "dice_nerve_frames": round(m["dice_nerve_frames"], 4),
+        "empty_baseline_dice": round(m["empty_baseline_dice"], 4),
         "presence_accuracy": round(m["presence_accuracy"], 4),
         "false_alarms": int(m["false_alarms"]), "nerve_frames_missed": int(m["nerve_frames_missed"]),
         "presence_threshold": ev.postprocess.presence_threshold,

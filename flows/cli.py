@@ -63,9 +63,10 @@ def _run_flow(project: Path, params_file: str, force: bool = False) -> dict:
 
 
 def _left_without_champion(result: dict) -> bool:
-    """The run's model was refused and no earlier champion exists (the floor refused a first model)."""
-    decision = result.get("decision") or {}
-    return not result.get("skipped") and not decision["promote"] and decision["champion_version"] is None
+    """The run's decision left no champion (``PromotionDecision.leaves_no_champion``, from its JSON form)."""
+    from pipeline.promotion import PromotionDecision
+
+    return not result.get("skipped") and PromotionDecision.from_dict(result["decision"]).leaves_no_champion
 
 
 def _print_result(result: dict, paths, model_name: str, elapsed: float | None = None) -> None:

@@ -167,8 +167,26 @@ def to_markdown(notice: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def webhook_url(raw: dict) -> str:
-    return (os.environ.get(WEBHOOK_ENV) or str(_section(raw, "notify").get("webhook_url") or "")).strip()
+def webhook_url(configured: str) -> str:
+    """``NERVESEG_WEBHOOK_URL`` if set, else the configured ``notify.webhook_url``."""
+    return (os.environ.get(WEBHOOK_ENV) or configured or "").strip()
+
+
+def deliver(notice: dict, configured_url: str, timeout_s: float, logger, what: str) -> None:
+    """POST ``notice`` to the webhook, if one is configured, and log the outcome; sets
+    ``notice["delivered"]``. Never raises: a notice must not fail or mask the run."""
+    url = webhook_url(configured_url)
+    if not url:
+        return
+    delivered, detail = post_json(url, notice, timeout_s=min(max(timeout_s, 0.5), 60.0))
+    notice["delivered"] = delivered
+    try:
+        if delivered:
+            logger.info("%s posted to the webhook (%s)", what, detail)
+        else:
+            logger.warning("%s could not be posted to the webhook after %d attempts: %s", what, ATTEMPTS, detail)
+    except Exception:  # noqa: BLE001
+        pass
 
 
 def post_json(url: str, payload: dict, timeout_s: float = 5.0, attempts: int = ATTEMPTS) -> tuple[bool, str]:
@@ -228,22 +246,12 @@ def notify_failure(flow, flow_run, state) -> dict | None:
     except Exception as exc:  # noqa: BLE001
         logger.warning("failure notice: the Prefect artifact could not be written: %s", exc)
     _, raw = _project_settings(dict(getattr(flow_run, "parameters", None) or {}))
-    url = webhook_url(raw)
-    if url:
-        try:
-            timeout_s = float(_section(raw, "notify").get("timeout_s") or 5.0)
-        except (TypeError, ValueError):
-            timeout_s = 5.0
-        delivered, detail = post_json(url, notice, timeout_s=min(max(timeout_s, 0.5), 60.0))
-        notice["delivered"] = delivered
-        try:
-            if delivered:
-                logger.info("failure notice posted to the webhook (%s)", detail)
-            else:
-                logger.warning("failure notice could not be posted to the webhook after %d attempts: %s",
-                               ATTEMPTS, detail)
-        except Exception:  # noqa: BLE001
-            pass
+    notify = _section(raw, "notify")  # read leniently: a broken params.yaml may be the failure
+    try:
+        timeout_s = float(notify.get("timeout_s") or 5.0)
+    except (TypeError, ValueError):
+        timeout_s = 5.0
+    deliver(notice, str(notify.get("webhook_url") or ""), timeout_s, logger, "failure notice")
     return notice
 
 
@@ -264,12 +272,7 @@ def notify_no_champion(name: str, version: str, reason: str, webhook: str, timeo
               "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "text": text}
     try:
         logger.warning("NO CHAMPION: %s", text)
-        url = (os.environ.get(WEBHOOK_ENV) or webhook or "").strip()
-        if url:
-            delivered, detail = post_json(url, notice, timeout_s=min(max(timeout_s, 0.5), 60.0))
-            notice["delivered"] = delivered
-            if not delivered:
-                logger.warning("no-champion notice could not be posted to the webhook: %s", detail)
-    except Exception:  # noqa: BLE001 (a notice must never fail the run)
+    except Exception:  # noqa: BLE001
         pass
+    deliver(notice, webhook, timeout_s, logger, "no-champion notice")
     return notice

@@ -7,7 +7,6 @@ and then records it with ``dvc commit``, so ``dvc status`` agrees with what the 
 from __future__ import annotations
 
 import json
-from dataclasses import fields
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
@@ -190,7 +189,7 @@ def promote_task(paths: ProjectPaths, params: Params, version: str) -> dict:
         return {**decision.to_dict(), "awaiting_approval": True, "evidence": evidence}
     release.apply_decision(name, version, decision, evidence)
     _log_decision(params, version, decision)
-    if not decision.promote and registry.version_by_alias(name, registry.CHAMPION) is None:
+    if decision.leaves_no_champion:
         notify_no_champion(name, version, decision.reason, params.notify.webhook_url, params.notify.timeout_s,
                            flow_run.id, flow_run.name, get_run_logger())
     return decision.to_dict()
@@ -207,7 +206,7 @@ def _log_decision(params: Params, version: str, decision: PromotionDecision) -> 
 
 
 def _gated(result: dict) -> PromotionDecision:
-    return PromotionDecision(**{f.name: result[f.name] for f in fields(PromotionDecision)})
+    return PromotionDecision.from_dict(result)
 
 
 @task(name="apply-approval", **TASK)

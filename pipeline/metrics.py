@@ -110,15 +110,21 @@ def hausdorff95(pred: np.ndarray, true: np.ndarray) -> float:
     return float(np.percentile(np.concatenate([d_pt, d_tp]), 95))
 
 
+def empty_baseline_dice(has_nerve: np.ndarray) -> float:
+    """What predicting no nerve on any frame scores (empty frames 1, nerve frames 0): the bar the
+    promotion floor asks a model to clear."""
+    return float(np.mean(~np.asarray(has_nerve, bool)))
+
+
 def full_summary(pred: np.ndarray, true: np.ndarray, presence_prob: np.ndarray | None = None,
                  outcomes: np.ndarray | None = None) -> dict[str, float]:
     """Every holdout figure: competition Dice, IoU, the Dice of predicting no nerve anywhere, pixel
-    sensitivity/specificity/accuracy, presence accuracy and AUROC, the 95th-percentile Hausdorff distance on nerve frames, and how
-    many frames ended in each failure of :func:`frame_outcomes` (``outcomes``, where the caller has them)."""
+    sensitivity/specificity/accuracy, presence accuracy and AUROC, the 95th-percentile Hausdorff
+    distance on nerve frames, and how many frames ended in each failure of :func:`frame_outcomes`
+    (``outcomes``, where the caller has them)."""
     out = summarise(pred, true)
     present = true.reshape(len(true), -1).any(1)
-    # What predicting no nerve on any frame would score: the bar the promotion floor asks a model to clear.
-    out["empty_baseline_dice"] = float(np.mean(~present))
+    out["empty_baseline_dice"] = empty_baseline_dice(present)
     c = pixel_confusion(pred, true)
     out["sensitivity"] = c["tp"] / max(c["tp"] + c["fn"], 1)
     out["specificity"] = c["tn"] / max(c["tn"] + c["fp"], 1)

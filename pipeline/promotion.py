@@ -16,11 +16,12 @@ the first valid model that clears the floor becomes it.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 
 from pipeline.config import PromotionParams
+from pipeline.metrics import empty_baseline_dice
 
 
 @dataclass(frozen=True)
@@ -49,8 +50,7 @@ class FrameScores:
 
     @property
     def empty_baseline_dice(self) -> float:
-        """What predicting no nerve on every frame would score: empty frames 1, nerve frames 0."""
-        return float(np.mean(~np.asarray(self.has_nerve, bool)))
+        return empty_baseline_dice(self.has_nerve)
 
 
 def paired_bootstrap(diff: np.ndarray, resamples: int, confidence: float, seed: int,
@@ -98,8 +98,18 @@ class PromotionDecision:
     min_nerve_dice: float = 0.0
     min_gain_over_empty: float = -1.0
 
+    @property
+    def leaves_no_champion(self) -> bool:
+        """Not promoted, and there was no champion to keep (the floor refused a first model)."""
+        return not self.promote and self.champion_version is None
+
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> PromotionDecision:
+        """The decision back from :meth:`to_dict`'s form; other keys a flow result adds are ignored."""
+        return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})
 
     def tags(self) -> dict[str, str]:
         def f(value) -> str:
@@ -145,10 +155,6 @@ class PromotionDecision:
         if self.advice:
             lines.append(f"Note: {self.advice}\n")
         return "\n".join(lines)
-
-
-def nerve_text(scores: FrameScores) -> str:
-    return "n/a" if scores.nerve_dice is None else f"{scores.nerve_dice:.4f}"
 
 
 def floor_failure(scores: FrameScores, params: PromotionParams) -> str | None:
@@ -222,8 +228,9 @@ def decide(challenger_version: str, challenger: FrameScores, champion_version: s
     elif below_floor:
         promote, reason = False, below_floor
     elif champion is None:
+        nerve = "n/a" if challenger.nerve_dice is None else f"{challenger.nerve_dice:.4f}"
         promote, reason = True, ("no champion yet: the first valid model that clears the floor becomes champion "
-                                 f"(nerve-frame Dice {nerve_text(challenger)}, holdout Dice {challenger.mean_dice:.4f} "
+                                 f"(nerve-frame Dice {nerve}, holdout Dice {challenger.mean_dice:.4f} "
                                  f"against {challenger.empty_baseline_dice:.4f} for predicting no nerve)")
     elif groups is not None and n_subjects < params.min_subjects:
         # Resampling two or three subjects gives an interval that says nothing (one: no width at all).

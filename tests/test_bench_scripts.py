@@ -143,6 +143,7 @@ def test_phantom_seeds_trains_each_norm_and_seed_and_reports_each_holdout_subjec
     out = tmp_path / "seeds.json"
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["train"]["augment"]["elastic_p"] = 0.55  # --params is honoured, and the result records what ran
+    params["promotion"]["min_nerve_dice"] = 0.99  # out of one epoch's reach: every run must be refused
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     done = subprocess.run([sys.executable, str(BENCH / "phantom_seeds.py"), "--seeds", "3,5", "--norms", "batch,instance",
                            "--epochs", "1", "--threads", "1", "--subjects", "6", "--frames-per-subject", "8",
@@ -154,7 +155,8 @@ def test_phantom_seeds_trains_each_norm_and_seed_and_reports_each_holdout_subjec
     runs = result["runs"]
     assert [(r["norm"], r["seed"]) for r in runs] == [("batch", 3), ("batch", 5), ("instance", 3), ("instance", 5)]
     assert all(r["empty_presence_median"] and 0 <= r["dice"] <= 1 for r in runs)
-    assert all(r["floor"] in ("clears", "refused") and (r["floor"] == "refused") == bool(r["floor_reason"]) for r in runs)
+    assert all(r["floor"] == "refused" and "promotion.min_nerve_dice 0.99" in r["floor_reason"] for r in runs)
+    assert all(0 < r["empty_baseline_dice"] < 1 for r in runs)
     config = json.loads((tmp_path / "work" / "instance-5" / "models" / "model_config.json").read_text())
     assert config["norm"] == "instance"
     assert "| instance | 2 |" in done.stdout  # the summary row
