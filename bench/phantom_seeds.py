@@ -1,6 +1,7 @@
 """How far the quickstart's holdout figures move with the training seed, by normalisation.
 
     python bench/phantom_seeds.py [--seeds 0-5] [--norms instance,batch] [--epochs N] [--threads N]
+                                  [--amp-cpu auto|true|false]
                                   [--subjects N] [--frames-per-subject N] [--keep DIR]
                                   [--out bench/results/phantom_seeds.json]
 
@@ -65,8 +66,9 @@ def run_one(raw: Path, prepared: Path, work: Path, params) -> dict:
     refused = floor_check(m["dice"], m["dice_nerve_frames"] if n_nerve else None, n_nerve,  # would the gate let
                           m["empty_baseline_dice"], params.promotion)                       # it be the first champion?
     return {
-        "norm": params.model.norm, "seed": params.train.seed,
-        "best_epoch": result.best_epoch, "val_dice": round(result.best_val_dice, 4),
+        "norm": params.model.norm, "seed": params.train.seed, "precision": result.precision,
+        "best_epoch": result.best_epoch, "epochs_run": result.epochs_run, "val_dice": round(result.best_val_dice, 4),
+        "train_frames_per_second": result.train_frames_per_second,
         "dice": round(m["dice"], 4), "dice_nerve_frames": round(m["dice_nerve_frames"], 4),
         "empty_baseline_dice": round(m["empty_baseline_dice"], 4),
         "presence_accuracy": round(m["presence_accuracy"], 4),
@@ -110,6 +112,8 @@ def main(argv=None) -> int:
     ap.add_argument("--norms", default="instance,batch", help="model.norm values, comma-separated")
     ap.add_argument("--epochs", type=int, default=None, help="override train.epochs")
     ap.add_argument("--threads", type=int, default=None, help="override train.threads")
+    ap.add_argument("--amp-cpu", choices=["auto", "true", "false"], default=None,
+                    help="override train.amp_cpu (bf16 where the CPU has it natively, or fp32)")
     ap.add_argument("--subjects", type=int, default=None, help="default: params.yaml data.synth")
     ap.add_argument("--frames-per-subject", type=int, default=None)
     ap.add_argument("--params", type=Path, default=ROOT / "params.yaml")
@@ -121,7 +125,9 @@ def main(argv=None) -> int:
     synth = params.data.synth
     spec = PhantomSpec(args.subjects or synth.subjects, args.frames_per_subject or synth.frames_per_subject,
                        synth.seed)
-    train_overrides = {k: v for k, v in (("epochs", args.epochs), ("threads", args.threads)) if v is not None}
+    amp_cpu = {"auto": "auto", "true": True, "false": False}.get(args.amp_cpu)
+    train_overrides = {k: v for k, v in (("epochs", args.epochs), ("threads", args.threads), ("amp_cpu", amp_cpu))
+                       if v is not None}
     work = args.keep or Path(tempfile.mkdtemp(prefix="phantom-seeds-"))
     raw, prepared = work / "raw", work / "prepared"
     rows: list[dict] = []

@@ -53,19 +53,25 @@ def verdicts(files: list[Path], rules) -> list[dict]:
             frames, nerve = counts[key]
             baseline = (frames - nerve) / frames
             why = floor_check(run["dice"], run["dice_nerve_frames"] if nerve else None, nerve, baseline, rules)
-            rows.append({"file": path.name, "norm": run["norm"], "seed": run["seed"], "dice": run["dice"],
+            rows.append({"file": path.name, "norm": run["norm"], "precision": run.get("precision"), "seed": run["seed"],
+                         "dice": run["dice"],
                          "dice_nerve_frames": run["dice_nerve_frames"], "empty_baseline": round(baseline, 4),
                          "false_alarms": run["false_alarms"], "holdout_frames": frames, "nerve_frames": nerve,
                          "floor": "refused" if why else "clears", "reason": why or ""})
     return rows
 
 
+def recipe(row: dict) -> str:
+    """The normalisation, and the precision where the run recorded it (older runs are fp32)."""
+    return f"{row['norm']}, {row['precision']}" if row.get("precision") else row["norm"]
+
+
 def table(rows: list[dict]) -> str:
-    head = ["file", "norm", "seed", "holdout Dice", "nerve frames", "no-nerve baseline", "false alarms", "floor"]
+    head = ["file", "norm (precision)", "seed", "holdout Dice", "nerve frames", "no-nerve baseline", "false alarms", "floor"]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for r in rows:
         mark = f"**{r['floor']}**" if r["floor"] == "refused" else r["floor"]
-        lines.append(f"| {r['file'].removesuffix('.json')} | {r['norm']} | {r['seed']} | {r['dice']:.3f} | "
+        lines.append(f"| {r['file'].removesuffix('.json')} | {recipe(r)} | {r['seed']} | {r['dice']:.3f} | "
                      f"{r['dice_nerve_frames']:.3f} | {r['empty_baseline']:.3f} | {r['false_alarms']} | {mark} |")
     return "\n".join(lines)
 
@@ -86,7 +92,7 @@ def main(argv=None) -> int:
     refused = [r for r in rows if r["floor"] == "refused"]
     print(f"\n{len(refused)} of {len(rows)} runs refused")
     for r in refused:
-        print(f"- {r['file']} {r['norm']} seed {r['seed']}: {r['reason']}")
+        print(f"- {r['file']} {recipe(r)} seed {r['seed']}: {r['reason']}")
     if args.out:
         args.out.write_text(json.dumps({"params": str(args.params), "min_nerve_dice": rules.min_nerve_dice,
                                         "min_gain_over_empty": rules.min_gain_over_empty, "runs": rows}, indent=1))

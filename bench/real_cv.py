@@ -318,7 +318,8 @@ def main() -> int:
                       "dice": round(float(dice.mean()), 4), "best_epoch_dice": result.best_val_dice,
                       "dice_by_inference": {k: round(float(v.mean()), 4) for k, v in variants.items()},
                       "epochs": result.epochs_run, "seconds": round(seconds, 1),
-                      "train_fps": result.train_frames_per_second, "threads": threads, "native_train_frames": native_dice})
+                      "train_fps": result.train_frames_per_second, "threads": threads,
+                      "precision": getattr(result, "precision", None), "native_train_frames": native_dice})
         print(f"fold {fold}: Dice {dice.mean():.4f} (last epoch) in {seconds / 60:.1f} min, "
               f"{result.train_frames_per_second} frames/s; by inference option: {folds_variants(variants)}" +
               (f"; native train/ frames of its subjects: Dice {native_dice['dice_nerve_frames']} on "

@@ -87,6 +87,11 @@ def _print_result(result: dict, paths, model_name: str, elapsed: float | None = 
     if no_champion:
         typer.echo("  next:          look at the evaluation report and overlays below; retrain with another "
                    "train.seed, or promote it by hand (nerveseg promote VERSION --reason ...)")
+    trained = result.get("train")
+    if trained:
+        typer.echo(f"  trained:       {trained['epochs_run']} epochs on {trained['device']} in "
+                   f"{trained.get('precision', 'fp32')}, {trained['train_frames_per_second']:.0f} frames/s; "
+                   f"best validation Dice {trained['best_val_dice']:.4f} at epoch {trained['best_epoch']}")
     typer.echo(f"  holdout:       Dice {holdout['dice']:.4f}, IoU {holdout['iou']:.4f}, "
                f"presence accuracy {holdout['presence_accuracy']:.4f} on {holdout['n_frames']} frames")
     typer.echo(f"  data version:  {result['data']['dvc_hash']} ({result['data']['dvc_file']} "

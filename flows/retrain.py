@@ -134,11 +134,12 @@ def train_task(paths: ProjectPaths, params: Params, run_id: str) -> dict:
         if isinstance(value, (int, float)) and value is not None:
             client.log_metric(run_id, f"train.{key}", float(value))
     client.set_tag(run_id, "train.device", result.device)
+    client.set_tag(run_id, "train.precision", result.precision)
     client.log_artifact(run_id, str(paths.models_dir / "history.csv"), "training")
     versioning.commit_stage(paths.root, "train")
     get_run_logger().info(
-        "train: best validation Dice %.4f at epoch %d on %s (%.1f frames/s)",
-        result.best_val_dice, result.best_epoch, result.device, result.train_frames_per_second,
+        "train: best validation Dice %.4f at epoch %d on %s, %s (%.1f frames/s)",
+        result.best_val_dice, result.best_epoch, result.device, result.precision, result.train_frames_per_second,
     )
     return result.__dict__
 

@@ -153,7 +153,9 @@ class TrainParams(_Section):
     min_epochs: int = Field(12, ge=1)  # early stopping only from this epoch on
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: bool = True
-    amp_cpu: bool = False  # bf16 autocast on the CPU too, where it has native bf16 (docs/benchmarks.md)
+    # bf16 autocast on the CPU too. "auto": where the CPU computes bf16 natively (AVX512-BF16, AMX),
+    # fp32 elsewhere without a word; true: the same, but warns on a CPU without it; false: fp32.
+    amp_cpu: Literal["auto"] | bool = "auto"
     threads: int = Field(0, ge=0)
     lr_schedule: Literal["cosine", "constant"] = "cosine"
     warmup_epochs: int = Field(1, ge=0)

@@ -38,6 +38,7 @@ from pipeline.train import (
     load_trained,
     pick_device,
     save_atomic,
+    use_autocast,
 )
 
 FOLDS_DIR = "folds"
@@ -62,8 +63,10 @@ def train_fold_ensemble(prepared_dir: Path, out_dir: Path, params: Params, on_ep
         return lambda epoch, row: on_epoch(epoch, {f"fold{fold}.{key}": v for key, v in row.items() if key != "epoch"})
 
     outcome = cross_validate(prepared_dir, out_dir / FOLDS_DIR, params, progress=progress, on_epoch_of=on_epoch_of)
+    device = pick_device(params.train.device)
+    precision = "bf16" if use_autocast(params.train, device) else "fp32"
     if not Distributed.from_env().main:
-        return _result(outcome, "")
+        return _result(outcome, "", precision)
     members, configs = [], []
     for fold in range(k):
         model, config = load_trained(out_dir / FOLDS_DIR / f"fold{fold}")
@@ -81,17 +84,17 @@ def train_fold_ensemble(prepared_dir: Path, out_dir: Path, params: Params, on_ep
         "folds": [{"fold": f.fold, "best_val_dice": f.best_val_dice, "best_epoch": f.best_epoch,
                    "validation_subjects": f.validation_subjects} for f in outcome.folds],
     }, indent=2))
-    return _result(outcome, str(pick_device(params.train.device)))
+    return _result(outcome, str(device), precision)
 
 
-def _result(outcome, device: str) -> TrainResult:
+def _result(outcome, device: str, precision: str) -> TrainResult:
     seconds = sum(f.seconds for f in outcome.folds)
     frames = sum(f.train_frames * f.epochs_run for f in outcome.folds)
     return TrainResult(best_epoch=max(f.best_epoch for f in outcome.folds), best_val_dice=outcome.mean_dice,
                        epochs_run=max(f.epochs_run for f in outcome.folds), resumed_from_epoch=None, device=device,
                        seconds=round(seconds, 2),
                        train_frames_per_second=round(frames / seconds, 2) if seconds > 0 else 0.0,
-                       world_size=Distributed.from_env().world)
+                       world_size=Distributed.from_env().world, precision=precision)
 
 
 def out_of_fold_members(model: torch.nn.Module, config: ModelConfig, frames: pd.DataFrame,

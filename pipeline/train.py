@@ -55,6 +55,7 @@ class TrainResult:
     seconds: float
     train_frames_per_second: float
     world_size: int = 1
+    precision: str = "fp32"  # what the steps computed in: "bf16" (autocast) or "fp32"
 
 
 class FrameDataset(Dataset):
@@ -83,25 +84,43 @@ def pick_device(choice: str) -> torch.device:
 
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU computes bf16 in hardware (AVX512-BF16 or AMX). Without it PyTorch
-    emulates bf16, and a convolution measured 67x *slower* than fp32 on an AVX2-only EPYC."""
+    emulates bf16, and a convolution measured 67x *slower* than fp32 on an AVX2-only EPYC.
+
+    oneDNN's own answer first (what the convolutions will use; a private op, so it may move
+    between torch releases); where it is missing, the CPU's flags as Linux reports them."""
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):  # a build without oneDNN
+    except (AttributeError, RuntimeError):
+        return _cpu_flags_have_bf16(Path("/proc/cpuinfo"))
+
+
+def _cpu_flags_have_bf16(cpuinfo: Path) -> bool:
+    try:
+        text = cpuinfo.read_text()
+    except OSError:  # not Linux: no way to tell, and emulated bf16 is the expensive mistake
         return False
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def use_autocast(tp, device: torch.device) -> bool:
-    """bf16 autocast for training: always on CUDA (with ``train.amp``); on the CPU only when
-    ``train.amp_cpu`` asks for it *and* the CPU has native bf16, else fp32 with a warning."""
+def use_autocast(tp, device: torch.device, native_bf16: bool | None = None) -> bool:
+    """bf16 autocast for training: always on CUDA (with ``train.amp``); on the CPU only where it
+    computes bf16 natively and ``train.amp_cpu`` is ``"auto"`` or true. Emulated bf16 is many times
+    slower than fp32, so a CPU without it trains in fp32 (with a warning where true asked for bf16).
+    ``native_bf16`` answers for the CPU instead of asking it."""
     if not tp.amp:
         return False
     if device.type == "cuda":
         return True
-    if tp.amp_cpu and not cpu_has_native_bf16():
-        log.warning("train.amp_cpu is on, but this CPU has no native bf16 (AVX512-BF16 or AMX): emulated bf16 "
-                    "is many times slower than fp32 (67x measured on an AVX2-only CPU), so training runs in fp32")
+    if tp.amp_cpu is False:
         return False
-    return tp.amp_cpu
+    if not (cpu_has_native_bf16() if native_bf16 is None else native_bf16):
+        if tp.amp_cpu is True:
+            log.warning("train.amp_cpu is true, but this CPU has no native bf16 (AVX512-BF16 or AMX): emulated "
+                        "bf16 is many times slower than fp32 (67x measured on an AVX2-only CPU), so training "
+                        "runs in fp32")
+        return False
+    return True
 
 
 def _seed_everything(seed: int) -> None:
@@ -515,6 +534,7 @@ def fit(
         seconds=round(seconds, 2),
         train_frames_per_second=round(frames_seen / seconds, 2) if seconds > 0 else 0.0,
         world_size=dist.world,
+        precision="bf16" if amp else "fp32",
     )
     if dist.main:
         _write_outputs(out_dir, config, state.history, result)

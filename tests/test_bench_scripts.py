@@ -11,6 +11,8 @@ import sys
 import pytest
 import yaml
 
+from pipeline.train import cpu_has_native_bf16
+
 from .conftest import REPO, tiny_model_config
 
 BENCH = REPO / "bench"
@@ -77,7 +79,9 @@ def test_gpu_check_script_runs_its_steps_in_quick_mode(tmp_path):
     assert checks.count("PASS") == 4 and "resumes from the checkpoint" in checks
     throughput = (tmp_path / "train_throughput.log").read_text()
     assert "| plain fp32 eager (in memory) |" in throughput
-    assert "fit's step with these params here: fp32, NCHW, eager" in throughput  # params.yaml's instance norm, CPU
+    # params.yaml's instance norm on the CPU: bf16 (amp_cpu: auto) exactly where the CPU computes it natively
+    precision = "bf16 autocast" if cpu_has_native_bf16() else "fp32"
+    assert f"fit's step with these params here: {precision}, NCHW, eager" in throughput
 
 
 def test_gpu_real_cv_script_links_the_carried_frames_and_keeps_to_its_deadline(tmp_path):
@@ -146,8 +150,8 @@ def test_phantom_seeds_trains_each_norm_and_seed_and_reports_each_holdout_subjec
     params["promotion"]["min_nerve_dice"] = 0.99  # out of one epoch's reach: every run must be refused
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     done = subprocess.run([sys.executable, str(BENCH / "phantom_seeds.py"), "--seeds", "3,5", "--norms", "batch,instance",
-                           "--epochs", "1", "--threads", "1", "--subjects", "6", "--frames-per-subject", "8",
-                           "--params", str(tmp_path / "params.yaml"), "--keep", str(tmp_path / "work"), "--out", str(out)],
+                           "--epochs", "1", "--threads", "1", "--subjects", "6", "--frames-per-subject", "8", "--amp-cpu",
+                           "false", "--params", str(tmp_path / "params.yaml"), "--keep", str(tmp_path / "work"), "--out", str(out)],
                           cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     result = json.loads(out.read_text())
@@ -157,6 +161,7 @@ def test_phantom_seeds_trains_each_norm_and_seed_and_reports_each_holdout_subjec
     assert all(r["empty_presence_median"] and 0 <= r["dice"] <= 1 for r in runs)
     assert all(r["floor"] == "refused" and "promotion.min_nerve_dice 0.99" in r["floor_reason"] for r in runs)
     assert all(0 < r["empty_baseline_dice"] < 1 for r in runs)
+    assert result["train_overrides"]["amp_cpu"] is False and all(r["precision"] == "fp32" for r in runs)
     config = json.loads((tmp_path / "work" / "instance-5" / "models" / "model_config.json").read_text())
     assert config["norm"] == "instance"
     assert "| instance | 2 |" in done.stdout  # the summary row
@@ -179,7 +184,7 @@ def test_promotion_floor_replays_recorded_phantom_runs_through_the_gates_floor(t
         return {"norm": "instance", "seed": seed, "dice": dice, "dice_nerve_frames": nerve, "false_alarms": 0,
                 "empty_presence_median": {"2": 0.1, "1": 0.0}}
 
-    runs = [run(0, baseline, 0.0), run(1, baseline - 0.05, 0.8), run(2, baseline + 0.2, 0.8)]
+    runs = [run(0, baseline, 0.0), run(1, baseline - 0.05, 0.8), {**run(2, baseline + 0.2, 0.8), "precision": "bf16"}]
     (tmp_path / "seeds.json").write_text(json.dumps({"phantom": spec, "runs": runs}))
     out = tmp_path / "floor.json"
     done = subprocess.run([sys.executable, str(BENCH / "promotion_floor.py"), str(tmp_path / "seeds.json"),
@@ -190,6 +195,7 @@ def test_promotion_floor_replays_recorded_phantom_runs_through_the_gates_floor(t
     assert rows[0]["empty_baseline"] == round(baseline, 4) and rows[0]["holdout_frames"] == len(held)
     assert "min_nerve_dice" in rows[0]["reason"] and "predicting no nerve" in rows[1]["reason"]
     assert "2 of 3 runs refused" in done.stdout
+    assert "| seeds | instance, bf16 | 2 |" in done.stdout and "| seeds | instance | 0 |" in done.stdout
 
 
 def test_every_real_cv_settings_file_resolves_to_valid_params():
@@ -217,6 +223,8 @@ print(json.dumps(out))
     assert done.returncode == 0, done.stdout + done.stderr
     resolved = json.loads(done.stdout.strip().splitlines()[-1])
     assert set(resolved) == {f.rsplit("/", 1)[-1] for f in files}
+    # Every recorded recipe says what it trained in, not params.yaml's machine-dependent "auto".
+    assert all(r["amp_cpu"] in (True, False) for r in resolved.values()), resolved
     plain = {k: v for k, v in resolved["real_cv.yaml"].items() if k != "augment"}
     assert plain == {"size": [64, 88], "depth": 3, "ema_decay": 0.0, "amp_cpu": False, "epochs": 12,
                      "deep_supervision": 0, "upsample": "transpose", "norm": "batch"}

@@ -84,10 +84,14 @@ def test_a_first_model_refused_by_the_floor_is_reported_without_a_champion(tmp_p
     result = {"decision": decision, "holdout": {"dice": 0.6667, "iou": 0.6667, "presence_accuracy": 0.6667,
                                                 "n_frames": 3},
               "data": {"dvc_hash": "abc.dir", "dvc_file": "data/raw.dvc", "git_revision": "0123456789abcdef"},
-              "tracking_uri": "sqlite:///mlflow/mlflow.db"}
+              "tracking_uri": "sqlite:///mlflow/mlflow.db",
+              "train": {"epochs_run": 12, "device": "cpu", "precision": "bf16", "train_frames_per_second": 51.3,
+                        "best_val_dice": 0.4333, "best_epoch": 1}}
     assert _left_without_champion(result)
     _print_result(result, ProjectPaths.of(tmp_path, params), params.registry.model_name)
     out = capsys.readouterr().out
     assert "model 1 is the challenger; there is no champion yet" in out
     assert "below the floor" in out and "train.seed" in out
     assert "--model models:/nerve-segmentation/1" in out  # there is no @champion to predict with
+    # How it trained, on this machine: what to compare when two machines train one recipe differently.
+    assert "trained:       12 epochs on cpu in bf16, 51 frames/s; best validation Dice 0.4333 at epoch 1" in out

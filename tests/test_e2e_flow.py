@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
+from pipeline.train import cpu_has_native_bf16
 from tests.conftest import TINY_SETTINGS, deep_update, make_project, write_settings
 
 pytestmark = pytest.mark.e2e
@@ -66,6 +67,9 @@ def test_run_logs_params_curves_and_overlays(flow_project):
     artifacts = {a.path for a in client.list_artifacts(result["run_id"], "evaluation")}
     assert "evaluation/overlays.png" in artifacts
     assert run.data.tags["validation.success"] == "true"
+    # What the training steps computed in, so that two runs of one recipe on two machines can be told apart.
+    assert run.data.tags["train.precision"] == result["train"]["precision"]
+    assert result["train"]["precision"] == ("bf16" if cpu_has_native_bf16() else "fp32")  # amp_cpu: auto
 
 
 def test_dvc_status_is_clean_after_the_flow(flow_project):

@@ -15,7 +15,7 @@ from pipeline.evaluate import load_native, load_postprocess, tune_on_probabiliti
 from pipeline.inference import Postprocess, Predictor, write_bundle
 from pipeline.model import FoldEnsemble, ModelConfig, UNet, build_model
 from pipeline.preprocess import FRAMES
-from pipeline.train import HISTORY, METRICS, WEIGHTS, load_trained
+from pipeline.train import HISTORY, METRICS, WEIGHTS, cpu_has_native_bf16, load_trained
 
 from .conftest import with_settings
 
@@ -60,6 +60,7 @@ def test_the_train_stage_registers_the_fold_models_as_one(prepared, tiny_params,
     metrics = json.loads((prepared.models_dir / METRICS).read_text())
     assert metrics["members"] == 2 and [f["fold"] for f in metrics["folds"]] == [0, 1]
     assert result.best_val_dice == pytest.approx(np.mean([f["best_val_dice"] for f in metrics["folds"]]), abs=1e-6)
+    assert result.precision == ("bf16" if cpu_has_native_bf16() else "fp32")  # what the folds trained in
     # One MLflow run holds both folds' curves: the keys say which fold.
     assert {key.split(".")[0] for row in epochs for key in row} == {"fold0", "fold1"}
     assert sorted(pd.read_csv(prepared.models_dir / HISTORY)["fold"].unique()) == [0, 1]

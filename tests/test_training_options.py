@@ -18,13 +18,13 @@ import pytest
 import torch
 
 from pipeline import stages
-from pipeline.config import AugmentParams, SplitParams, TrainParams
+from pipeline.config import AugmentParams, SplitParams, TrainParams, load_params
 from pipeline.inference import Postprocess, Predictor, fuse_conv_bn
 from pipeline.model import ModelConfig, ResizeConv, build_model
 from pipeline.split import assign_subjects
 from pipeline.preprocess import load_prepared
-from pipeline.train import (METRICS, WEIGHTS, _validation_scores, cpu_has_native_bf16, load_trained, lr_factor,
-                            stop_early, use_autocast)
+from pipeline.train import (METRICS, WEIGHTS, _cpu_flags_have_bf16, _validation_scores, cpu_has_native_bf16,
+                            load_trained, lr_factor, stop_early, use_autocast)
 from pipeline.weight_average import WeightAverage
 
 from .conftest import REPO, with_settings
@@ -491,10 +491,22 @@ def test_bf16_autocast_on_the_cpu_trains_only_where_the_cpu_has_native_bf16(prep
     if cpu_has_native_bf16():
         # Same seed and data: only the bf16 arithmetic can make the two losses differ.
         assert bf16_loss != fp32_loss
+        assert result.precision == "bf16"
     else:
         # Emulated bf16 is many times slower than fp32: the run stays fp32 and says why.
         assert bf16_loss == fp32_loss
+        assert result.precision == "fp32"
         assert "no native bf16" in caplog.text
+
+
+def test_the_default_trains_bf16_exactly_where_the_cpu_has_it(prepared, tiny_params, caplog):
+    """``amp_cpu: auto`` (the default) is the fast path on a CPU with native bf16 and silent fp32 elsewhere."""
+    assert TrainParams().amp_cpu == "auto" and load_params(REPO / "params.yaml").train.amp_cpu == "auto"
+    auto = with_settings(tiny_params, {"train": {"epochs": 1, "amp": True, "amp_cpu": "auto"}})
+    with caplog.at_level(logging.WARNING, logger="pipeline.train"):
+        result = stages.fit(prepared, auto, progress=False)
+    assert result.precision == ("bf16" if cpu_has_native_bf16() else "fp32")
+    assert "bf16" not in caplog.text  # nothing to warn about either way
 
 
 def test_autocast_rule():
@@ -503,3 +515,31 @@ def test_autocast_rule():
     assert not use_autocast(TrainParams(amp=False, amp_cpu=True), cuda)
     assert not use_autocast(TrainParams(amp=True, amp_cpu=False), cpu)
     assert use_autocast(TrainParams(amp=True, amp_cpu=True), cpu) == cpu_has_native_bf16()
+    assert use_autocast(TrainParams(amp=True, amp_cpu="auto"), cpu) == cpu_has_native_bf16()
+    assert not use_autocast(TrainParams(amp=False, amp_cpu="auto"), cpu)  # amp off switches both off
+
+
+def test_the_cpu_flags_tell_native_bf16_as_onednn_does(tmp_path):
+    """The fallback probe (``/proc/cpuinfo``) for a torch without oneDNN's private op: it agrees with
+    oneDNN on this machine, and reads both kinds of CPU."""
+    if Path("/proc/cpuinfo").is_file():
+        assert _cpu_flags_have_bf16(Path("/proc/cpuinfo")) == cpu_has_native_bf16()
+    amx = tmp_path / "amx"
+    amx.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512f amx_bf16 amx_tile\n")
+    avx2 = tmp_path / "avx2"
+    avx2.write_text("processor\t: 0\nflags\t\t: fpu avx2 fma\nbugs\t\t: avx512_bf16_is_not_a_flag_here\n")
+    assert _cpu_flags_have_bf16(amx) and not _cpu_flags_have_bf16(avx2)
+    assert not _cpu_flags_have_bf16(tmp_path / "missing")
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_autocast_rule_on_either_kind_of_cpu(caplog, native):
+    """The rule on both kinds of CPU, whichever this one is."""
+    cpu = torch.device("cpu")
+    with caplog.at_level(logging.WARNING, logger="pipeline.train"):
+        assert use_autocast(TrainParams(amp=True, amp_cpu="auto"), cpu, native) is native
+    assert caplog.text == ""
+    with caplog.at_level(logging.WARNING, logger="pipeline.train"):
+        assert use_autocast(TrainParams(amp=True, amp_cpu=True), cpu, native) is native
+    assert ("no native bf16" in caplog.text) is (not native)
+    assert use_autocast(TrainParams(amp=True, amp_cpu=False), cpu, native) is False
