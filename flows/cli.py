@@ -90,7 +90,7 @@ def _print_result(result: dict, paths, model_name: str, elapsed: float | None = 
     trained = result.get("train")
     if trained:
         typer.echo(f"  trained:       {trained['epochs_run']} epochs on {trained['device']} in "
-                   f"{trained.get('precision', 'fp32')}, {trained['train_frames_per_second']:.0f} frames/s; "
+                   f"{trained['precision']}, {trained['train_frames_per_second']:.0f} frames/s; "
                    f"best validation Dice {trained['best_val_dice']:.4f} at epoch {trained['best_epoch']}")
     typer.echo(f"  holdout:       Dice {holdout['dice']:.4f}, IoU {holdout['iou']:.4f}, "
                f"presence accuracy {holdout['presence_accuracy']:.4f} on {holdout['n_frames']} frames")

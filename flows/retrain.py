@@ -206,15 +206,12 @@ def _log_decision(params: Params, version: str, decision: PromotionDecision) -> 
     get_run_logger().info("model card logged to run %s as %s", run_id, card)
 
 
-def _gated(result: dict) -> PromotionDecision:
-    return PromotionDecision.from_dict(result)
-
-
 @task(name="apply-approval", **TASK)
 def approval_task(params: Params, version: str, gated: dict, answer: Answer) -> dict:
     """Record the approver's answer in the ledger, then move the alias (approve) or not (reject)."""
-    final = release.apply_approval(params.registry.model_name, version, _gated(gated), gated["evidence"],
-                                   answer.decision, answer.reason, answer.actor, flow_run=str(flow_run.id or ""))
+    final = release.apply_approval(params.registry.model_name, version, PromotionDecision.from_dict(gated),
+                                   gated["evidence"], answer.decision, answer.reason, answer.actor,
+                                   flow_run=str(flow_run.id or ""))
     _log_decision(params, version, final)
     return {**final.to_dict(), "approval": {"answer": answer.decision, "actor": answer.actor,
                                             "reason": answer.reason}}
@@ -223,8 +220,8 @@ def approval_task(params: Params, version: str, gated: dict, answer: Answer) -> 
 def _approve(params: Params, version: str, gated: dict) -> dict:
     """Pause the flow run for approve/reject (in the flow body, as Prefect requires) and apply the answer."""
     name, timeout_s = params.registry.model_name, params.promotion.approval_timeout_s
-    run_id = str(flow_run.id or "")
-    description = evidence_markdown(name, version, _gated(gated), run_id, timeout_s)
+    run_id, decision = str(flow_run.id or ""), PromotionDecision.from_dict(gated)
+    description = evidence_markdown(name, version, decision, run_id, timeout_s)
     create_markdown_artifact(description, key="approval-request",
                              description=f"version {version} waits for approval")
     get_run_logger().info("waiting up to %d s for approval of %s version %s: nerveseg approve %s --reason ... "
@@ -233,8 +230,7 @@ def _approve(params: Params, version: str, gated: dict) -> dict:
     if answer.decision != "timeout":
         return approval_task(params, version, gated, answer)
     # The pause has expired: Prefect runs no more tasks in this flow run, which ends Failed. Record first.
-    release.apply_approval(name, version, _gated(gated), gated["evidence"], "timeout", answer.reason,
-                           flow_run=run_id)
+    release.apply_approval(name, version, decision, gated["evidence"], "timeout", answer.reason, flow_run=run_id)
     raise ApprovalTimeout(f"{name} version {version} passed the gate but nobody approved or rejected it within "
                           f"{timeout_s} s: not promoted (recorded in the ledger; it is the challenger). "
                           f"Promote it by hand with `nerveseg promote {version} --reason ...` if wanted.")

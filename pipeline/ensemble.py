@@ -37,6 +37,7 @@ from pipeline.train import (
     TrainResult,
     load_trained,
     pick_device,
+    precision_name,
     save_atomic,
     use_autocast,
 )
@@ -64,7 +65,7 @@ def train_fold_ensemble(prepared_dir: Path, out_dir: Path, params: Params, on_ep
 
     outcome = cross_validate(prepared_dir, out_dir / FOLDS_DIR, params, progress=progress, on_epoch_of=on_epoch_of)
     device = pick_device(params.train.device)
-    precision = "bf16" if use_autocast(params.train, device) else "fp32"
+    precision = precision_name(use_autocast(params.train, device))
     if not Distributed.from_env().main:
         return _result(outcome, "", precision)
     members, configs = [], []

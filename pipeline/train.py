@@ -123,6 +123,11 @@ def use_autocast(tp, device: torch.device, native_bf16: bool | None = None) -> b
     return True
 
 
+def precision_name(autocast: bool) -> str:
+    """What the training steps compute in, as runs record it (``TrainResult.precision``)."""
+    return "bf16" if autocast else "fp32"
+
+
 def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
     np.random.seed(seed)
@@ -534,7 +539,7 @@ def fit(
         seconds=round(seconds, 2),
         train_frames_per_second=round(frames_seen / seconds, 2) if seconds > 0 else 0.0,
         world_size=dist.world,
-        precision="bf16" if amp else "fp32",
+        precision=precision_name(amp),
     )
     if dist.main:
         _write_outputs(out_dir, config, state.history, result)
