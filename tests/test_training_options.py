@@ -24,10 +24,10 @@ from pipeline.model import ModelConfig, ResizeConv, build_model
 from pipeline.split import assign_subjects
 from pipeline.preprocess import load_prepared
 from pipeline.train import (METRICS, WEIGHTS, _cpu_flags_have_bf16, _validation_scores, cpu_has_native_bf16,
-                            load_trained, lr_factor, stop_early, use_autocast)
+                            load_trained, lr_factor, predict_prepared, stop_early, use_autocast)
 from pipeline.weight_average import WeightAverage
 
-from .conftest import REPO, with_settings
+from .conftest import REPO, tiny_model_config, with_settings
 
 
 @pytest.mark.parametrize("norm", ["batch", "instance", "group", "none"])
@@ -507,6 +507,30 @@ def test_the_default_trains_bf16_exactly_where_the_cpu_has_it(prepared, tiny_par
         result = stages.fit(prepared, auto, progress=False)
     assert result.precision == ("bf16" if cpu_has_native_bf16() else "fp32")
     assert "bf16" not in caplog.text  # nothing to warn about either way
+
+
+@pytest.mark.parametrize("amp", [True, False])
+def test_validation_runs_in_the_precision_it_is_given(amp):
+    """``fit`` validates in its own precision (``_validation_scores(..., amp)``), on the CPU as on CUDA:
+    the network runs under bf16 autocast exactly when asked, and its probabilities stay those of fp32 to
+    bf16's rounding. (Evaluation and serving never pass ``amp``: they score in fp32.)"""
+    config = tiny_model_config("instance")
+    torch.manual_seed(0)
+    model = build_model(config).eval()
+    seen = []
+    model.register_forward_hook(lambda *_: seen.append(torch.is_autocast_enabled("cpu")))
+    rng = np.random.default_rng(0)
+    frames = rng.integers(0, 256, (5, config.height, config.width), dtype=np.uint8)
+    masks = np.zeros(frames.shape, dtype=bool)
+    masks[:3, 8:20, 10:30] = True
+    scores = _validation_scores(model, frames, masks, config, torch.device("cpu"), amp)
+    assert seen == [amp] and 0.0 <= scores["val_dice"] <= 1.0
+    seen.clear()
+    prob, presence = predict_prepared(model, frames, config, torch.device("cpu"), amp=amp)
+    fp32_prob, fp32_presence = predict_prepared(model, frames, config, torch.device("cpu"))
+    assert seen == [amp, False]
+    assert np.abs(prob - fp32_prob).max() < 0.05 and np.abs(presence - fp32_presence).max() < 0.05
+    assert bool((prob == fp32_prob).all()) is (not amp)  # bf16 does round: the two paths really differ
 
 
 def test_autocast_rule():
