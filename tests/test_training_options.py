@@ -181,11 +181,12 @@ def test_weight_average_is_validated_shipped_and_resumed_without_changing_the_tr
     data = load_prepared(prepared.prepared_dir)
     val_x, val_y, _ = data.part("validation")
     model, config = load_trained(prepared.models_dir)  # model.pt: the best epoch's average
-    assert _validation_scores(model, val_x, val_y, config, torch.device("cpu"), False)["val_dice"] == \
+    amp = whole.precision == "bf16"  # fit validates in the precision it trained in
+    assert _validation_scores(model, val_x, val_y, config, torch.device("cpu"), amp)["val_dice"] == \
         pytest.approx(whole.best_val_dice, abs=1e-6)
     model.load_state_dict(ckpt["ema"]["module"])  # the last epoch's average scored the last history row
     last = pd.read_csv(prepared.models_dir / "history.csv")["val_dice"].iloc[-1]
-    assert _validation_scores(model, val_x, val_y, config, torch.device("cpu"), False)["val_dice"] == \
+    assert _validation_scores(model, val_x, val_y, config, torch.device("cpu"), amp)["val_dice"] == \
         pytest.approx(last, abs=1e-6)
 
     shutil.rmtree(prepared.models_dir)
