@@ -72,7 +72,7 @@ def main() -> int:
     for repeat in range(args.repeats):
         for name, options in variants.items():
             params = base.model_copy(update={"train": base.train.model_copy(update=options)})
-            targets = coverage if options.get("soft_targets", base.train.soft_targets) else masks
+            targets = coverage if params.train.soft_targets else masks
             work = Path(tempfile.mkdtemp(prefix="fit-speed-"))
             try:
                 result = fit(images[~held], targets[~held], images[held], masks[held], config, params, work,

@@ -54,7 +54,8 @@ def verdicts(files: list[Path], rules) -> list[dict]:
             baseline = (frames - nerve) / frames
             why = floor_check(run["dice"], run["dice_nerve_frames"] if nerve else None, nerve, baseline, rules)
             rows.append({"file": path.name, "norm": run["norm"], "precision": run.get("precision"),
-                         "seed": run["seed"], "dice": run["dice"], "dice_nerve_frames": run["dice_nerve_frames"], "empty_baseline": round(baseline, 4),
+                         "seed": run["seed"], "dice": run["dice"], "dice_nerve_frames": run["dice_nerve_frames"],
+                         "empty_baseline": round(baseline, 4),
                          "false_alarms": run["false_alarms"], "holdout_frames": frames, "nerve_frames": nerve,
                          "floor": "refused" if why else "clears", "reason": why or ""})
     return rows

@@ -147,9 +147,9 @@ def predict_prepared(model, images: np.ndarray, config: ModelConfig, device: tor
     """Mask and presence probabilities at the working size for prepared uint8 frames.
 
     ``amp`` runs the network under bf16 autocast on any device: ``fit`` passes its own precision, so
-    validation runs as training did (on the CPU, 2.6x faster than fp32 for the same validation Dice to
-    four decimals, docs/benchmarks.md). Evaluation, the promotion gate and serving do not come here:
-    they go through ``inference.Predictor``, fp32 on every CPU, so a model is judged alike wherever it trained."""
+    validation costs what training's precision costs (``bench/validation_precision.py``). Evaluation,
+    the promotion gate and serving go through ``inference.Predictor`` instead, fp32 on every CPU, so a
+    model is judged alike wherever it trained."""
     model.eval()
     probs, presences = [], []
     for start in range(0, len(images), batch_size):

@@ -512,9 +512,10 @@ def test_the_default_trains_bf16_exactly_where_the_cpu_has_it(prepared, tiny_par
 
 @pytest.mark.parametrize("amp", [True, False])
 def test_validation_runs_in_the_precision_it_is_given(amp):
-    """``fit`` validates in its own precision (``_validation_scores(..., amp)``), on the CPU as on CUDA:
-    the network runs under bf16 autocast exactly when asked, and its probabilities stay those of fp32 to
-    bf16's rounding. (Evaluation and serving never pass ``amp``: they score in fp32.)"""
+    """The validation ``fit`` runs (``_validation_scores(..., amp)``) computes in the precision it is given,
+    on the CPU as on CUDA: under bf16 autocast exactly when asked, with fp32's probabilities to bf16's
+    rounding. That ``fit`` hands it the training's own precision is pinned, on a CPU with native bf16, by the
+    weight-average test above, which rescores the shipped model in the recorded precision to 1e-6."""
     config = tiny_model_config("instance")
     torch.manual_seed(0)
     model = build_model(config).eval()
