@@ -95,6 +95,8 @@ def validate_task(paths: ProjectPaths, params: Params, run_id: str) -> dict:
         client.log_artifact(run_id, report.data_docs_page, "validation/data_docs")
     for warning in report.warnings:
         get_run_logger().warning("data validation warning: %s", warning.summary())
+    if report.drift_note:
+        get_run_logger().warning("data validation: %s", report.drift_line())
     create_markdown_artifact(report.to_markdown(), key="data-validation", description="data validation passed")
     _commit("validate", paths)
     return report.to_dict()

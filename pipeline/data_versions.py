@@ -272,7 +272,7 @@ def add_data(
     ``raw_dir`` and its ``.dvc`` file are put back as they were.
     """
     from pipeline.importers import stage_import
-    from pipeline.validation import validate_data_dir
+    from pipeline.validation import load_profile, measure_profile, save_profile, validate_data_dir
 
     root, raw_dir = Path(root).resolve(), Path(raw_dir).resolve()
     dvc_file = _dvc_file(raw_dir)
@@ -289,6 +289,12 @@ def add_data(
             before = _stats_from_cache(root, versioning.read_dvc_file(dvc_file).get("md5", ""))
     old_dvc_text = dvc_file.read_text() if dvc_file.is_file() else None
     head_before = versioning.git(root, "rev-parse", "HEAD", check=False).stdout.strip()
+    # Drift is judged against the version this import replaces. data/raw is that version (checked
+    # above), so a version made without a profile (quickstart, a plain `dvc add`) is measured now.
+    previous_hash = versioning.read_dvc_file(dvc_file).get("md5") if old_dvc_text is not None else None
+    previous_profile = stored_previous = load_profile(gx_dir, previous_hash)
+    if previous_hash and previous_profile is None:
+        previous_profile = measure_profile(raw_dir, gx_dir, previous_hash)
 
     staged, result = stage_import(src, raw_dir, fmt=fmt, letterbox=letterbox, replace=replace, name=name,
                                   keep_existing=keep_existing, progress=progress)
@@ -297,7 +303,7 @@ def add_data(
         staged.rollback()
         return AddResult(False, result.summary())
     try:
-        manifest, report = validate_data_dir(raw_dir, rules, gx_dir)
+        manifest, report = validate_data_dir(raw_dir, rules, gx_dir, previous_profile=previous_profile)
         if not report.success:
             staged.rollback()
             return AddResult(False, result.summary(), validation=report)
@@ -305,8 +311,15 @@ def add_data(
         message = commit_message(src, result, stats, before)
         if not dvc_file.is_file():  # the first version: DVC writes the file, then the figures go in
             versioning.dvc(root, "add", "-q", raw_dir.relative_to(root).as_posix())
-        write_meta(dvc_file, stats)  # DVC keeps `meta` when version_data's `dvc add` rewrites `outs`
-        version = versioning.version_data(root, raw_dir, message, push=False)
+        write_meta(dvc_file, stats)  # DVC keeps `meta` when the next `dvc add` rewrites `outs`
+        new_hash = versioning.dvc_add(root, raw_dir)
+        # The profiles go into the version's commit, so that drift is judged in any clone.
+        profiles = {new_hash: report.profile}
+        if previous_profile is not None and stored_previous is None:
+            profiles[previous_hash] = previous_profile
+        written = [save_profile(gx_dir, h, p).resolve().relative_to(root).as_posix()
+                   for h, p in profiles.items()]
+        version = versioning.commit_data_version(root, raw_dir, message, also=tuple(written), push=False)
     except BaseException:
         head_now = versioning.git(root, "rev-parse", "HEAD", check=False).stdout.strip()
         if head_now == head_before:  # nothing committed: put the data and its .dvc file back

@@ -30,23 +30,27 @@ def validate(paths: ProjectPaths, params: Params, build_docs: bool = True, mappe
         DataValidationError,
         load_profile,
         previous_data_hash,
+        profile_path,
         save_profile,
         validate_data_dir,
     )
     from pipeline.versioning import read_dvc_file
 
-    current_hash = previous = None
+    current_hash = previous_hash = previous = None
     try:
         current_hash = read_dvc_file(paths.raw_dvc_file)["md5"]
-        previous = load_profile(
-            paths.gx_dir, previous_data_hash(paths.root, paths.raw_dvc_file, current_hash)
-        )
+        previous_hash = previous_data_hash(paths.root, paths.raw_dvc_file, current_hash)
+        previous = load_profile(paths.gx_dir, previous_hash)
     except Exception:  # noqa: BLE001 (not versioned, no git: validate without drift)
         pass
     manifest, report = validate_data_dir(
         paths.raw_dir, params.validation, paths.gx_dir, build_docs=build_docs, previous_profile=previous,
         mapper=mapper,
     )
+    if previous_hash and previous is None:  # say so, rather than let silence read as "no drift"
+        where = paths.rel(profile_path(paths.gx_dir, previous_hash))
+        report.drift_note = (f"no profile of the previous data version {previous_hash[:12]} ({where}); "
+                             "`nerveseg data add` records one with each version it makes")
     if current_hash and report.success:
         save_profile(paths.gx_dir, current_hash, report.profile)
     summary = report.to_dict()

@@ -88,6 +88,8 @@ class ExpectationFailure:
             return f"{self.description}: observed {self.details['observed_value']}"
         if self.details.get("exception"):
             return f"{self.description}: GX raised {self.details['exception']}"
+        if self.details.get("figures"):
+            return f"{self.description}: {_drift_text(self.details)}"
         return self.description
 
 
@@ -113,6 +115,7 @@ class ValidationReport:
     contradicting_pairs: list[dict] = field(default_factory=list)
     profile: dict = field(default_factory=dict)  # this data's figures (see compute_profile)
     drift: dict | None = None  # the comparison with the previous data version, when known
+    drift_note: str = ""  # why drift was not judged although there is a previous data version
 
     @property
     def blocking(self) -> list[ExpectationFailure]:
@@ -145,9 +148,8 @@ class ValidationReport:
             f"{len(self.warnings)} warnings",
             f"- near-duplicate pairs with contradicting masks: {len(self.contradicting_pairs)}",
         ]
-        if self.drift:
-            lines.append(f"- drift against data version {self.drift.get('previous_hash', '?')[:12]}: "
-                         + _drift_text(self.drift))
+        if self.drift_line():
+            lines.append(f"- {self.drift_line()}")
         if self.data_docs:
             lines.append(f"- Data Docs: {self.data_docs_page or self.data_docs}")
         if self.failures:
@@ -188,6 +190,13 @@ class ValidationReport:
             if len(self.contradicting_pairs) > 50:
                 lines.append(f"\n... and {len(self.contradicting_pairs) - 50} more pairs")
         return "\n".join(lines) + "\n"
+
+    def drift_line(self) -> str | None:
+        """One line on drift: the figures against the previous data version, or why it was not judged."""
+        if self.drift:
+            return (f"drift against data version {self.drift.get('previous_hash', '?')[:12]}: "
+                    + _drift_text(self.drift))
+        return f"drift not checked: {self.drift_note}" if self.drift_note else None
 
     def format_failures(self) -> str:
         if not self.failures:
@@ -822,6 +831,15 @@ def previous_data_hash(root: Path, dvc_file: Path, current_hash: str) -> str | N
         if md5 and md5 != current_hash:
             return md5
     return None
+
+
+def measure_profile(data_dir: Path, gx_dir: Path, dvc_hash: str) -> dict:
+    """The drift profile of the data in ``data_dir`` (the version ``dvc_hash``), as validation computes
+    it, for a version that was made without one; the manifest cache spares rereading unchanged files."""
+    from pipeline.manifest import build_manifest  # noqa: PLC0415
+
+    manifest = build_manifest(Path(data_dir), cache_file=manifest_cache_file(gx_dir, data_dir))
+    return {"dvc_hash": dvc_hash, **compute_profile(manifest)}
 
 
 def load_profile(gx_dir: Path, dvc_hash: str | None) -> dict | None:

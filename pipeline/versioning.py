@@ -160,11 +160,24 @@ def current_data_version(root: Path, raw_dir: Path) -> DataVersion:
 
 def version_data(root: Path, raw_dir: Path, message: str, push: bool = True) -> DataVersion:
     """``dvc add`` the data folder, commit its ``.dvc`` file, push to the default remote."""
+    dvc_add(root, raw_dir)
+    return commit_data_version(root, raw_dir, message, push=push)
+
+
+def dvc_add(root: Path, raw_dir: Path) -> str:
+    """``dvc add`` the data folder; returns its DVC hash (``meta`` in the ``.dvc`` file is kept)."""
+    dvc(root, "add", "-q", raw_dir.relative_to(root).as_posix())
+    return read_dvc_file(raw_dir.with_name(raw_dir.name + ".dvc"))["md5"]
+
+
+def commit_data_version(root: Path, raw_dir: Path, message: str, also: tuple[str, ...] = (),
+                        push: bool = True) -> DataVersion:
+    """Commit the data folder's ``.dvc`` file (with ``also``, paths under ``root`` that belong to the
+    version, in the same commit) and push the data to the default remote."""
     root = Path(root)
     rel = raw_dir.relative_to(root).as_posix()
-    dvc(root, "add", "-q", rel)
     gitignore = (raw_dir.parent / ".gitignore").relative_to(root).as_posix()
-    git_commit(root, [f"{rel}.dvc", gitignore], message)
+    git_commit(root, [f"{rel}.dvc", gitignore, *also], message)
     if push:
         dvc(root, "push", "-q", f"{rel}.dvc")
     return current_data_version(root, raw_dir)

@@ -87,7 +87,7 @@ def make_project(root: Path, settings: dict | None = None, with_data: bool = Tru
             shutil.copy2(REPO / name, root / name)
     for name in PROJECT_DIRS:
         if (REPO / name).exists():
-            shutil.copytree(REPO / name, root / name, ignore=shutil.ignore_patterns("__pycache__", "uncommitted"))
+            shutil.copytree(REPO / name, root / name, ignore=shutil.ignore_patterns("__pycache__", "uncommitted", "profiles"))
     write_settings(root, settings if settings is not None else TINY_SETTINGS)
     versioning.git(root, "init", "-q")
     versioning.git_commit(root, ["."], "project files")

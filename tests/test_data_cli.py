@@ -162,3 +162,83 @@ def test_versions_made_without_figures_count_from_the_dvc_cache(tmp_path):
     (row,) = list_data_versions(root, root / "data" / "raw")
     assert row.figures_from == "cache" and row.current
     assert (row.frames, row.subjects, row.empty_share) == (6, 3, None)
+
+
+def _darker_copy(src: Path, dst: Path, by: int) -> Path:
+    """``src``'s frames ``by`` grey levels darker (masks as they are), in the same layout."""
+    for path in sorted(src.rglob("*.tif")):
+        out = dst / path.relative_to(src)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+        if not path.name.endswith("_mask.tif"):
+            image = (image.astype(np.int16) - by).clip(5, 255).astype(np.uint8)
+        cv2.imwrite(str(out), image)
+    return dst
+
+
+def _committed_profiles(root: Path) -> list[str]:
+    shown = versioning.git(root, "show", "--name-only", "--format=", "HEAD").stdout.split()
+    return sorted(p for p in shown if p.startswith("gx/profiles/"))
+
+
+def test_add_judges_drift_against_the_version_it_replaces_and_commits_the_profiles(project, tmp_path):
+    from pipeline.validation import load_profile
+
+    first = write_simple_dataset(tmp_path / "first", subjects=4, frames=2)
+    result = _invoke("data", "add", str(first / "train"), "-C", str(project))
+    assert result.exit_code == 0, result.output
+    first_hash = versioning.read_dvc_file(project / "data" / "raw.dvc")["md5"]
+    # the profile is part of the version's commit, not a file left for the operator to add
+    assert _committed_profiles(project) == [f"gx/profiles/{first_hash.removesuffix('.dir')}.json"]
+    assert "drift against" not in result.output and "drift not checked" not in result.output  # the first
+
+    # more frames like these: the figures against the first version, none beyond its limit
+    more = write_simple_dataset(tmp_path / "more", subjects=5, frames=2, seed=1)
+    result = _invoke("data", "add", str(more / "train"), "-C", str(project))
+    assert result.exit_code == 0, result.output
+    second_hash = versioning.read_dvc_file(project / "data" / "raw.dvc")["md5"]
+    assert f"drift against data version {first_hash[:12]}: intensity_mean" in result.output
+    assert "(!)" not in result.output
+
+    # the same frames, 40 grey levels darker, replacing them: a warning, still a new version
+    darker = _darker_copy(project / "data" / "raw" / "train", tmp_path / "darker" / "train", by=40)
+    result = _invoke("data", "add", str(darker), "--replace", "-C", str(project))
+    assert result.exit_code == 0, result.output
+    third_hash = versioning.read_dvc_file(project / "data" / "raw.dvc")["md5"]
+    assert third_hash != second_hash
+    assert "data validation passed with" in result.output
+    assert f"[warning] figures close to the previous data version {second_hash[:12]}: intensity_mean" in result.output
+    assert "(!)" in result.output
+    assert _committed_profiles(project) == [f"gx/profiles/{third_hash.removesuffix('.dir')}.json"]
+    assert not versioning.git(project, "status", "--porcelain", "--", "gx/profiles").stdout.strip()
+    profile = load_profile(project, third_hash)
+    assert profile["intensity_mean"] < load_profile(project, second_hash)["intensity_mean"] - 30
+
+
+def test_add_measures_the_profile_of_a_version_made_without_one(tmp_path):
+    """A version from `quickstart` or a plain `dvc add` has no profile: `data add` measures the data it
+    replaces, judges drift against it and commits both profiles, so the flow finds them too."""
+    from pipeline import stages
+    from pipeline.config import load_params
+    from pipeline.paths import ProjectPaths
+    from pipeline.validation import load_profile
+
+    root = make_project(tmp_path / "plain", with_data=False)
+    write_simple_dataset(root / "data" / "raw", subjects=3, frames=2)
+    first = versioning.version_data(root, root / "data" / "raw", "data: plain dvc add", push=False)
+    assert load_profile(root, first.dvc_hash) is None
+
+    darker = _darker_copy(root / "data" / "raw" / "train", tmp_path / "darker" / "train", by=40)
+    result = _invoke("data", "add", str(darker), "--replace", "-C", str(root))
+    assert result.exit_code == 0, result.output
+    assert f"figures close to the previous data version {first.dvc_hash[:12]}" in result.output
+    assert "(!)" in result.output
+    second_hash = versioning.read_dvc_file(root / "data" / "raw.dvc")["md5"]
+    assert _committed_profiles(root) == sorted(f"gx/profiles/{h.removesuffix('.dir')}.json"
+                                               for h in (first.dvc_hash, second_hash))
+
+    # the flow's validation stage now judges the same drift from the committed profiles
+    params = load_params(root / "params.yaml")
+    _, report = stages.validate(ProjectPaths.of(root, params), params, build_docs=False)
+    assert report.drift["previous_hash"] == first.dvc_hash and report.drift["drifted"]
+    assert report.drift_note == ""

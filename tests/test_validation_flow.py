@@ -201,15 +201,17 @@ def test_drift_against_the_previous_data_version(tmp_path):
     from pipeline import stages, versioning
     from pipeline.config import load_params
     from pipeline.paths import ProjectPaths
-    from pipeline.validation import load_profile
+    from pipeline.validation import load_profile, measure_profile
 
     root = make_project(tmp_path / "project")
     params = load_params(root / "params.yaml")
     paths = ProjectPaths.of(root, params)
     first_hash = versioning.read_dvc_file(paths.raw_dvc_file)["md5"]
     _, first = stages.validate(paths, params, build_docs=False)
-    assert first.drift is None  # no earlier version
+    assert first.drift is None and first.drift_note == ""  # no earlier version
     assert load_profile(paths.gx_dir, first_hash) == {"dvc_hash": first_hash, **first.profile}
+    # what `data add` measures for a version made without a profile is what validation records
+    assert measure_profile(paths.raw_dir, paths.gx_dir, first_hash) == load_profile(paths.gx_dir, first_hash)
 
     # A new version: every frame 40 grey levels darker, and half the nerves gone.
     train = paths.raw_dir / "train"
@@ -229,3 +231,24 @@ def test_drift_against_the_previous_data_version(tmp_path):
     (warning,) = [w for w in second.warnings if w.check == "drift"]
     assert "intensity_mean" in warning.column
     assert "intensity_mean" in second.to_markdown()
+
+
+def test_drift_not_judged_is_said_not_silent(tmp_path):
+    """The previous data version has no profile (made before profiles, or validated elsewhere): the
+    report says drift was not checked and why, instead of reading like "no drift"."""
+    from pipeline import stages, versioning
+    from pipeline.config import load_params
+    from pipeline.paths import ProjectPaths
+
+    root = make_project(tmp_path / "project")
+    params = load_params(root / "params.yaml")
+    paths = ProjectPaths.of(root, params)
+    first_hash = versioning.read_dvc_file(paths.raw_dvc_file)["md5"]
+    (paths.raw_dir / "train" / "1_1.tif").unlink()
+    (paths.raw_dir / "train" / "1_1_mask.tif").unlink()
+    versioning.version_data(root, paths.raw_dir, "data: one frame fewer", push=False)
+
+    _, report = stages.validate(paths, params, build_docs=False)
+    assert report.success and report.drift is None
+    assert first_hash[:12] in report.drift_note and "gx/profiles/" in report.drift_note
+    assert f"drift not checked: no profile of the previous data version {first_hash[:12]}" in report.to_markdown()
