@@ -149,7 +149,7 @@ class TrainParams(_Section):
     batch_size: int = Field(16, ge=1)
     learning_rate: float = Field(0.003, ge=0)
     weight_decay: float = Field(0.0001, ge=0)
-    early_stopping_patience: int = Field(8, ge=1)
+    early_stopping_patience: int = Field(0, ge=0)  # 0 = off: the cosine schedule runs to its end
     min_epochs: int = Field(12, ge=1)  # early stopping only from this epoch on
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: bool = True

@@ -177,10 +177,11 @@ def model_config(params: Params, height: int, width: int, intensity_mean: float,
 
 
 def stop_early(epoch: int, stale: int, tp) -> bool:
-    """Early stopping: ``early_stopping_patience`` epochs without a better validation Dice, but never
-    before ``min_epochs`` (on a hard set the first epochs all score the "everything empty" Dice, and
-    counting patience from there would stop before the network learned anything)."""
-    return stale >= tp.early_stopping_patience and epoch >= tp.min_epochs
+    """Early stopping: ``early_stopping_patience`` epochs without a better validation Dice (0: never),
+    but never before ``min_epochs`` (on a hard set the first epochs all score the "everything empty"
+    Dice, and counting patience from there would stop before the network learned anything)."""
+    patience = tp.early_stopping_patience
+    return patience > 0 and stale >= patience and epoch >= tp.min_epochs
 
 
 def lr_factor(step: int, steps: int, warmup_steps: int, schedule: str) -> float:

@@ -477,6 +477,8 @@ def test_early_stopping_waits_for_min_epochs():
     assert not stop_early(epoch=5, stale=4, tp=tp)   # patience used up, but too early
     assert stop_early(epoch=10, stale=2, tp=tp)
     assert not stop_early(epoch=12, stale=1, tp=tp)  # still improving
+    off = TrainParams(early_stopping_patience=0, min_epochs=10)
+    assert not stop_early(epoch=20, stale=15, tp=off)  # 0: the schedule runs to its end
 
 
 def test_bf16_autocast_on_the_cpu_trains_only_where_the_cpu_has_native_bf16(prepared, tiny_params, caplog):
