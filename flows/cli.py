@@ -70,6 +70,8 @@ def _left_without_champion(result: dict) -> bool:
 
 
 def _print_result(result: dict, paths, model_name: str, elapsed: float | None = None) -> None:
+    from pipeline.metrics import presence_caveat
+
     if result.get("skipped"):
         typer.secho(f"retraining skipped: {result['reason']}", fg=typer.colors.YELLOW)
         typer.echo("  models: nerveseg models   lineage: nerveseg audit")
@@ -94,6 +96,9 @@ def _print_result(result: dict, paths, model_name: str, elapsed: float | None = 
                    f"best validation Dice {trained['best_val_dice']:.4f} at epoch {trained['best_epoch']}")
     typer.echo(f"  holdout:       Dice {holdout['dice']:.4f}, IoU {holdout['iou']:.4f}, "
                f"presence accuracy {holdout['presence_accuracy']:.4f} on {holdout['n_frames']} frames")
+    caveat = presence_caveat(holdout.get("empty_baseline_dice"), holdout.get("n_frames"))
+    if caveat:
+        typer.secho(f"  note:          {caveat}", fg=typer.colors.YELLOW)
     typer.echo(f"  data version:  {result['data']['dvc_hash']} ({result['data']['dvc_file']} "
                f"at {result['data']['git_revision'][:12]})")
     if elapsed is not None:

@@ -72,8 +72,20 @@ def lineage(uri: str, default_name: str) -> dict:
         "holdout": {k.removeprefix("holdout."): float(v) for k, v in tags.items() if k.startswith("holdout.")},
         "promotion": {k.removeprefix("promotion."): v for k, v in tags.items() if k.startswith("promotion.")},
         "history": [{k: v for k, v in e.items() if k != "at_ns"} for e in events],
-        "warnings": [w for w in [unrecorded_alias_move(name)] if w],
+        "warnings": [w for w in [unrecorded_alias_move(name), _presence_caveat(tags)] if w],
     }
+
+
+def _presence_caveat(tags: dict) -> str | None:
+    from pipeline.metrics import presence_caveat  # noqa: PLC0415
+
+    def number(key: str) -> float | None:
+        try:
+            return float(tags[key])
+        except (KeyError, ValueError):
+            return None
+
+    return presence_caveat(number("holdout.empty_baseline_dice"), number("holdout.n_frames"))
 
 
 def to_text(record: dict) -> str:

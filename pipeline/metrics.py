@@ -116,6 +116,24 @@ def empty_baseline_dice(has_nerve: np.ndarray) -> float:
     return float(np.mean(~np.asarray(has_nerve, bool)))
 
 
+MIN_EMPTY_FRAMES = 10  # fewer holdout frames without a nerve than this, and false alarms go unmeasured
+
+
+def presence_caveat(empty_share: float | None, n_frames: float | None = None) -> str | None:
+    """What presence accuracy cannot say when the holdout has (almost) no frame without a nerve: it then
+    counts nerve frames found, and how often the model marks a nerve on an empty frame is not measured
+    (real data imported from ``positives-256`` is like that). ``empty_share``: ``empty_baseline_dice``."""
+    if empty_share is None or np.isnan(empty_share):
+        return None
+    tail = ("presence accuracy only counts nerve frames found, and how often the model marks a nerve on a "
+            "frame without one is not measured")
+    if empty_share == 0:
+        return f"no holdout frame is without a nerve: {tail}"
+    if n_frames and round(empty_share * n_frames) < MIN_EMPTY_FRAMES:
+        return f"only {round(empty_share * n_frames)} of the {int(n_frames)} holdout frames are without a nerve: {tail}"
+    return None
+
+
 def full_summary(pred: np.ndarray, true: np.ndarray, presence_prob: np.ndarray | None = None,
                  outcomes: np.ndarray | None = None) -> dict[str, float]:
     """Every holdout figure: competition Dice, IoU, the Dice of predicting no nerve anywhere, pixel

@@ -95,3 +95,19 @@ def test_a_first_model_refused_by_the_floor_is_reported_without_a_champion(tmp_p
     assert "--model models:/nerve-segmentation/1" in out  # there is no @champion to predict with
     # How it trained, on this machine: what to compare when two machines train one recipe differently.
     assert "trained:       12 epochs on cpu in bf16, 51 frames/s; best validation Dice 0.4333 at epoch 1" in out
+    assert "note:" not in out  # no empty_baseline_dice recorded: nothing to say about the empty frames
+
+    # A holdout of nerve frames only (real data from positives-256): presence accuracy is said to be partial.
+    result["holdout"].update(empty_baseline_dice=0.0, presence_accuracy=1.0)
+    _print_result(result, ProjectPaths.of(tmp_path, params), params.registry.model_name)
+    out = capsys.readouterr().out
+    assert "note:          no holdout frame is without a nerve: presence accuracy only counts nerve frames" in out
+
+
+def test_presence_caveat_when_the_holdout_has_few_empty_frames():
+    from pipeline.metrics import presence_caveat
+
+    assert presence_caveat(0.0, 559).startswith("no holdout frame is without a nerve")
+    assert presence_caveat(3 / 90, 90).startswith("only 3 of the 90 holdout frames are without a nerve")
+    assert presence_caveat(62 / 90, 90) is None  # the phantom's holdout: false alarms are measured
+    assert presence_caveat(None, 90) is None and presence_caveat(float("nan")) is None

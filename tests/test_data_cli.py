@@ -242,3 +242,23 @@ def test_add_measures_the_profile_of_a_version_made_without_one(tmp_path):
     _, report = stages.validate(ProjectPaths.of(root, params), params, build_docs=False)
     assert report.drift["previous_hash"] == first.dvc_hash and report.drift["drifted"]
     assert report.drift_note == ""
+
+
+def test_audit_and_card_say_when_false_alarms_were_not_measured(project):
+    """A version whose holdout had no frame without a nerve (real data from positives-256): `audit` and
+    the model card warn that presence accuracy only counts nerve frames found."""
+    from pipeline import registry
+    from pipeline.audit import lineage, to_text
+    from pipeline.model_card import build_card
+
+    version = _register_model(project, "0123abcd.dir")
+    registry.set_tags("nerve-segmentation", version, {"holdout.dice": "0.79", "holdout.empty_baseline_dice": "0.0"})
+    record = lineage(f"models:/nerve-segmentation/{version}", "nerve-segmentation")
+    assert any(w.startswith("no holdout frame is without a nerve") for w in record["warnings"])
+    assert "WARNING: no holdout frame is without a nerve" in to_text(record)
+    assert "no holdout frame is without a nerve" in build_card(f"models:/nerve-segmentation/{version}",
+                                                               "nerve-segmentation")
+
+    other = _register_model(project, "0123abcd.dir")
+    registry.set_tags("nerve-segmentation", other, {"holdout.empty_baseline_dice": "0.6889"})
+    assert lineage(f"models:/nerve-segmentation/{other}", "nerve-segmentation")["warnings"] == []
