@@ -89,11 +89,8 @@ def data_add(
     typer.secho(f"new data version {v['dvc_hash']} (commit {v['git_revision'][:12]}"
                 f"{', pushed' if push else ', not pushed'})", fg=typer.colors.GREEN)
     typer.echo(f"  {result.message}")
-    report = result.validation
-    if report is not None:  # warnings do not stop an import, but the operator should see them now
-        typer.echo(report.format_failures())
-        if report.drift_line() and not any(w.check == "drift" for w in report.warnings):  # else listed above
-            typer.echo(f"  {report.drift_line()}")
+    if result.validation is not None:  # warnings do not stop an import, but the operator should see them now
+        typer.echo(result.validation.format_failures())
     if not trigger:
         typer.echo("no retraining run started (--no-trigger); `nerveseg run` retrains here and now")
         return

@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 
 from pipeline import registry
+from pipeline.metrics import presence_caveat
 
 URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[\w-]+)|/(?P<version>\d+))$")
 
@@ -77,8 +78,6 @@ def lineage(uri: str, default_name: str) -> dict:
 
 
 def _presence_caveat(tags: dict) -> str | None:
-    from pipeline.metrics import presence_caveat  # noqa: PLC0415
-
     def number(key: str) -> float | None:
         try:
             return float(tags[key])

@@ -199,10 +199,12 @@ class ValidationReport:
         return f"drift not checked: {self.drift_note}" if self.drift_note else None
 
     def format_failures(self) -> str:
+        # Drift is listed with the failures when it moved too far; otherwise its own line says what
+        # it was compared with (or why it was not), so a silent report never reads as "no drift".
+        drift = None if any(f.check == "drift" for f in self.failures) else self.drift_line()
         if not self.failures:
-            return (
-                f"data validation passed ({self.evaluated} expectations, {self.n_frames} frames)"
-            )
+            head = f"data validation passed ({self.evaluated} expectations, {self.n_frames} frames)"
+            return head + (f"\n  {drift}" if drift else "")
         if self.success:
             head = (f"data validation passed with {len(self.warnings)} warning(s) "
                     f"({self.evaluated} expectations, {self.n_frames} frames)")
@@ -211,6 +213,8 @@ class ValidationReport:
                     f"{self.evaluated} expectations, {len(self.warnings)} warning(s)")
         lines = [head]
         lines += [f"  - [{f.severity}] {f.summary()}" for f in self.blocking + self.warnings]
+        if drift:
+            lines.append(f"  {drift}")
         if self.data_docs:
             lines.append(f"  details: {self.data_docs_page or self.data_docs}")
         return "\n".join(lines)

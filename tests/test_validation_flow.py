@@ -252,3 +252,4 @@ def test_drift_not_judged_is_said_not_silent(tmp_path):
     assert report.success and report.drift is None
     assert first_hash[:12] in report.drift_note and "gx/profiles/" in report.drift_note
     assert f"drift not checked: no profile of the previous data version {first_hash[:12]}" in report.to_markdown()
+    assert "drift not checked" in report.format_failures()  # what `nerveseg validate` and `data add` print
