@@ -96,6 +96,14 @@ def _print_result(result: dict, paths, model_name: str, elapsed: float | None = 
                    f"best validation Dice {trained['best_val_dice']:.4f} at epoch {trained['best_epoch']}")
     typer.echo(f"  holdout:       Dice {holdout['dice']:.4f}, IoU {holdout['iou']:.4f}, "
                f"presence accuracy {holdout['presence_accuracy']:.4f} on {holdout['n_frames']} frames")
+    if decision.get("comparison_subjects") is not None:
+        excluded = "; ".join(f"{s}: {why}" for s, why in (decision.get("excluded_subjects") or {}).items())
+        typer.echo(f"  gate compared: {len(decision['comparison_subjects'])} of "
+                   f"{len(decision.get('holdout_subjects') or [])} holdout subjects ({decision['n_frames']} frames) "
+                   f"unseen by {'both models' if decision['champion_version'] else 'the model'}"
+                   + (f"; left out: {excluded}" if excluded else ""))
+    if result.get("retrain_reason"):
+        typer.echo(f"  retrained:     {result['retrain_reason']}")
     caveat = presence_caveat(holdout.get("empty_baseline_dice"), holdout.get("n_frames"))
     if caveat:
         typer.secho(f"  note:          {caveat}", fg=typer.colors.YELLOW)
@@ -234,13 +242,22 @@ def predict(
 @app.command()
 def models(
     as_json: Annotated[bool, typer.Option("--json", help="JSON on stdout.")] = False,
+    compare: Annotated[bool, typer.Option(
+        "--compare", help="Score every version on the same frames: the current holdout subjects that none of "
+                          "them trained or validated on (cached per version and set).")] = False,
+    versions_opt: Annotated[Optional[str], typer.Option(
+        "--versions", help="With --compare: only these versions (comma-separated), so that fewer subjects are "
+                           "left out.")] = None,
     project: ProjectOpt = Path("."),
     params_file: ParamsOpt = "params.yaml",
 ) -> None:
-    """Every registered version with its aliases, holdout metrics and data hash."""
+    """Every registered version with its aliases, holdout metrics, data hash and split."""
     params, paths = _with_registry(project, params_file)
     from pipeline import registry
 
+    if compare or versions_opt:
+        _compare_models(params, paths, versions_opt, as_json)
+        return
     versions = [v.to_dict() for v in registry.list_versions(params.registry.model_name)]
     if as_json:
         typer.echo(json.dumps({"model": params.registry.model_name, "versions": versions}, indent=2))
@@ -251,15 +268,54 @@ def models(
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=params.registry.model_name)
-    for column in ("version", "aliases", "holdout Dice", "presence acc.", "data hash", "decision"):
+    table = Table(title=f"{params.registry.model_name} (holdout Dice: each on its own data version's holdout; "
+                        "--compare scores all on one set)")
+    for column in ("version", "aliases", "holdout Dice", "presence acc.", "data hash", "split", "decision"):
         table.add_column(column)
     for v in versions:
-        m = v["holdout_metrics"]
+        m, sp = v["holdout_metrics"], v["split"]
+        split = (f"{sp.get('n_train', '?')}/{sp.get('n_validation', '?')}/{sp.get('n_holdout', '?')} "
+                 f"{sp.get('digest', '')[:8]}") if sp else "not recorded"
         table.add_row(v["version"], ", ".join(v["aliases"]), f"{m.get('dice', float('nan')):.4f}",
-                      f"{m.get('presence_accuracy', float('nan')):.4f}", (v["data_hash"] or "")[:12],
+                      f"{m.get('presence_accuracy', float('nan')):.4f}", (v["data_hash"] or "")[:12], split,
                       v["promotion"].get("decision", ""))
     Console().print(table)
+    typer.echo("split: train/validation/holdout subjects and the recorded split's digest")
+
+
+def _compare_models(params, paths, versions_opt: Optional[str], as_json: bool) -> None:
+    from pipeline.comparison import compare_versions
+
+    chosen = [v.strip() for v in versions_opt.split(",") if v.strip()] if versions_opt else None
+    try:
+        result = compare_versions(paths, params, chosen, progress=not as_json)
+    except ValueError as exc:
+        _fail(str(exc), EXIT_USAGE)
+    if as_json:
+        typer.echo(json.dumps(result, indent=2))
+        return
+    c = result["comparison"]
+    typer.echo(f"comparison set {c['digest']}: {len(c['subjects'])} of the {len(c['holdout_subjects'])} current "
+               f"holdout subjects ({c['n_frames']} frames) that no version listed trained or validated on")
+    for subject, why in c["excluded"].items():
+        typer.echo(f"  left out subject {subject}: {why}")
+    if not result["versions"]:
+        _fail("no subject of the current holdout is unseen by every version listed; compare fewer versions "
+              "(--versions 4,5)")
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{result['model']} on one comparison set")
+    for column in ("version", "aliases", "Dice [95 % interval over subjects]", "nerve-frame Dice", "presence acc.",
+                   "own holdout Dice", "split"):
+        table.add_column(column)
+    for v in result["versions"]:
+        nerve = "-" if v["nerve_dice"] is None else f"{v['nerve_dice']:.4f}"
+        own = "-" if v["own_holdout_dice"] is None else f"{v['own_holdout_dice']:.4f}"
+        table.add_row(v["version"], ", ".join(v["aliases"]),
+                      f"{v['dice']:.4f} [{v['dice_low']:.4f}, {v['dice_high']:.4f}]", nerve,
+                      f"{v['presence_accuracy']:.4f}", own, v["split_source"])
+    Console(width=160).print(table)
 
 
 ActorOpt = Annotated[Optional[str], typer.Option("--actor", help="Who does this (default: your user name).")]
@@ -360,7 +416,7 @@ def audit(
     from pipeline import audit as audit_lib
 
     try:
-        record = audit_lib.lineage(model_uri, params.registry.model_name)
+        record = audit_lib.lineage(model_uri, params.registry.model_name, paths.root)
     except audit_lib.AuditError as exc:
         _fail(str(exc))
     typer.echo(json.dumps(record, indent=2, default=str) if as_json else audit_lib.to_text(record))
@@ -404,7 +460,7 @@ def card(
     from pipeline.model_card import write_card
 
     try:
-        write_card(model_uri, params.registry.model_name, out)
+        write_card(model_uri, params.registry.model_name, out, paths.root)
     except audit_lib.AuditError as exc:
         _fail(str(exc))
     typer.echo(f"wrote the model card of {model_uri} to {out}")
@@ -425,11 +481,15 @@ def stage_validate(project: ProjectOpt = Path("."), params_file: ParamsOpt = "pa
 
 @stage_app.command("preprocess")
 def stage_preprocess(project: ProjectOpt = Path("."), params_file: ParamsOpt = "params.yaml") -> None:
-    """Resize, normalise and split by subject into data/prepared."""
+    """Resize, normalise and split by subject (the recorded split, data/split.yaml) into data/prepared."""
     params, paths = _load(project, params_file)
     from pipeline import stages
+    from pipeline.split import SplitError
 
-    stages.prepare(paths, params)
+    try:
+        stages.prepare(paths, params, log=typer.echo)
+    except SplitError as exc:
+        _fail(str(exc), EXIT_USAGE)
 
 
 @stage_app.command("train")

@@ -74,7 +74,7 @@ def data_add(
         result = add_data(paths.root, paths.raw_dir, src, params.validation, paths.gx_dir, paths.dvc_remote,
                           fmt=fmt, letterbox=letterbox, replace=replace, name=name,
                           keep_existing=keep_existing, push=push, progress=True,
-                          echo=typer.echo)
+                          echo=typer.echo, split=params.split)
     except DataImportError as exc:
         _fail(f"import failed; {paths.rel(paths.raw_dir)} is unchanged.\n{exc}")
     except (DataAddError, DataVersionError, CommandError) as exc:
@@ -123,6 +123,38 @@ def _trigger_retraining(root: Path, version: dict, params_file: str) -> str | No
             why_not = f"{type(exc).__name__}: {exc}"
     typer.echo(f"no retraining run started: {why_not}; `nerveseg run` retrains here and now")
     return None
+
+
+@data_app.command("resplit")
+def data_resplit(
+    reason: Annotated[str, typer.Option("--reason", help="Why the split changes; recorded in the split file.")],
+    actor: Annotated[Optional[str], typer.Option("--actor", help="Who does this (default: your user name).")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Say what would move; write nothing.")] = False,
+    project: ProjectOpt = Path("."),
+    params_file: ParamsOpt = "params.yaml",
+) -> None:
+    """Change the subject split on purpose: every subject is dealt anew by the split.* settings, and the
+    change (who, when, why, who moved) is recorded in data/split.yaml and committed."""
+    from flows.cli import _fail, _load
+    from pipeline.data_versions import DataAddError, resplit_data
+    from pipeline.versioning import CommandError
+
+    params, paths = _load(project, params_file)
+    try:
+        done = resplit_data(paths.root, paths.raw_dir, params.split, reason, actor, dry_run=dry_run)
+    except (DataAddError, CommandError) as exc:
+        _fail(str(exc))
+    counts = ", ".join(f"{n} {part}" for part, n in done["counts"].items())
+    verb = "would move" if dry_run else "moved"
+    typer.echo(f"{done['file']}: revision {done['revision']} ({counts} subjects); {verb} {len(done['moved'])}:")
+    for subject, change in done["moved"].items():
+        typer.echo(f"  subject {subject}: {change}")
+    if dry_run:
+        typer.echo("nothing written (--dry-run)")
+        return
+    typer.secho(f"resplit recorded and committed ({(done['commit'] or 'no change')[:12]})", fg=typer.colors.GREEN)
+    typer.echo("  the next `nerveseg run` retrains on it; the promotion gate scores the champion only on holdout "
+               "subjects that neither model trained or validated on")
 
 
 @data_app.command("versions")

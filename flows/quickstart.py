@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline import versioning
+from pipeline import stages, versioning
 from pipeline.config import load_params
 from pipeline.layout import list_frame_pairs
 from pipeline.paths import ProjectPaths
@@ -39,4 +39,5 @@ def ensure_versioned_phantom(root: Path, params_file: str = "params.yaml", echo=
         except versioning.DataVersionError:
             pass
     echo(f"versioning {paths.rel(paths.raw_dir)} with DVC and pushing to the default remote")
-    return versioning.version_data(root, paths.raw_dir, message)
+    stages.recorded_split(paths, params, log=echo)  # committed with the version, as `data add` does
+    return versioning.version_data(root, paths.raw_dir, message, also=(paths.rel(paths.split_file),))

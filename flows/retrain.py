@@ -108,15 +108,32 @@ def _commit(stage: str, paths: ProjectPaths) -> None:
 
 
 @task(name="preprocess", **TASK)
-def preprocess_task(paths: ProjectPaths, params: Params) -> dict:
+def preprocess_task(paths: ProjectPaths, params: Params, run_id: str) -> dict:
+    """Preprocess by the recorded subject split, then record that split with the run (an artifact
+    and ``split.*`` tags): the gate later reads which subjects this model saw from there."""
+    import mlflow
+
+    from pipeline.comparison import SPLIT_ARTIFACT, record_of_prepared
+
     logger = get_run_logger()
     reused = versioning.stage_is_current(paths.root, "preprocess")
     if reused:
         logger.info("preprocess: data, parameters and code unchanged; reusing the DVC-cached output")
     else:
-        summary = stages.prepare(paths, params, mapper=make_mapper(params.runner, "preprocess"))
+        summary = stages.prepare(paths, params, mapper=make_mapper(params.runner, "preprocess"), log=logger.info)
         logger.info("preprocess: %d frames, subjects %s", summary.n_frames, summary.subjects)
         versioning.commit_stage(paths.root, "preprocess")
+    uncommitted = versioning.git(paths.root, "status", "--porcelain", "--", paths.rel(paths.split_file),
+                                 check=False).stdout.strip()
+    if uncommitted:
+        logger.warning("%s has changes that no commit holds: commit it with the data version (`git add %s && git "
+                       "commit`), so that every clone keeps these subjects in these parts",
+                       paths.rel(paths.split_file), paths.rel(paths.split_file))
+    record = record_of_prepared(paths.prepared_dir)
+    client = mlflow.MlflowClient()
+    client.log_dict(run_id, record.to_dict(), SPLIT_ARTIFACT)
+    for key, value in record.tags().items():
+        client.set_tag(run_id, key, value)
     return {**json.loads((paths.prepared_dir / "summary.json").read_text()), "reused": reused}
 
 
@@ -191,20 +208,22 @@ def promote_task(paths: ProjectPaths, params: Params, version: str) -> dict:
         get_run_logger().info("promotion: the gate passed (%s); waiting for a person's approval", decision.reason)
         return {**decision.to_dict(), "awaiting_approval": True, "evidence": evidence}
     release.apply_decision(name, version, decision, evidence)
-    _log_decision(params, version, decision)
+    _log_decision(params, version, decision, paths.root)
     if decision.leaves_no_champion:
         notify_no_champion(name, version, decision.reason, params.notify.webhook_url, params.notify.timeout_s,
                            flow_run.id, flow_run.name, get_run_logger())
     return decision.to_dict()
 
 
-def _log_decision(params: Params, version: str, decision: PromotionDecision) -> None:
+def _log_decision(params: Params, version: str, decision: PromotionDecision, root: Path | None = None) -> None:
     from pipeline.model_card import log_card
 
     get_run_logger().info("promotion: %s", decision.reason)
+    if decision.comparison_line():
+        get_run_logger().info("promotion: %s", decision.comparison_line())
     create_markdown_artifact(decision.to_markdown(), key="promotion-decision")
     run_id = registry.client().get_model_version(params.registry.model_name, version).run_id
-    card = log_card(params.registry.model_name, version, run_id)
+    card = log_card(params.registry.model_name, version, run_id, root)
     get_run_logger().info("model card logged to run %s as %s", run_id, card)
 
 
@@ -238,29 +257,75 @@ def _approve(params: Params, version: str, gated: dict) -> dict:
                           f"Promote it by hand with `nerveseg promote {version} --reason ...` if wanted.")
 
 
+# What must equal a registered version's for a run to skip retraining: data, subject split, settings,
+# code and the environment (lock file, torch, Python, device and precision).
+UNCHANGED_KEYS = {registry.TAG_DATA_HASH: "data", registry.TAG_SPLIT_DIGEST: "subject split",
+                  registry.TAG_PARAMS_HASH: "settings", registry.TAG_CODE_DIGEST: "code",
+                  registry.TAG_ENV_DIGEST: "environment"}
+
+
 @task(name="check-unchanged", **MLFLOW_RETRIES, **TASK)
-def unchanged_task(paths: ProjectPaths, params: Params, tags: dict[str, str]) -> str | None:
-    """Why this run would repeat the champion's (same data, settings and code), or None."""
+def unchanged_task(paths: ProjectPaths, params: Params, tags: dict[str, str]) -> dict:
+    """``{"skip": why this run would repeat a registered version's, or None, "changed": what differs}``.
+
+    A run is skipped when some registered version was trained on exactly this key (data, split,
+    settings, code, environment), promoted or not: a change retrains once, not at every scheduled
+    run until a model passes the gate. Otherwise the newest version says what changed."""
+    from pipeline.environment_key import EnvironmentKey
+
     registry.configure(paths.mlflow_dir, params.registry.experiment)
-    champion = registry.version_by_alias(params.registry.model_name, registry.CHAMPION)
-    if champion is None:
-        return None
-    keys = (registry.TAG_DATA_HASH, registry.TAG_PARAMS_HASH, registry.TAG_CODE_DIGEST)
-    if all((champion.tags or {}).get(key) == tags[key] for key in keys):
-        reason = (f"nothing changed since champion version {champion.version}: same data {tags[keys[0]]}, "
-                  f"settings {tags[keys[1]]} and code {tags[keys[2]]}; use --force to retrain anyway")
+    versions = registry.list_versions(params.registry.model_name)  # newest first
+    if not versions:
+        return {"skip": None, "changed": ["no registered version yet"]}
+    same = next((v for v in versions if all(v.tags.get(key) == tags[key] for key in UNCHANGED_KEYS)), None)
+    if same is not None:
+        role = "champion" if registry.CHAMPION in same.aliases else (
+            "challenger" if registry.CHALLENGER in same.aliases else "registered")
+        outcome = "" if role == "champion" else (
+            f" ({same.tags.get('promotion.decision', 'no decision')}: {same.tags.get('promotion.reason', '-')})")
+        reason = (f"nothing changed since {role} version {same.version}{outcome}: same data "
+                  f"{tags[registry.TAG_DATA_HASH]}, subject split {tags[registry.TAG_SPLIT_DIGEST]}, settings "
+                  f"{tags[registry.TAG_PARAMS_HASH]}, code {tags[registry.TAG_CODE_DIGEST]} and environment "
+                  f"{tags[registry.TAG_ENV_DIGEST]}; use --force to retrain anyway")
         get_run_logger().info(reason)
         create_markdown_artifact(f"### Retraining skipped\n\n{reason}\n", key="retrain-skipped")
-        return reason
-    return None
+        return {"skip": reason, "changed": []}
+    newest = versions[0]
+    changed = []
+    for key, what in UNCHANGED_KEYS.items():
+        recorded = newest.tags.get(key)
+        if recorded == tags[key]:
+            continue
+        if key == registry.TAG_ENV_DIGEST and recorded:
+            current = {k: v for k, v in tags.items() if k.startswith("env.")}
+            what += " (" + ", ".join(EnvironmentKey.changes(newest.tags, current)) + ")"
+        elif not recorded:
+            what += " (not recorded with it)"
+        changed.append(what)
+    summary = f"{', '.join(changed)} changed since version {newest.version}"
+    get_run_logger().info("retraining: %s", summary)
+    return {"skip": None, "changed": [summary]}
+
+
+@task(name="split-and-environment", **TASK)
+def key_task(paths: ProjectPaths, params: Params) -> dict[str, str]:
+    """The subject split's digest and the environment's tags. The recorded split (``data/split.yaml``)
+    is brought up to date first: subjects of a version made without ``data add`` are placed by its
+    rule, nobody moves. A split whose recorded rule no longer matches the settings fails here,
+    before anything else runs."""
+    from pipeline.environment_key import environment_key
+
+    assignment = stages.recorded_split(paths, params, log=get_run_logger().warning)
+    return {registry.TAG_SPLIT_DIGEST: assignment.digest(), **environment_key(paths.root, params.train).tags()}
 
 
 @flow(name="retrain", log_prints=True, on_failure=[notify_failure], on_crashed=[notify_failure])
 def retrain(project_dir: str = ".", params_file: str = "params.yaml", force: bool = False) -> dict:
     """Validate, preprocess, train, evaluate, register and promote on the current data version.
 
-    Stops early, training nothing, when data, settings and code are those of the champion
-    (unless ``force``). One run per workspace at a time: a second one fails at once, saying so.
+    Stops early, training nothing, when data, subject split, settings, code and environment are those
+    of a registered version (unless ``force``); otherwise the run records what changed. One run per
+    workspace at a time: a second one fails at once, saying so.
     """
     root = Path(project_dir).resolve()
     with exclusive_run(root, f"flow run {flow_run.name or 'local'} ({flow_run.id or '-'})"):
@@ -284,11 +349,13 @@ def _retrain(root: Path, params_file: str, force: bool) -> dict:
         registry.TAG_CODE_DIGEST: versioning.code_digest(),
         registry.TAG_PARAMS_HASH: params.digest(),
         registry.TAG_FLOW_RUN: str(flow_run.id or ""),
+        **key_task(paths, params),
     }
-    skipped = None if force else unchanged_task(paths, params, tags)
-    if skipped:
-        return {"skipped": True, "reason": skipped, "data": data.to_dict(),
+    unchanged = {"skip": None, "changed": ["--force"]} if force else unchanged_task(paths, params, tags)
+    if unchanged["skip"]:
+        return {"skipped": True, "reason": unchanged["skip"], "data": data.to_dict(),
                 "tracking_uri": registry.tracking_uri(paths.mlflow_dir)}
+    tags["retrain.reason"] = "; ".join(unchanged["changed"])[:4000]
     run_id = start_run_task(paths, params, tags)
     try:
         validation = validate_task(paths, params, run_id)
@@ -300,7 +367,7 @@ def _retrain(root: Path, params_file: str, force: bool) -> dict:
         }
         for key, value in data_tags.items():
             mlflow.MlflowClient().set_tag(run_id, key, value)
-        prepared = preprocess_task(paths, params)
+        prepared = preprocess_task(paths, params, run_id)
         trained = train_task(paths, params, run_id)
         metrics = evaluate_task(paths, params, run_id)
         version = register_task(paths, params, run_id, {**tags, **data_tags, registry.TAG_VALIDATION: "true"},
@@ -324,6 +391,8 @@ def _retrain(root: Path, params_file: str, force: bool) -> dict:
         "train": trained,
         "data": data.to_dict(),
         "validation": {"success": validation["success"], "n_frames": validation["n_frames"]},
-        "prepared": {"frames_per_part": prepared["frames_per_part"], "reused": prepared["reused"]},
+        "prepared": {"frames_per_part": prepared["frames_per_part"], "reused": prepared["reused"],
+                     "subjects": prepared["subjects"]},
+        "retrain_reason": tags["retrain.reason"],
         "tracking_uri": registry.tracking_uri(paths.mlflow_dir),
     }

@@ -31,7 +31,10 @@ def resolve(uri: str, default_name: str) -> tuple[str, str]:
     return name, str(found.version)
 
 
-def lineage(uri: str, default_name: str) -> dict:
+def lineage(uri: str, default_name: str, root=None) -> dict:
+    """``root``: the project, whose git history and DVC cache recover the split of a version registered
+    before splits were recorded (:mod:`pipeline.comparison`)."""
+    from pipeline.comparison import version_split
     from pipeline.release import history, unrecorded_alias_move
 
     name, version = resolve(uri, default_name)
@@ -70,6 +73,9 @@ def lineage(uri: str, default_name: str) -> dict:
             "empty_share": tags.get("data.empty_share"),
         },
         "validation": {"success": tags.get(registry.TAG_VALIDATION), "data_docs": tags.get("validation.data_docs")},
+        "split": version_split(name, version, root).to_dict(),
+        "environment": {k.removeprefix("env."): v for k, v in tags.items() if k.startswith("env.")},
+        "retrain_reason": tags.get("retrain.reason"),
         "holdout": {k.removeprefix("holdout."): float(v) for k, v in tags.items() if k.startswith("holdout.")},
         "promotion": {k.removeprefix("promotion."): v for k, v in tags.items() if k.startswith("promotion.")},
         "history": [{k: v for k, v in e.items() if k != "at_ns"} for e in events],
@@ -87,6 +93,29 @@ def _presence_caveat(tags: dict) -> str | None:
     return presence_caveat(number("holdout.empty_baseline_dice"), number("holdout.n_frames"))
 
 
+def _subjects(ids: list) -> str:
+    return ", ".join(str(s) for s in ids) or "-"
+
+
+def split_lines(record: dict) -> list[str]:
+    """The subjects the version trained, validated and was scored on, and its last gate's comparison set."""
+    sp, p = record["split"], record["promotion"]
+    lines = [f"  split:       {sp['source']}" + (f" (digest {sp['digest']}, revision {sp['revision']})" if sp["digest"]
+                                                  else "") + (f"; {sp['note']}" if sp.get("note") else ""),
+             f"    train:      {len(sp['train'])} subjects: {_subjects(sp['train'])}",
+             f"    validation: {len(sp['validation'])} subjects: {_subjects(sp['validation'])}",
+             f"    holdout:    {len(sp['holdout'])} subjects: {_subjects(sp['holdout'])}"]
+    if p.get("comparison_n_subjects"):
+        lines.append(f"  gate:        scored on {p['comparison_n_subjects']} of {p.get('holdout_n_subjects', '?')} "
+                     f"holdout subjects ({p.get('n_frames', '?')} frames: {p.get('comparison_subjects', '')}) unseen by "
+                     f"both models; left out: {p.get('excluded_subjects', 'none')}")
+    env = record.get("environment") or {}
+    if env:
+        lines.append(f"  environment: torch {env.get('torch')}, Python {env.get('python')}, {env.get('device')}, "
+                     f"{env.get('precision')}, lock {env.get('lock_digest')}")
+    return lines
+
+
 def to_text(record: dict) -> str:
     d, v, h = record["data"], record["validation"], record["holdout"]
     lines = [
@@ -97,6 +126,7 @@ def to_text(record: dict) -> str:
         f"  data:        {d['dvc_hash']} ({d['dvc_file']} at {d['git_revision']}); "
         f"{d['n_frames']} frames, {d['n_subjects']} subjects, empty share {d['empty_share']}",
         f"  validation:  success {v['success']}; Data Docs {v['data_docs'] or '-'}",
+        *split_lines(record),
         "  holdout:     " + ", ".join(f"{k} {val:.4f}" for k, val in h.items()),
         f"  flow run:    {record['prefect_flow_run_id']}",
         "  history:",

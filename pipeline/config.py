@@ -210,6 +210,9 @@ class PromotionParams(_Section):
     # (on real data its intervals are about 1.5x too narrow: docs/benchmarks.md, "The promotion gate").
     resample: Literal["frame", "subject"] = "frame"
     min_subjects: int = Field(5, ge=2)  # resample: subject promotes nothing on a holdout of fewer subjects
+    # The gate scores both models only on current holdout subjects that neither trained or validated on
+    # (each version's recorded split); with fewer such subjects than this it promotes nothing.
+    min_comparison_subjects: int = Field(3, ge=1)
     confidence: float = Field(0.95, gt=0.5, lt=1)
     presence_tolerance: float = Field(0.02, ge=0, le=1)  # allowed drop in presence accuracy
     # The floor for any promotion, the first included (pipeline/promotion.py): Dice on the holdout's

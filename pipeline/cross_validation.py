@@ -19,7 +19,7 @@ from pipeline.config import Params
 from pipeline.imageio import atomic_write_text
 from pipeline.model import ModelConfig
 from pipeline.preprocess import PreparedData, load_prepared
-from pipeline.split import assign_subjects
+from pipeline.split import fold_parts
 from pipeline.train import (
     Distributed,
     EpochCallback,
@@ -87,8 +87,7 @@ def _train_folds(data: PreparedData, subjects: np.ndarray, config: ModelConfig, 
     results = []
     for fold in range(k):
         fold_params = params.model_copy(update={"split": params.split.model_copy(update={"fold": fold})})
-        parts = assign_subjects(list(subjects), fold_params.split)
-        part = np.asarray([parts[int(s)] for s in subjects])
+        part = fold_parts(data.frames, fold, k)  # the recorded fold groups, never recomputed
         train, val = part == "train", part == "validation"
         epoch_cb: EpochCallback | None = on_epoch_of(fold) if on_epoch_of else None
         fold_dir = Path(out_dir) / f"fold{fold}"

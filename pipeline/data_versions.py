@@ -264,14 +264,20 @@ def add_data(
     push: bool = True,
     progress: bool = False,
     echo: Callable[[str], None] = lambda _: None,
+    split=None,
 ) -> AddResult:
     """Import ``src`` into ``raw_dir``, validate, version with DVC, commit and push.
 
+    With ``split`` (:class:`pipeline.config.SplitParams`), new subjects are placed in the recorded
+    subject split (``data/split.yaml``, :mod:`pipeline.split`) and the file is committed with the
+    version; settings that no longer match the recorded rule refuse the import before it starts.
+
     Refuses (:class:`DataAddError`) when ``raw_dir`` has unversioned changes. On an import error
     (:class:`pipeline.importers.DataImportError`), a failed validation or a failed ``dvc add``/commit,
-    ``raw_dir`` and its ``.dvc`` file are put back as they were.
+    ``raw_dir``, its ``.dvc`` file and the split file are put back as they were.
     """
     from pipeline.importers import stage_import
+    from pipeline.split import SplitError, check_rule, load_assignment, split_file
     from pipeline.validation import load_profile, measure_profile, save_profile, validate_data_dir
 
     root, raw_dir = Path(root).resolve(), Path(raw_dir).resolve()
@@ -282,6 +288,15 @@ def add_data(
     if dirty:
         raise DataAddError(f"refusing to add data: {dirty}. Version it first (`dvc add` and commit "
                            f"{rel_dvc}) or restore it (`dvc checkout {rel_dvc}`)")
+    split_path = split_file(raw_dir)
+    old_split_text = split_path.read_text() if split_path.is_file() else None
+    if split is not None:
+        try:
+            recorded = load_assignment(split_path)
+            if recorded is not None:
+                check_rule(recorded, split, split_path.relative_to(root).as_posix())
+        except SplitError as exc:
+            raise DataAddError(f"refusing to add data: {exc}") from exc
     before = None
     if dvc_file.is_file():
         before = ((yaml.safe_load(dvc_file.read_text()) or {}).get("meta") or {}).get(META_KEY)
@@ -319,15 +334,21 @@ def add_data(
             profiles[previous_hash] = previous_profile
         written = [save_profile(gx_dir, h, p).resolve().relative_to(root).as_posix()
                    for h, p in profiles.items()]
+        if split is not None:
+            written.append(_record_split(root, raw_dir, manifest, split, echo))
         version = versioning.commit_data_version(root, raw_dir, message, also=tuple(written), push=False)
     except BaseException:
         head_now = versioning.git(root, "rev-parse", "HEAD", check=False).stdout.strip()
-        if head_now == head_before:  # nothing committed: put the data and its .dvc file back
+        if head_now == head_before:  # nothing committed: put the data, its .dvc file and the split back
             staged.rollback()
             if old_dvc_text is None:
                 dvc_file.unlink(missing_ok=True)
             else:
                 atomic_write_text(dvc_file, old_dvc_text)
+            if old_split_text is None:
+                split_path.unlink(missing_ok=True)
+            else:
+                atomic_write_text(split_path, old_split_text)
         else:
             staged.finish()
         raise
@@ -340,6 +361,55 @@ def add_data(
                                f"failed; run `dvc push {rel_dvc}` when the remote is reachable: {exc}") from exc
     return AddResult(True, result.summary(), message, version.to_dict(), stats, len(result.added),
                      len(result.replaced), len(result.removed), report)
+
+
+def _record_split(root: Path, raw_dir: Path, manifest, split, echo: Callable[[str], None]) -> str:
+    """Place the version's new subjects in the recorded split (first assignment if none); return the
+    split file's path relative to ``root``, for the version's commit."""
+    from pipeline.split import ensure_assignment, save_assignment, split_file
+
+    frames = manifest[manifest["name_ok"].astype(bool) & manifest["image_exists"].astype(bool)]
+    subjects = sorted(int(s) for s in frames["subject"].dropna().unique())
+    path = split_file(raw_dir)
+    assignment, placed, created = ensure_assignment(path, subjects, split)
+    if created or placed:
+        save_assignment(path, assignment)
+        parts = assignment.parts(subjects=placed)
+        counts = ", ".join(f"{sum(1 for p in parts.values() if p == name)} {name}"
+                           for name in ("train", "validation", "holdout"))
+        echo(f"subject split: {'first assignment of' if created else 'placed'} {len(placed)} subjects "
+             f"({counts}); nobody already placed moved")
+    return path.relative_to(root).as_posix()
+
+
+def resplit_data(root: Path, raw_dir: Path, split, reason: str, actor: str | None = None,
+                 dry_run: bool = False) -> dict:
+    """Change the subject split on purpose: deal every known subject anew by the settings' rule
+    (``split``, :class:`pipeline.config.SplitParams`), record who, when and why in the split file and
+    commit it alone. With ``dry_run`` nothing is written; the result says what would move."""
+    from pipeline.layout import list_frame_pairs
+    from pipeline.split import SplitError, load_assignment, resplit, save_assignment, split_file
+
+    root, raw_dir = Path(root).resolve(), Path(raw_dir).resolve()
+    path = split_file(raw_dir)
+    rel = path.relative_to(root).as_posix()
+    subjects = list_frame_pairs(raw_dir)["subject"].astype(int).unique().tolist()
+    try:
+        current = load_assignment(path)
+        new, moved = resplit(current, subjects, split, reason, actor)
+    except SplitError as exc:
+        raise DataAddError(str(exc)) from exc
+    counts = {p: sum(1 for g in new.parts(split.fold, [s for s in subjects if s in new.groups]).values() if g == p)
+              for p in ("train", "validation", "holdout")}
+    result = {"file": rel, "revision": new.revision, "digest": new.digest(), "method": new.method,
+              "previous_digest": current.digest() if current else None, "counts": counts,
+              "moved": {int(s): f"{a} -> {b}" for s, (a, b) in sorted(moved.items())}, "commit": None}
+    if dry_run:
+        return result
+    save_assignment(path, new)
+    result["commit"] = versioning.git_commit(root, [rel], f"data: resplit the subjects (revision {new.revision}, "
+                                                          f"{len(moved)} moved): {reason}")
+    return result
 
 
 # --------------------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ from pipeline.config import Params
 from pipeline.cross_validation import cross_validate
 from pipeline.imageio import atomic_write_text
 from pipeline.model import FoldEnsemble, ModelConfig
-from pipeline.split import assign_subjects
+from pipeline.split import fold_parts
 from pipeline.train import (
     CONFIG,
     HISTORY,
@@ -105,12 +105,9 @@ def out_of_fold_members(model: torch.nn.Module, config: ModelConfig, frames: pd.
     its fold's validation subjects."""
     if not isinstance(model, FoldEnsemble):
         raise TypeError("out-of-fold scoring needs a FoldEnsemble")
-    subjects = frames["subject"].to_numpy()
     single = replace(config, members=1)
     out = []
     for fold, member in enumerate(model.members):
-        split = params.split.model_copy(update={"fold": fold})
-        parts = assign_subjects(list(subjects), split)
-        rows = np.flatnonzero([parts.get(int(s)) == "validation" for s in subjects])
+        rows = np.flatnonzero(fold_parts(frames, fold, len(model.members)) == "validation")
         out.append((member, single, rows))
     return out

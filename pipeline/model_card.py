@@ -73,8 +73,24 @@ def _artifacts(run_id: str | None) -> dict[str, Path]:
     return {p.name: p for p in local.iterdir()}
 
 
-def build_card(uri: str, default_name: str) -> str:
-    record = lineage(uri, default_name)
+def _split_section(record: dict) -> str:
+    """Which subjects trained, validated and scored the model, and what its last gate compared on."""
+    sp, p = record["split"], record["promotion"]
+    rows = [("how the split is known", sp["source"] + (f": {sp['note']}" if sp.get("note") else "")),
+            ("recorded split (data/split.yaml)", f"digest {sp['digest']}, revision {sp['revision']}" if sp["digest"]
+             else "not recorded")]
+    rows += [(f"{part} subjects ({len(sp[part])})", ", ".join(str(x) for x in sp[part]) or "-")
+             for part in ("train", "validation", "holdout")]
+    if p.get("comparison_n_subjects"):
+        rows += [("last promotion gate: scored on",
+                  f"{p['comparison_n_subjects']} of the {p.get('holdout_n_subjects', '?')} current holdout subjects "
+                  f"({p.get('n_frames', '?')} frames): {p.get('comparison_subjects', '')}"),
+                 ("left out (seen by a model compared)", p.get("excluded_subjects", "none"))]
+    return _table(rows)
+
+
+def build_card(uri: str, default_name: str, root: Path | None = None) -> str:
+    record = lineage(uri, default_name, root)
     files = _artifacts(record["run"]["id"])
     per_frame = pd.read_csv(files["holdout_frames.csv"]) if "holdout_frames.csv" in files else None
 
@@ -140,6 +156,10 @@ run {html.escape(str(record['run']['id']))}</p>
     ("frames / subjects", f"{d['n_frames']} / {d['n_subjects']}"),
     ("share of frames without a nerve", d['empty_share']),
     ("data validation passed", v['success']), ("Data Docs", v['data_docs'] or 'n/a')])}</section>
+<section id="subjects"><h2>Subjects: trained on, validated on, scored on</h2>
+<p>No subject is in two parts. The promotion gate scores models only on current holdout subjects that none of
+the models compared trained or validated on, as each version's recorded split says.</p>
+{_split_section(record)}</section>
 <section id="training"><h2>Training settings and code</h2>{_table([
     ("code commit", record['code']['git_commit']), ("uncommitted changes", record['code']['dirty']),
     ("settings hash", record['params_hash']), ("Prefect flow run", record['prefect_flow_run_id'])])}
@@ -155,15 +175,15 @@ run {html.escape(str(record['run']['id']))}</p>
 """
 
 
-def write_card(uri: str, default_name: str, out: Path) -> Path:
-    atomic_write_text(out, build_card(uri, default_name))
+def write_card(uri: str, default_name: str, out: Path, root: Path | None = None) -> Path:
+    atomic_write_text(out, build_card(uri, default_name, root))
     return Path(out)
 
 
-def log_card(name: str, version: str, run_id: str) -> str:
+def log_card(name: str, version: str, run_id: str, root: Path | None = None) -> str:
     """Log the version's card to its run and point a version tag at it."""
     with tempfile.TemporaryDirectory() as tmp:
-        path = write_card(f"models:/{name}/{version}", name, Path(tmp) / f"model_card_v{version}.html")
+        path = write_card(f"models:/{name}/{version}", name, Path(tmp) / f"model_card_v{version}.html", root)
         registry.client().log_artifact(run_id, str(path), "model_card")
     location = f"model_card/model_card_v{version}.html"
     registry.set_tags(name, version, {"model_card": location})

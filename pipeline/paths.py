@@ -39,6 +39,13 @@ class ProjectPaths:
     def raw_dvc_file(self) -> Path:
         return self.raw_dir.with_name(self.raw_dir.name + ".dvc")
 
+    @property
+    def split_file(self) -> Path:
+        """The recorded subject split of ``raw_dir`` (``data/split.yaml``, kept in git beside the .dvc file)."""
+        from pipeline.split import split_file
+
+        return split_file(self.raw_dir)
+
     def rel(self, path: Path) -> str:
         """A path as the project (and DVC) names it."""
         return Path(path).resolve().relative_to(self.root).as_posix()

@@ -6,8 +6,13 @@ Outputs (``data/prepared``, a DVC stage output):
   (N, h, w) uint8, the share of each working-size pixel that the native mask covers (0-255): a
   native outline falls inside working pixels, and 0/1 masks round it to the working grid
   (``train.soft_targets`` trains on the coverage instead);
-- ``frames.csv``: one row per frame with its split, native paths and native mask area;
-- ``summary.json``: subjects per part, seed, working size, intensity mean/std of train.
+- ``frames.csv``: one row per frame with its part (``split``), its subject's recorded ``group``
+  (a part, or a fold group), native paths and native mask area;
+- ``summary.json``: subjects per part, the recorded split's digest and revision, working size,
+  intensity mean/std of train.
+
+The parts come from the recorded subject split (:mod:`pipeline.split`, ``data/split.yaml``),
+never from a split computed here.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from tqdm import tqdm
 from pipeline.config import Params
 from pipeline.imageio import atomic_write_text, read_gray
 from pipeline.layout import list_frame_pairs
-from pipeline.split import PARTS, split_frames
+from pipeline.split import PARTS, SubjectAssignment, create_assignment, split_frames, subjects_by_part
 
 ARRAYS = "arrays.npz"
 FRAMES = "frames.csv"
@@ -43,6 +48,8 @@ class PreparedSummary:
     empty_share: dict[str, float]
     intensity_mean: float      # of train frames, on the 0-1 scale
     intensity_std: float
+    split_digest: str = ""     # the recorded subject split (pipeline.split) the parts come from
+    split_revision: int = 0
 
 
 def resize_frame(image: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -70,14 +77,18 @@ def load_pair(job: tuple[str, str, int, int]) -> tuple[np.ndarray, np.ndarray, n
 
 
 def preprocess(data_dir: Path, out_dir: Path, params: Params, progress: bool = True,
-               mapper=None) -> PreparedSummary:
+               mapper=None, assignment: SubjectAssignment | None = None) -> PreparedSummary:
     """``mapper(load_pair, jobs) -> results`` (same order) runs the per-file work elsewhere (e.g. a Dask
-    cluster, see ``flows/runner.py``); without it, a pool of 4 threads does."""
+    cluster, see ``flows/runner.py``); without it, a pool of 4 threads does. ``assignment``: the
+    recorded subject split (``stages.prepare`` passes it); without one, a first assignment of these
+    subjects is made in memory (tools and tests that prepare a folder outside a project)."""
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     frames = list_frame_pairs(data_dir)
     if frames.empty:
         raise ValueError(f"{data_dir}: no frame/mask pairs in train/; expected train/{{subject}}_{{n}}.tif")
-    frames = split_frames(frames, params.split)
+    if assignment is None:
+        assignment = create_assignment(frames["subject"].tolist(), params.split)
+    frames = split_frames(frames, assignment, params.split.fold)
     # The split is by subject by construction; check it anyway, since a leak would inflate every score.
     from pipeline.validation import assert_no_subject_leak
 
@@ -109,11 +120,13 @@ def preprocess(data_dir: Path, out_dir: Path, params: Params, progress: bool = T
         height=h,
         width=w,
         split_seed=params.split.seed,
-        subjects={p: sorted(int(s) for s in frames.loc[frames.split == p, "subject"].unique()) for p in PARTS},
+        subjects=subjects_by_part(frames),
         frames_per_part={p: int((frames.split == p).sum()) for p in PARTS},
         empty_share={p: round(float((~frames.loc[frames.split == p, "has_nerve"]).mean()), 4) for p in PARTS},
         intensity_mean=round(float(train.mean()), 6),
         intensity_std=round(float(train.std()) or 1.0, 6),
+        split_digest=assignment.digest(),
+        split_revision=assignment.revision,
     )
 
     out_dir.mkdir(parents=True, exist_ok=True)

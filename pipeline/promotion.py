@@ -97,6 +97,12 @@ class PromotionDecision:
     empty_baseline_dice: float | None = None    # the holdout Dice of predicting no nerve anywhere
     min_nerve_dice: float = 0.0
     min_gain_over_empty: float = -1.0
+    # The comparison set (pipeline.comparison): the current holdout subjects that neither model trained
+    # or validated on, as each version's recorded split says; None where the gate did not compute one.
+    comparison_subjects: list[int] | None = None
+    holdout_subjects: list[int] | None = None
+    excluded_subjects: dict[str, str] | None = None  # holdout subject -> why it was left out
+    min_comparison_subjects: int = 1
 
     @property
     def leaves_no_champion(self) -> bool:
@@ -129,7 +135,28 @@ class PromotionDecision:
             "promotion.n_subjects": f(self.n_subjects),
             "promotion.challenger_nerve_dice": f(self.challenger_nerve_dice),
             "promotion.empty_baseline_dice": f(self.empty_baseline_dice),
+            **({} if self.comparison_subjects is None else {
+                "promotion.comparison_subjects": ",".join(str(x) for x in self.comparison_subjects)[:4000],
+                "promotion.comparison_n_subjects": str(len(self.comparison_subjects)),
+                "promotion.holdout_n_subjects": str(len(self.holdout_subjects or [])),
+                "promotion.excluded_subjects": self.excluded_text()[:4000],
+            }),
         }
+
+    def excluded_text(self) -> str:
+        return "; ".join(f"{s}: {why}" for s, why in (self.excluded_subjects or {}).items()) or "none"
+
+    def comparison_line(self) -> str | None:
+        """How many holdout subjects judged the models, and which were left out and why."""
+        if self.comparison_subjects is None:
+            return None
+        n, total = len(self.comparison_subjects), len(self.holdout_subjects or [])
+        both = "neither model" if self.champion_version is not None else "the model never"
+        line = (f"Scored on {n} of the {total} current holdout subjects ({self.n_frames} frames) that {both} "
+                f"trained or validated on (each version's recorded split)")
+        if self.excluded_subjects:
+            line += f"; left out: {self.excluded_text()}"
+        return line + "."
 
     def _unit(self) -> str:
         return f"{self.n_subjects} subjects" if self.resample == "subject" else f"{self.n_frames} frames"
@@ -140,7 +167,9 @@ class PromotionDecision:
                  f"| on the same {self.n_frames} holdout frames | Dice | presence accuracy |", "|---|---|---|",
                  f"| challenger v{self.challenger_version} | {self.challenger_dice:.4f} | "
                  f"{self.challenger_presence_accuracy:.4f} |"]
-        if self.champion_version is not None:
+        if self.champion_version is not None and self.champion_dice is None:
+            lines.append(f"| champion v{self.champion_version} | not scored: no subject unseen by both | |")
+        elif self.champion_version is not None:
             lines.append(f"| champion v{self.champion_version} | {self.champion_dice:.4f} | "
                          f"{self.champion_presence_accuracy:.4f} |")
             lines.append(f"\nDice difference {self.dice_difference:+.4f}, {self.confidence:.0%} interval "
@@ -151,6 +180,8 @@ class PromotionDecision:
             lines.append(f"\nFloor: Dice on the nerve frames {nerve} (at least {self.min_nerve_dice:g}); "
                          f"predicting no nerve anywhere would score {self.empty_baseline_dice:.4f} "
                          f"(the challenger must beat it by more than {self.min_gain_over_empty:g}).")
+        if self.comparison_line():
+            lines.append(f"\n{self.comparison_line()}")
         lines.append(f"\nReason: {self.reason}\n")
         if self.advice:
             lines.append(f"Note: {self.advice}\n")
@@ -183,7 +214,11 @@ def floor_check(mean_dice: float, nerve_dice: float | None, n_nerve: int, empty_
 
 
 def decide(challenger_version: str, challenger: FrameScores, champion_version: str | None,
-           champion: FrameScores | None, params: PromotionParams, validation_passed: bool) -> PromotionDecision:
+           champion: FrameScores | None, params: PromotionParams, validation_passed: bool,
+           comparison=None) -> PromotionDecision:
+    """``comparison`` (:class:`pipeline.comparison.Comparison`): the subjects both sets of scores are
+    on; with fewer than ``promotion.min_comparison_subjects`` nothing is promoted (``champion`` may
+    then be None although there is a champion: it could not be scored on unseen subjects)."""
     if champion is not None and champion.frame_ids != challenger.frame_ids:
         raise ValueError("champion and challenger must be scored on the same frames, in the same order")
     if params.resample == "subject" and challenger.subjects is None:
@@ -208,14 +243,26 @@ def decide(challenger_version: str, challenger: FrameScores, champion_version: s
         empty_baseline_dice=challenger.empty_baseline_dice,
         min_nerve_dice=params.min_nerve_dice,
         min_gain_over_empty=params.min_gain_over_empty,
+        min_comparison_subjects=params.min_comparison_subjects,
     )
+    too_few = None
+    if comparison is not None:
+        common.update(comparison_subjects=list(comparison.subjects), holdout_subjects=list(comparison.holdout_subjects),
+                      excluded_subjects={str(k): v for k, v in sorted(comparison.excluded.items())})
+        if len(comparison.subjects) < params.min_comparison_subjects:
+            rival = "the champion nor the challenger" if champion_version is not None else "the model"
+            too_few = (f"only {len(comparison.subjects)} of the {len(comparison.holdout_subjects)} current holdout "
+                       f"subjects are unseen by {rival} (left out: {comparison.excluded_text()}), fewer than "
+                       f"promotion.min_comparison_subjects {params.min_comparison_subjects}: no comparison on unseen "
+                       "subjects is possible; add subjects (new ones join the holdout at its share) or promote "
+                       "by hand with a reason")
     if params.resample == "frame" and champion is not None and n_subjects is not None and n_subjects >= params.min_subjects:
         # Measured on real folds (docs/operations.md): the frame bootstrap promoted a same-recipe retrain 8 times in 30.
         common["advice"] = (
             f"the interval resamples frames, but the frames of one subject are near-duplicates; with "
             f"{n_subjects} holdout subjects, promotion.resample: subject gives an honest interval "
             f"(docs/operations.md, 'How sure the gate is, on real data')")
-    if champion is None:
+    if champion is None or too_few:
         mean = low = high = None
     else:
         mean, low, high = paired_bootstrap(challenger.dice - champion.dice, params.bootstrap_resamples,
@@ -225,6 +272,8 @@ def decide(challenger_version: str, challenger: FrameScores, champion_version: s
     below_floor = floor_failure(challenger, params)
     if not validation_passed:
         promote, reason = False, "the data validation of this data version did not pass"
+    elif too_few:
+        promote, reason = False, too_few
     elif below_floor:
         promote, reason = False, below_floor
     elif champion is None:

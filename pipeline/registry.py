@@ -24,6 +24,8 @@ TAG_CODE_DIGEST = "code.digest"
 TAG_PARAMS_HASH = "params.hash"
 TAG_FLOW_RUN = "prefect.flow_run_id"
 TAG_VALIDATION = "validation.success"
+TAG_SPLIT_DIGEST = "split.digest"    # the recorded subject split (data/split.yaml) the version trained with
+TAG_ENV_DIGEST = "env.digest"        # lock file, torch, Python, device and precision (pipeline.environment_key)
 
 
 def default_tracking_uri(mlflow_dir: Path) -> str:
@@ -179,6 +181,10 @@ class VersionInfo:
             "prefect_flow_run_id": self.tags.get(TAG_FLOW_RUN),
             "holdout_metrics": self.metrics,
             "promotion": {k.removeprefix("promotion."): v for k, v in self.tags.items() if k.startswith("promotion.")},
+            # The subjects it trained, validated and was scored on (digest and counts; the lists are the
+            # run's split/split.json artifact), and the environment it trained in.
+            "split": {k.removeprefix("split."): v for k, v in self.tags.items() if k.startswith("split.")},
+            "environment": {k.removeprefix("env."): v for k, v in self.tags.items() if k.startswith("env.")},
         }
 
 

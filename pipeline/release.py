@@ -43,7 +43,12 @@ def holdout_table(paths: ProjectPaths) -> pd.DataFrame:
 
 def register_model(paths: ProjectPaths, params: Params, run_id: str, tags: dict[str, str],
                    metrics: dict[str, float]) -> str:
-    """Log the trained bundle to ``run_id`` and register it; returns the new version."""
+    """Log the trained bundle and the split it trained with (``split/split.json``, ``split.*`` tags: the
+    subjects the gate must never score it on) to ``run_id`` and register it; returns the new version."""
+    from pipeline.comparison import SPLIT_ARTIFACT, record_of_prepared
+
+    split = record_of_prepared(paths.prepared_dir)
+    registry.client().log_dict(run_id, split.to_dict(), SPLIT_ARTIFACT)
     holdout = holdout_table(paths)
     example = load_native(paths.raw_dir, holdout.head(1))[0]
     with tempfile.TemporaryDirectory() as tmp:
@@ -54,7 +59,7 @@ def register_model(paths: ProjectPaths, params: Params, run_id: str, tags: dict[
             load_postprocess(paths.reports_dir),
         )
         model_uri = registry.log_model(run_id, bundle, example)
-    version_tags = dict(tags)
+    version_tags = {**tags, **split.tags()}
     version_tags.update({
         f"holdout.{k}": f"{v:.6f}" for k, v in metrics.items() if isinstance(v, float) and not np.isnan(v)
     })
@@ -119,24 +124,36 @@ def promote(paths: ProjectPaths, params: Params, version: str, actor: str | None
 
 
 def gate(paths: ProjectPaths, params: Params, version: str) -> tuple[PromotionDecision, dict]:
-    """Score the version and the champion on the same holdout frames and decide; the decision is
-    written as tags on both versions. Records no event and moves no alias (:func:`apply_decision`)."""
+    """Score the version and the champion on the same frames and decide; the decision is written as
+    tags on both versions. Records no event and moves no alias (:func:`apply_decision`).
+
+    The frames are those of the current holdout subjects that neither version trained or validated
+    on, as each version's recorded split says (:mod:`pipeline.comparison`), never today's settings.
+    With none left, the challenger is scored on the whole current holdout (which it never saw) for
+    the record, and the decision says that no comparison was possible."""
+    from pipeline.comparison import comparison_set, version_split
+
     name = params.registry.model_name
     holdout = holdout_table(paths)
-    images, masks = load_native(paths.raw_dir, holdout)
-    frame_ids, subjects = holdout["frame_id"].tolist(), holdout["subject"].astype(str).tolist()
-    challenger = score_version(load_and_check(name, version, images[0]), images, masks, frame_ids, subjects)
-
     current = registry.version_by_alias(name, registry.CHAMPION)
     champion_version = str(current.version) if current is not None and str(current.version) != version else None
-    champion = None
+    models = {f"challenger v{version}": version_split(name, version, paths.root)}
     if champion_version is not None:
+        models[f"champion v{champion_version}"] = version_split(name, champion_version, paths.root)
+    comparison, frames = comparison_set(holdout, models)
+    scored = frames if len(frames) else holdout
+    images, masks = load_native(paths.raw_dir, scored)
+    frame_ids, subjects = scored["frame_id"].tolist(), scored["subject"].astype(str).tolist()
+    challenger = score_version(load_and_check(name, version, images[0]), images, masks, frame_ids, subjects)
+    champion = None
+    if champion_version is not None and len(frames):
         champion = score_version(registry.load_model(f"models:/{name}/{champion_version}"), images, masks, frame_ids,
                                  subjects)
 
     tags = registry.client().get_model_version(name, version).tags
     validation_passed = tags.get(registry.TAG_VALIDATION) == "true"
-    decision = decide(version, challenger, champion_version, champion, params.promotion, validation_passed)
+    decision = decide(version, challenger, champion_version, champion, params.promotion, validation_passed,
+                      comparison=comparison)
     registry.set_tags(name, version, decision.tags())
     evidence = {"challenger_dice": decision.challenger_dice, "champion_version": champion_version,
                 "champion_dice": decision.champion_dice, "interval": [decision.interval_low, decision.interval_high],
@@ -144,13 +161,17 @@ def gate(paths: ProjectPaths, params: Params, version: str) -> tuple[PromotionDe
                 "flow_run": tags.get(registry.TAG_FLOW_RUN), "n_frames": decision.n_frames,
                 "resample": decision.resample, "n_subjects": decision.n_subjects,
                 "challenger_nerve_dice": decision.challenger_nerve_dice,
-                "empty_baseline_dice": decision.empty_baseline_dice}
+                "empty_baseline_dice": decision.empty_baseline_dice,
+                "comparison": {**comparison.to_dict(), "digest": comparison.digest(scored),
+                               "splits": {label: {"source": r.source, "digest": r.digest}
+                                          for label, r in models.items()}}}
     if champion_version is not None:
+        scores = ("no subject unseen by both" if decision.champion_dice is None else
+                  f"champion {decision.champion_dice:.6f}, challenger {decision.challenger_dice:.6f}")
         registry.set_tags(name, champion_version, {  # the decision on both versions
             "promotion.last_challenge": f"v{version}: {decision.tags()['promotion.decision']}",
             "promotion.last_challenge_reason": decision.reason,
-            "promotion.last_challenge_scores": f"champion {decision.champion_dice:.6f}, "
-                                               f"challenger {decision.challenger_dice:.6f}",
+            "promotion.last_challenge_scores": scores,
             "promotion.last_challenge_interval": decision.tags()["promotion.interval"],
         })
     return decision, evidence

@@ -62,9 +62,35 @@ def validate(paths: ProjectPaths, params: Params, build_docs: bool = True, mappe
     return manifest, report
 
 
-def prepare(paths: ProjectPaths, params: Params, progress: bool = True, mapper=None) -> PreparedSummary:
-    """``mapper`` runs the per-frame work elsewhere (the flow's Dask runner); default: threads here."""
-    return preprocess(paths.raw_dir, paths.prepared_dir, params, progress=progress, mapper=mapper)
+def recorded_split(paths: ProjectPaths, params: Params, log=None):
+    """The recorded subject split (``data/split.yaml``) covering every subject in ``data/raw``.
+
+    Subjects it does not hold yet (a version made with a plain ``dvc add``) are placed by its rule
+    and the file is written; nobody already placed moves. Without a file, the first assignment is
+    made (keeping an earlier preprocess's split where there is one). ``log(message)`` hears of both.
+    Raises :class:`pipeline.split.SplitError` when the settings no longer match the recorded rule."""
+    from pipeline.layout import list_frame_pairs
+    from pipeline.preprocess import FRAMES
+    from pipeline.split import ensure_assignment, save_assignment
+
+    subjects = list_frame_pairs(paths.raw_dir)["subject"].astype(int).unique().tolist()
+    assignment, placed, created = ensure_assignment(paths.split_file, subjects, params.split,
+                                                    adopt_from=paths.prepared_dir / FRAMES)
+    if created or placed:
+        save_assignment(paths.split_file, assignment)
+        if log is not None:
+            what = (f"recorded the subject split ({assignment.method}) of {len(placed)} subjects" if created
+                    else f"placed new subjects {placed} by the recorded rule")
+            log(f"{what} in {paths.rel(paths.split_file)}")
+    return assignment
+
+
+def prepare(paths: ProjectPaths, params: Params, progress: bool = True, mapper=None, log=None) -> PreparedSummary:
+    """``mapper`` runs the per-frame work elsewhere (the flow's Dask runner); default: threads here.
+    The parts come from the recorded subject split (:func:`recorded_split`)."""
+    assignment = recorded_split(paths, params, log=log)
+    return preprocess(paths.raw_dir, paths.prepared_dir, params, progress=progress, mapper=mapper,
+                      assignment=assignment)
 
 
 def fit(paths: ProjectPaths, params: Params, on_epoch: EpochCallback | None = None, progress: bool = True,

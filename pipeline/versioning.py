@@ -158,10 +158,11 @@ def current_data_version(root: Path, raw_dir: Path) -> DataVersion:
     )
 
 
-def version_data(root: Path, raw_dir: Path, message: str, push: bool = True) -> DataVersion:
-    """``dvc add`` the data folder, commit its ``.dvc`` file, push to the default remote."""
+def version_data(root: Path, raw_dir: Path, message: str, push: bool = True,
+                 also: tuple[str, ...] = ()) -> DataVersion:
+    """``dvc add`` the data folder, commit its ``.dvc`` file (and ``also``), push to the default remote."""
     dvc_add(root, raw_dir)
-    return commit_data_version(root, raw_dir, message, push=push)
+    return commit_data_version(root, raw_dir, message, also=also, push=push)
 
 
 def dvc_add(root: Path, raw_dir: Path) -> str:

@@ -150,7 +150,7 @@ def test_bad_input_and_failed_validation_leave_the_version_alone(project, tmp_pa
     assert _head(project) == head and _raw_files(project) == files
     assert (project / "data" / "raw.dvc").read_text() == dvc_text
     assert json.loads(versioning.dvc(project, "status", "--json", "data/raw.dvc").stdout or "{}") == {}
-    assert sorted(p.name for p in (project / "data").iterdir()) == [".gitignore", "raw", "raw.dvc"]
+    assert sorted(p.name for p in (project / "data").iterdir()) == [".gitignore", "raw", "raw.dvc", "split.yaml"]
 
 
 def test_versions_made_without_figures_count_from_the_dvc_cache(tmp_path):

@@ -17,7 +17,7 @@ from pipeline.model import FoldEnsemble, ModelConfig, UNet, build_model
 from pipeline.preprocess import FRAMES
 from pipeline.train import HISTORY, METRICS, WEIGHTS, cpu_has_native_bf16, load_trained
 
-from .conftest import with_settings
+from .conftest import prepare_again, with_settings
 
 CONFIG = ModelConfig(depth=2, base_width=4, dropout=0.0, height=32, width=48, intensity_mean=0.3, intensity_std=0.2)
 
@@ -53,7 +53,7 @@ def test_configs_written_before_ensembles_still_load_as_one_unet():
 
 def test_the_train_stage_registers_the_fold_models_as_one(prepared, tiny_params, tmp_path):
     params = with_settings(tiny_params, {"split": {"folds": 2}, "train": {"epochs": 1, "ensemble_folds": True}})
-    stages.prepare(prepared, params, progress=False)
+    prepare_again(prepared, params)
     epochs: list[dict] = []
     result = stages.fit(prepared, params, progress=False, on_epoch=lambda e, row: epochs.append(row))
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -106,7 +108,10 @@ def test_gate_can_resample_the_holdout_subjects(store):
 
 def test_the_floor_keeps_an_untrained_model_from_becoming_the_first_champion(store):
     paths, params, register = store
-    rules = params.model_copy(update={"promotion": Params().promotion})  # the repository's floor, not the tests' off
+    # The repository's floor, not the tests' off (on a holdout of 2 subjects, the minimum of subjects to compare on
+    # is the tests' own).
+    rules = params.model_copy(update={"promotion": Params().promotion.model_copy(
+        update={"min_comparison_subjects": params.promotion.min_comparison_subjects})})
     untrained = register("worse")
     decision = release.promote(paths, rules, untrained)
     assert not decision.promote and "below the floor" in decision.reason
@@ -186,3 +191,69 @@ def test_an_alias_moved_outside_the_project_commands_is_reported(store):
     warning = release.unrecorded_alias_move(NAME)
     assert warning and f"points at version {second}" in warning and f"set version {first}" in warning
     assert lineage(f"models:/{NAME}@champion", NAME)["warnings"] == [warning]
+
+
+def _split_artifact(run_id: str):
+    from urllib.parse import urlparse
+
+    from pipeline.comparison import SPLIT_ARTIFACT
+
+    return Path(urlparse(registry.client().get_run(run_id).info.artifact_uri).path) / SPLIT_ARTIFACT
+
+
+def test_the_gate_never_scores_a_model_on_subjects_it_trained_or_validated_on(store):
+    """A champion whose recorded split trained on a subject now in the holdout (a resplit since) is
+    compared only on the holdout subjects neither model saw, and the decision and the ledger say which."""
+    from pipeline.comparison import SPLIT_ARTIFACT
+
+    paths, params, register = store
+    first = register("good")
+    release.promote(paths, params, first)
+    run_id = registry.client().get_model_version(NAME, first).run_id
+    recorded = json.loads(_split_artifact(run_id).read_text())
+    seen, kept = sorted(release.holdout_table(paths)["subject"].unique())
+    recorded["train"] = sorted(recorded["train"] + [int(seen)])
+    recorded["holdout"] = [s for s in recorded["holdout"] if s != seen]
+    registry.client().log_dict(run_id, recorded, SPLIT_ARTIFACT)
+
+    decision = release.promote(paths, params, register("worse"))
+    assert decision.comparison_subjects == [kept] and decision.holdout_subjects == [seen, kept]
+    assert decision.excluded_subjects == {str(seen): f"champion v{first} trained on it"}
+    holdout = release.holdout_table(paths)
+    assert decision.n_frames == int((holdout["subject"] == kept).sum())
+    assert not decision.promote and decision.champion_dice > decision.challenger_dice  # really worse, and seen so
+    event = release.history(NAME)[-1]
+    assert event["comparison"]["subjects"] == [kept] and str(seen) in event["comparison"]["excluded"]
+    assert f"left out: {seen}: champion v{first} trained on it" in decision.to_markdown()
+    tags = registry.client().get_model_version(NAME, decision.challenger_version).tags
+    assert tags["promotion.comparison_n_subjects"] == "1" and tags["promotion.holdout_n_subjects"] == "2"
+
+    # With fewer unseen subjects than promotion.min_comparison_subjects, nothing is promoted, even a better model.
+    strict = params.model_copy(update={"promotion": params.promotion.model_copy(update={"min_comparison_subjects": 2})})
+    refused = release.promote(paths, strict, register("good"))
+    assert not refused.promote and "only 1 of the 2 current holdout subjects are unseen" in refused.reason
+    assert "promotion.min_comparison_subjects 2" in refused.reason and champion() == first
+
+
+def test_a_version_without_a_recorded_split_is_recovered_or_distrusted(store):
+    """Versions registered before splits were recorded: with a logged holdout, only its subjects count as
+    unseen; with nothing logged, every subject counts as seen and no comparison is possible."""
+    from pipeline.comparison import version_split
+
+    paths, params, register = store
+    first = register("good")
+    release.promote(paths, params, first)
+    run_id = registry.client().get_model_version(NAME, first).run_id
+    _split_artifact(run_id).unlink()
+    assert version_split(NAME, first).source == "unknown"
+    decision = release.promote(paths, params, register("good"))
+    assert not decision.promote and decision.comparison_subjects == []
+    assert "its split is unknown" in decision.reason and decision.champion_dice is None
+
+    holdout = release.holdout_table(paths)
+    registry.client().log_text(run_id, holdout[["frame_id", "subject"]].to_csv(index=False),
+                               "evaluation/holdout_frames.csv")
+    record = version_split(NAME, first)
+    assert record.source == "holdout-only" and record.holdout == sorted(int(s) for s in holdout["subject"].unique())
+    compared = release.promote(paths, params, register("worse"))
+    assert compared.comparison_subjects == record.holdout and compared.champion_dice is not None

@@ -18,16 +18,15 @@ import pytest
 import torch
 
 from pipeline import stages
-from pipeline.config import AugmentParams, SplitParams, TrainParams, load_params
+from pipeline.config import AugmentParams, TrainParams, load_params
 from pipeline.inference import Postprocess, Predictor, fuse_conv_bn
 from pipeline.model import ModelConfig, ResizeConv, build_model
-from pipeline.split import assign_subjects
 from pipeline.preprocess import load_prepared
 from pipeline.train import (METRICS, WEIGHTS, _cpu_flags_have_bf16, _validation_scores, cpu_has_native_bf16,
                             load_trained, lr_factor, predict_prepared, stop_early, use_autocast)
 from pipeline.weight_average import WeightAverage
 
-from .conftest import REPO, tiny_model_config, with_settings
+from .conftest import REPO, prepare_again, tiny_model_config, with_settings
 
 
 @pytest.mark.parametrize("norm", ["batch", "instance", "group", "none"])
@@ -87,21 +86,14 @@ def test_learning_rate_schedules():
     assert lr_factor(50, 100, 0, "constant") == 1.0
 
 
-def test_k_fold_split_keeps_the_holdout_and_validates_every_other_subject_once():
-    subjects = list(range(1, 48))
-    folds = [assign_subjects(subjects, SplitParams(seed=4, folds=5, fold=f)) for f in range(5)]
-    holdouts = [{s for s, p in parts.items() if p == "holdout"} for parts in folds]
-    assert all(h == holdouts[0] for h in holdouts)
-    validated = [s for parts in folds for s, p in parts.items() if p == "validation"]
-    assert sorted(validated) == sorted(set(subjects) - holdouts[0])  # each exactly once
-    with pytest.raises(ValueError, match="split.fold"):
-        SplitParams(folds=3, fold=3)
-
-
 def test_cross_validation_trains_every_fold(prepared, tiny_params):
     from pipeline.cross_validation import cross_validate
+    from pipeline.split import SplitError
 
     params = with_settings(tiny_params, {"split": {"folds": 3}, "train": {"epochs": 1}})
+    with pytest.raises(SplitError, match="not the 3 fold"):  # prepared with one fold: say so, never recompute
+        cross_validate(prepared.prepared_dir, prepared.models_dir / "cv", params, progress=False)
+    prepare_again(prepared, params)
     outcome = cross_validate(prepared.prepared_dir, prepared.models_dir / "cv", params, progress=False)
     assert [f.fold for f in outcome.folds] == [0, 1, 2]
     seen = [s for f in outcome.folds for s in f.validation_subjects]
@@ -306,6 +298,7 @@ def test_soft_targets_train_on_the_mask_coverage(prepared, tiny_params):
     from pipeline.cross_validation import cross_validate
 
     params = with_settings(tiny_params, {"split": {"folds": 2}, "train": {"epochs": 1, "soft_targets": True}})
+    prepare_again(prepared, params)
     outcome = cross_validate(prepared.prepared_dir, prepared.models_dir / "cv", params, progress=False)
     fold_loss = pd.read_csv(prepared.models_dir / "cv" / "fold0" / "history.csv")["bce_loss"].iloc[0]
     hard_cv = with_settings(params, {"train": {"soft_targets": False}})
@@ -373,6 +366,7 @@ def test_fold_ensemble_trains_under_torchrun(prepared, tiny_params):
 
     params = with_settings(tiny_params, {"split": {"folds": 3},
                                  "train": {"epochs": 1, "device": "cpu", "threads": 1, "ensemble_folds": True}})
+    prepare_again(prepared, params)
     results = _train_under_torchrun(prepared, params)
     assert len(results) == 1 and results[0]["world_size"] == 2  # rank 0 reports, once
     for fold in range(3):
@@ -458,7 +452,9 @@ def test_cv_command_logs_every_fold_to_mlflow(prepared, tiny_params):
     from flows.cli import app
     from pipeline.config import write_params
 
-    write_params(with_settings(tiny_params, {"split": {"folds": 2}, "train": {"epochs": 1}}), prepared.root / "params.yaml")
+    two_folds = with_settings(tiny_params, {"split": {"folds": 2}, "train": {"epochs": 1}})
+    write_params(two_folds, prepared.root / "params.yaml")
+    prepare_again(prepared, two_folds)
     done = CliRunner().invoke(app, ["cv", "--project", str(prepared.root), "--json"])
     assert done.exit_code == 0, done.output
     outcome = json.loads(done.output[done.output.index("{"):])

@@ -164,13 +164,13 @@ def test_validate_data_dir_keeps_its_cache_outside_the_data(tmp_path, gx_dir):
 # --------------------------------------------------------------------------------------------
 def test_check_split_names_subjects_in_two_parts():
     from pipeline.config import SplitParams
-    from pipeline.split import split_frames
+    from pipeline.split import create_assignment, split_frames
 
     frames = pd.DataFrame({
         "frame_id": [f"{s}_{n}" for s in range(1, 8) for n in (1, 2)],
         "subject": [s for s in range(1, 8) for _ in (1, 2)],
     })
-    clean = split_frames(frames, SplitParams())
+    clean = split_frames(frames, create_assignment(list(range(1, 8)), SplitParams()))
     assert check_split(clean).empty
     assert_no_subject_leak(clean)
 
