@@ -112,8 +112,9 @@ def main() -> int:
             sys.exit(f"data add of {n} subjects failed:\n{added.stdout}\n{added.stderr}")
         split_line = next((line.strip() for line in added.stdout.splitlines() if "subject split" in line), "")
         ran = nerveseg(project, "run", "--json")
-        text = ran.stdout
-        result = json.loads(text[text.index("{\n"):])  # Prefect's log lines come first
+        if ran.returncode or "{\n" not in ran.stdout:
+            sys.exit(f"nerveseg run after {n} subjects failed:\n{ran.stdout[-3000:]}\n{ran.stderr[-3000:]}")
+        result = json.loads(ran.stdout[ran.stdout.index("{\n"):])  # Prefect's log lines may come first
         if result.get("skipped"):
             sys.exit(f"the run after {n} subjects was skipped: {result['reason']}")
         rows.append({**row(n, result, ran.seconds), "import_seconds": round(added.seconds, 1), "split": split_line})
