@@ -158,31 +158,67 @@ def run(project: ProjectOpt = Path("."), params_file: ParamsOpt = "params.yaml",
 
 @app.command()
 def validate(
-    data_dir: Annotated[Optional[Path], typer.Argument(help="Dataset folder (default: data.raw_dir).")] = None,
+    data_dir: Annotated[Optional[Path], typer.Argument(help="Dataset folder (default: data.raw_dir): any folder "
+                                                             "`data add` accepts.")] = None,
+    fmt: Annotated[str, typer.Option("--format", help="How to import DATA_DIR when it is not in the canonical "
+                                                      "layout, as `data add`: auto, competition, folders or "
+                                                      "unlabeled.")] = "auto",
+    letterbox: Annotated[str, typer.Option(help="auto, yes or no, as `data add`.")] = "auto",
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary and every failing file (check, "
+                                                         "reason) as JSON.")] = False,
     project: ProjectOpt = Path("."),
     params_file: ParamsOpt = "params.yaml",
 ) -> None:
-    """Check a dataset with the Great Expectations suite; exit 1 on a failure."""
+    """Check a dataset with the Great Expectations suite; exit 1 on a failure. Every failing file, with its
+    check and reason, goes to reports/validate_failures.csv (and .json)."""
     params, paths = _load(project, params_file)
-    from pipeline.validation import validate_data_dir
+    from pipeline.folder_validation import validate_folder, write_reports
+    from pipeline.importers import DataImportError
 
-    data_dir = data_dir or paths.raw_dir
-    if not data_dir.is_dir():
-        _fail(f"{data_dir}: no such folder", EXIT_USAGE)
-    manifest, report = validate_data_dir(data_dir, params.validation, paths.gx_dir)
-    summary = paths.reports_dir / "validate_summary.md"
-    summary.parent.mkdir(parents=True, exist_ok=True)
-    summary.write_text(report.to_markdown())
-    typer.echo(f"{data_dir}: {report.n_frames} frames of {report.n_subjects} subjects, "
-               f"{report.empty_share:.1%} without a nerve, {report.evaluated} expectations")
+    folder = data_dir or paths.raw_dir
+    if not folder.is_dir():
+        _fail(f"{folder}: no such folder", EXIT_USAGE)
+    try:
+        checked = validate_folder(folder, params.validation, paths.gx_dir, fmt=fmt, letterbox=letterbox,
+                                  as_is=data_dir is None)
+    except DataImportError as exc:
+        _fail(f"{folder}: cannot be imported as `data add` would, so it was not validated:\n{exc}")
+    doc = write_reports(checked, paths.reports_dir, paths.root)
+    if as_json:
+        typer.echo(json.dumps(doc, indent=2, default=str))
+    else:
+        _print_validation(checked, doc, paths.reports_dir)
+    if not checked.success:
+        _fail("validation failed")
+
+
+def _print_validation(checked, doc: dict, reports_dir: Path) -> None:
+    from pipeline import failure_list
+    from pipeline.folder_validation import CANONICAL, FAILURES_JSON
+    from pipeline.validation import SHOW_FILES
+
+    report, entries = checked.report, doc["failures"]
+    summary, csv_path, json_path = Path(doc["report"]), Path(doc["failure_list"]), reports_dir / FAILURES_JSON
+    cannot = f"; {len(checked.problems)} files it cannot import" if checked.problems else ""
+    read_as = "" if checked.layout == CANONICAL else f" (read as `data add` imports it: {checked.layout}{cannot})"
+    typer.echo(f"{checked.data_dir}: {report.n_frames} frames of {report.n_subjects} subjects, "
+               f"{report.empty_share:.1%} without a nerve, {report.evaluated} expectations{read_as}")
+    if checked.problems:  # the checks below saw only what could be imported: say so first
+        checks = ", ".join(sorted({p.check for p in checked.problems}))
+        typer.echo(f"data validation failed: {len(checked.problems)} files cannot be imported ({checks}), so "
+                   f"`data add` refuses this folder; the checks of the frames it can import:")
     typer.echo(report.format_failures())  # blocking failures and warnings, each naming its files
+    blocking, warned = failure_list.failing_files(entries), failure_list.failing_files(entries, "warning")
+    if entries:
+        typer.echo(f"{len(blocking)} files fail a blocking check, {len(warned)} only warn; every one with its "
+                   f"check and reason: {csv_path} (JSON: {json_path})")
+        for line in failure_list.terminal_lines(entries, SHOW_FILES):
+            typer.echo(f"  {line}")
     typer.echo(f"report: {summary}")
     if report.data_docs:
         typer.echo(f"Data Docs: {report.data_docs_page or report.data_docs}")
-    if report.success:
+    if checked.success:
         typer.secho("validation passed", fg=typer.colors.GREEN)
-        return
-    _fail("validation failed")
 
 
 @app.command()

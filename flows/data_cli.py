@@ -76,12 +76,15 @@ def data_add(
                           keep_existing=keep_existing, push=push, progress=True,
                           echo=typer.echo, split=params.split)
     except DataImportError as exc:
-        _fail(f"import failed; {paths.rel(paths.raw_dir)} is unchanged.\n{exc}")
+        where = _write_failure_list(paths, src, fmt, exc) if exc.problems else ""
+        _fail(f"import failed; {paths.rel(paths.raw_dir)} is unchanged.\n{exc}{where}")
     except (DataAddError, DataVersionError, CommandError) as exc:
         _fail(str(exc))
     if result.validation is not None and not result.validation.success:
         typer.echo(result.validation.format_failures())
-        _fail(f"data validation failed; {paths.rel(paths.raw_dir)} was put back as it was and nothing was versioned")
+        where = _write_failure_list(paths, src, fmt, result.validation)
+        _fail(f"data validation failed; {paths.rel(paths.raw_dir)} was put back as it was and nothing was "
+              f"versioned{where}")
     if not result.changed:
         typer.echo(f"nothing new: {paths.rel(paths.raw_dir)} already holds these frames; no new version")
         return
@@ -95,6 +98,17 @@ def data_add(
         typer.echo("no retraining run started (--no-trigger); `nerveseg run` retrains here and now")
         return
     _trigger_retraining(paths.root, v, params_file)
+
+
+def _write_failure_list(paths, src: Path, fmt: str, failed) -> str:
+    """Every failing file of a refused ``data add`` to reports/data_add_failures.csv and .json; the
+    line that says where, and how many."""
+    from pipeline.failure_list import write_refusal
+
+    csv_path, json_path, count = write_refusal(failed, src, fmt, paths.reports_dir,
+                                               raw_prefix=f"{paths.rel(paths.raw_dir)}/")
+    return (f"\nevery failing file ({count}) with its check and reason: {paths.rel(csv_path)} "
+            f"(JSON: {paths.rel(json_path)})")
 
 
 def _trigger_retraining(root: Path, version: dict, params_file: str) -> str | None:

@@ -22,7 +22,8 @@ Sources (``detect_format`` picks one; ``fmt`` forces it):
 An import never half-writes: the new ``data/raw`` is built in a temporary folder beside it
 (existing files hard-linked, new ones written and checked), and only when every file passed is it
 swapped in by two renames; the previous tree is kept until :meth:`StagedImport.finish` (or put back
-by :meth:`StagedImport.rollback`). Any bad input raises :class:`DataImportError` naming the file.
+by :meth:`StagedImport.rollback`). Bad input raises :class:`DataImportError` naming the file; every
+file the import cannot take is found first (not only the first one) and listed in its ``problems``.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ import cv2
 import numpy as np
 import pandas as pd
 
+from pipeline.decode_errors import quiet_decoders
 from pipeline.imageio import ImageReadError, read_gray
 from pipeline.layout import FRAME_NAME
 
@@ -52,8 +54,48 @@ MANIFEST_COLUMNS = ["frame_id", "split", "subject", "n", "image_path", "mask_pat
                     "source_mask", "has_mask", "mask_area", "letterboxed", "status"]
 
 
+@dataclass
+class ImportProblem:
+    """One source file the import cannot take: the validation check it breaks (a check name of
+    ``params.yaml`` ``validation``, e.g. ``frame_decodes``) and why, in words."""
+    path: Path
+    frame_id: str
+    check: str
+    reason: str
+    message: str = ""  # the full line, "{path}: ..."; default "{path}: {reason}"
+
+    def __post_init__(self) -> None:
+        self.message = self.message or f"{self.path}: {self.reason}"
+
+
 class DataImportError(ValueError):
-    """Bad input for an import; the message names the file and the problem."""
+    """Bad input for an import; the message names the file and the problem. ``problems`` lists every
+    file the import could not take (empty when the problem is the source as a whole)."""
+
+    def __init__(self, message: str, problems: list[ImportProblem] | None = None):
+        super().__init__(message)
+        self.problems = list(problems or [])
+
+
+SHOW_PROBLEMS = 10  # lines of a refusal's message; the exception's ``problems`` has them all
+
+
+def _problem_order(problem: ImportProblem) -> tuple:
+    """By path, numbers as numbers (``9_2`` before ``9_10``), then check."""
+    parts = re.split(r"(\d+)", str(problem.path))
+    return tuple((0, int(x), "") if x.isdigit() else (1, 0, x) for x in parts), problem.check
+
+
+def _refusal(problems: list[ImportProblem]) -> DataImportError:
+    problems = sorted(problems, key=_problem_order)
+    lines = [p.message for p in problems[:SHOW_PROBLEMS]]
+    if len(problems) > SHOW_PROBLEMS:
+        lines.append(f"... and {len(problems) - SHOW_PROBLEMS} more files that cannot be imported")
+    return DataImportError("\n".join(lines), problems)
+
+
+def _problem(path: Path, frame_id: str, check: str, reason: str, message: str = "") -> DataImportError:
+    return DataImportError(message or f"{path}: {reason}", [ImportProblem(path, frame_id, check, reason, message)])
 
 
 # --------------------------------------------------------------------------------------------
@@ -75,15 +117,18 @@ def _images(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
 
 
-def _check_image_suffix(path: Path) -> None:
-    if path.suffix.lower() not in IMAGE_EXTENSIONS:
-        raise DataImportError(f"{path}: not an image file (PNG, JPEG or TIFF expected)")
+def _image_suffix(path: Path, problems: list[ImportProblem]) -> bool:
+    """True for a PNG, JPEG or TIFF name; otherwise the file is a problem."""
+    if path.suffix.lower() in IMAGE_EXTENSIONS:
+        return True
+    problems.append(ImportProblem(path, path.stem, "names", "not an image file (PNG, JPEG or TIFF expected)"))
+    return False
 
 
-def _labelled_id(path: Path, stem: str) -> tuple[str, int, int]:
+def _labelled_id(path: Path, stem: str) -> tuple[str, int, int] | None:
     m = FRAME_NAME.match(stem)
     if not m:
-        raise DataImportError(f"{path}: name does not follow {{subject}}_{{n}} (e.g. 12_34{path.suffix})")
+        return None
     subject, n = int(m["subject"]), int(m["n"])
     return f"{subject}_{n}", subject, n
 
@@ -107,64 +152,87 @@ def detect_format(src: Path) -> str:
     return "folders"
 
 
-def _plan_flat(folder: Path) -> list[_Item]:
+def _plan_flat(folder: Path, problems: list[ImportProblem]) -> list[_Item]:
     """One folder of ``{subject}_{n}.ext`` + ``{subject}_{n}_mask.ext``."""
     frames: dict[str, Path] = {}
     masks: dict[str, Path] = {}
     for path in _images(folder):
-        _check_image_suffix(path)
+        if not _image_suffix(path, problems):
+            continue
         if path.stem.endswith("_mask"):
             masks[path.stem[: -len("_mask")]] = path
         else:
             frames[path.stem] = path
     for stem, mask in masks.items():
         if stem not in frames:
-            raise DataImportError(f"{mask}: a mask without its frame ({stem}.* is missing)")
-    return [_labelled_item(frames[stem], stem, masks.get(stem)) for stem in frames]
+            problems.append(ImportProblem(mask, stem, "frame_for_mask",
+                                          f"a mask without its frame ({stem}.* is missing)"))
+    return _labelled_items(frames, masks, problems)
 
 
-def _labelled_item(image: Path, stem: str, mask: Path | None) -> _Item:
-    frame_id, subject, n = _labelled_id(image, stem)
-    return _Item("train", frame_id, subject, n, image, mask)
+def _labelled_items(frames: dict[str, Path], masks: dict[str, Path], problems: list[ImportProblem]) -> list[_Item]:
+    """One item per frame named ``{subject}_{n}``; a frame (and its mask) named otherwise is a problem."""
+    items = []
+    for stem, image in frames.items():
+        ids = _labelled_id(image, stem)
+        if ids is None:
+            for path in (image, masks.get(stem)):
+                if path is not None:
+                    problems.append(ImportProblem(path, stem, "names", f"name does not follow {{subject}}_{{n}} "
+                                                  f"(e.g. 12_34{path.suffix})"))
+            continue
+        items.append(_Item("train", *ids, image, masks.get(stem)))
+    return items
 
 
-def _plan_folders(src: Path) -> list[_Item]:
+def _without_mask(items: list[_Item], problems: list[ImportProblem], expected: str) -> list[_Item]:
+    """The items that have a mask; each one without is a problem."""
+    for item in items:
+        if item.mask is None and item.rle is None:
+            problems.append(ImportProblem(item.image, item.frame_id, "mask_for_frame",
+                                          f"a frame without its mask ({expected.format(stem=item.image.stem)})"))
+    return [item for item in items if item.mask is not None or item.rle is not None]
+
+
+def _plan_folders(src: Path, problems: list[ImportProblem]) -> list[_Item]:
     if not (src / "images").is_dir():
-        items = _plan_flat(src)
+        items = _plan_flat(src, problems)
     else:
         frames = {}
         for path in _images(src / "images"):
-            _check_image_suffix(path)
-            frames[path.stem] = path
+            if _image_suffix(path, problems):
+                frames[path.stem] = path
         masks: dict[str, Path] = {}
         mask_dir = src / "masks"
         if mask_dir.is_dir():
             for path in _images(mask_dir):
-                _check_image_suffix(path)
+                if not _image_suffix(path, problems):
+                    continue
                 stem = path.stem[: -len("_mask")] if path.stem.endswith("_mask") else path.stem
                 if stem not in frames:
-                    raise DataImportError(f"{path}: a mask without its frame (images/{stem}.* is missing)")
+                    problems.append(ImportProblem(path, stem, "frame_for_mask",
+                                                  f"a mask without its frame (images/{stem}.* is missing)"))
+                    continue
                 masks[stem] = path
-        items = [_labelled_item(frames[s], s, masks.get(s)) for s in frames]
-    for item in items:
-        if item.mask is None:
-            raise DataImportError(f"{item.image}: a frame without its mask (expected {item.image.stem}_mask.*); "
-                                  "import unlabeled frames as a folder of {n}.tif")
-    return items
+        items = _labelled_items(frames, masks, problems)
+    return _without_mask(items, problems, "expected {stem}_mask.*; import unlabeled frames as a folder of {{n}}.tif")
 
 
-def _plan_unlabeled(folder: Path) -> list[_Item]:
+def _plan_unlabeled(folder: Path, problems: list[ImportProblem]) -> list[_Item]:
     items = []
     for path in _images(folder):
-        _check_image_suffix(path)
+        if not _image_suffix(path, problems):
+            continue
         m = _UNLABELED.match(path.stem)
         if not m:
-            raise DataImportError(f"{path}: an unlabeled frame must be named {{n}}{path.suffix} (e.g. 17{path.suffix})")
+            problems.append(ImportProblem(path, path.stem, "names", f"an unlabeled frame must be named "
+                                          f"{{n}}{path.suffix} (e.g. 17{path.suffix})"))
+            continue
         items.append(_Item("test", str(int(m["n"])), None, int(m["n"]), path))
     return items
 
 
-def _plan_competition(src: Path, height: int, width: int) -> list[_Item]:
+def _plan_competition(src: Path, height: int, width: int, problems: list[ImportProblem]) -> list[_Item]:
     from pipeline.rle import RLEError, read_rle_csv, rle_runs
 
     items: list[_Item] = []
@@ -173,11 +241,12 @@ def _plan_competition(src: Path, height: int, width: int) -> list[_Item]:
         frames: dict[str, Path] = {}
         masks: dict[str, Path] = {}
         for path in _images(train):
-            _check_image_suffix(path)
-            (masks if path.stem.endswith("_mask") else frames)[path.stem.removesuffix("_mask")] = path
+            if _image_suffix(path, problems):
+                (masks if path.stem.endswith("_mask") else frames)[path.stem.removesuffix("_mask")] = path
         for stem, mask in masks.items():
             if stem not in frames:
-                raise DataImportError(f"{mask}: a mask without its frame (train/{stem}.tif is missing)")
+                problems.append(ImportProblem(mask, stem, "frame_for_mask",
+                                              f"a mask without its frame (train/{stem}.tif is missing)"))
         rles: dict[str, tuple[str, int]] = {}
         csv_path = src / "train_masks.csv"
         if csv_path.is_file():
@@ -189,20 +258,52 @@ def _plan_competition(src: Path, height: int, width: int) -> list[_Item]:
                     raise DataImportError(f"{csv_path}, line {line} (img {frame_id}): does not decode to a "
                                           f"{height}x{width} mask: {exc}") from None
                 rles[frame_id] = (pixels, line)
-        for stem, image in frames.items():
-            item = _labelled_item(image, stem, masks.get(stem))
-            if item.mask is None:
-                if item.frame_id not in rles:
-                    raise DataImportError(f"{image}: a frame without its mask (no {stem}_mask.tif and no row "
-                                          f"in {csv_path.name})")
+        labelled = _labelled_items(frames, masks, problems)
+        for item in labelled:
+            if item.mask is None and item.frame_id in rles:
                 item.rle, line = rles[item.frame_id]
                 item.rle_origin = f"{csv_path.name}:{line}"
-            items.append(item)
+        items += _without_mask(labelled, problems, f"no {{stem}}_mask.tif and no row in {csv_path.name}")
     if (src / "test").is_dir():
-        items += _plan_unlabeled(src / "test")
-    if not items:
+        items += _plan_unlabeled(src / "test", problems)
+    if not items and not problems:
         raise DataImportError(f"{src}: train/ and test/ hold no frames")
     return items
+
+
+def _plan(src: Path, fmt: str, height: int, width: int, problems: list[ImportProblem]) -> list[_Item]:
+    """What an import of ``src`` in format ``fmt`` takes; each file it cannot take goes to ``problems``."""
+    if fmt == "competition":
+        items = _plan_competition(src, height, width, problems)
+    elif fmt == "folders":
+        items = _plan_folders(src, problems)
+    else:
+        items = _plan_unlabeled(src, problems)
+    seen: dict[str, Path] = {}
+    unique = []
+    for item in items:
+        key = f"{item.split}/{item.frame_id}"
+        if key in seen:
+            problems.append(ImportProblem(item.image, item.frame_id, "unique_ids",
+                                          f"frame {item.frame_id} also comes from {seen[key]}"))
+            continue
+        seen[key] = item.image
+        unique.append(item)
+    return unique
+
+
+def source_names(src: Path | str, fmt: str = "auto", height: int = HEIGHT, width: int = WIDTH) -> dict[str, str]:
+    """Where each file an import of ``src`` would write comes from: ``train/1_2.tif`` -> its source
+    file relative to ``src`` (``train_masks.csv:LINE`` for a mask taken from the CSV). Reads no image."""
+    src = Path(src)
+    items = _plan(src, detect_format(src) if fmt == "auto" else fmt, height, width, [])
+    names: dict[str, str] = {}
+    for item in items:
+        names[f"{'train' if item.split == 'train' else 'test'}/{item.frame_id}.tif"] = item.image.relative_to(src).as_posix()
+        if item.split == "train":
+            names[f"train/{item.frame_id}_mask.tif"] = (item.mask.relative_to(src).as_posix() if item.mask is not None
+                                                        else item.rle_origin)
+    return names
 
 
 # --------------------------------------------------------------------------------------------
@@ -252,11 +353,28 @@ def _plain_gray(path: Path) -> bool:
     return data is not None and data.ndim == 2 and data.dtype == np.uint8
 
 
-def _read(path: Path) -> np.ndarray:
+def _read(path: Path, frame_id: str, mask: bool) -> np.ndarray:
     try:
         return read_gray(path)
     except ImageReadError as exc:
-        raise DataImportError(str(exc)) from None
+        eight_bit = exc.reason.startswith("expected 8-bit")
+        check = ("mask_decodes" if mask else "frame_dtype" if eight_bit else "frame_decodes")
+        raise _problem(path, frame_id, check, exc.reason, str(exc)) from None
+
+
+def _with_mask_problem(item: _Item, frame_problem: DataImportError) -> DataImportError:
+    """The frame's problem, plus its mask's when the mask does not decode either: one run names both."""
+    if item.split == "train" and item.mask is not None:
+        try:
+            _read(item.mask, item.frame_id, mask=True)
+        except DataImportError as exc:
+            frame_problem.problems += exc.problems
+    return frame_problem
+
+
+def _size_check(prefix: str, shape: tuple, height: int, width: int) -> str:
+    """``frame_height`` when the rows are wrong, else ``frame_width`` (``mask_...`` for masks)."""
+    return f"{prefix}_height" if shape[0] != height else f"{prefix}_width"
 
 
 @dataclass
@@ -272,7 +390,10 @@ class _Converted:
 def _convert(item: _Item, stage: Path, letterbox: str, height: int, width: int) -> _Converted:
     from pipeline.rle import rle_decode
 
-    image = _read(item.image)
+    try:
+        image = _read(item.image, item.frame_id, mask=False)
+    except DataImportError as exc:
+        raise _with_mask_problem(item, exc) from None
     raw_shape = image.shape
     box = None
     if image.shape != (height, width):
@@ -283,8 +404,9 @@ def _convert(item: _Item, stage: Path, letterbox: str, height: int, width: int) 
             box = ((s - rows) // 2, rows)
         if box is None:
             hint = "" if image.shape[0] != image.shape[1] else " and is not a detectable letterboxed export"
-            raise DataImportError(f"{item.image}: frame is {image.shape[0]}x{image.shape[1]}, expected "
-                                  f"{height}x{width}{hint}")
+            raise _with_mask_problem(item, _problem(
+                item.image, item.frame_id, _size_check("frame", image.shape, height, width),
+                f"frame is {image.shape[0]}x{image.shape[1]}, expected {height}x{width}{hint}"))
         image = _unletterbox(image, box, height, width)
     elif letterbox == "yes":
         raise DataImportError(f"{item.image}: frame is already {height}x{width}, not a letterboxed export")
@@ -295,7 +417,7 @@ def _convert(item: _Item, stage: Path, letterbox: str, height: int, width: int) 
     source_is_canonical = box is None and item.image.suffix.lower() in (".tif", ".tiff") and _plain_gray(item.image)
     if source_is_canonical:
         shutil.copyfile(item.image, out_image)
-        if _read(out_image).shape != (height, width):  # a copy that does not read back is no frame
+        if not _plain_gray(out_image):  # a copy that does not read back is no frame
             raise DataImportError(f"{item.image}: could not be copied faithfully")
     else:
         _write_tif(out_image, image, compress=False)
@@ -307,16 +429,17 @@ def _convert(item: _Item, stage: Path, letterbox: str, height: int, width: int) 
         mask = rle_decode(item.rle, height, width).astype(bool)
         raw_mask = None
     else:
-        raw_mask = _read(item.mask)
+        raw_mask = _read(item.mask, item.frame_id, mask=True)
         mask_img = raw_mask
         if box is not None:
             if mask_img.shape != raw_shape:
-                raise DataImportError(f"{item.mask}: mask is {mask_img.shape[0]}x{mask_img.shape[1]}, its frame "
-                                      f"{item.image.name} is {raw_shape[0]}x{raw_shape[1]}")
+                raise _problem(item.mask, item.frame_id, _size_check("mask", mask_img.shape, *raw_shape),
+                               f"mask is {mask_img.shape[0]}x{mask_img.shape[1]}, its frame "
+                               f"{item.image.name} is {raw_shape[0]}x{raw_shape[1]}")
             mask_img = _unletterbox(mask_img, box, height, width)
         elif mask_img.shape != (height, width):
-            raise DataImportError(f"{item.mask}: mask is {mask_img.shape[0]}x{mask_img.shape[1]}, expected "
-                                  f"{height}x{width} like its frame")
+            raise _problem(item.mask, item.frame_id, _size_check("mask", mask_img.shape, height, width),
+                           f"mask is {mask_img.shape[0]}x{mask_img.shape[1]}, expected {height}x{width} like its frame")
         mask = mask_img > MASK_THRESHOLD
     mask_rel = f"train/{item.frame_id}_mask.tif"
     out_mask = stage / mask_rel
@@ -344,6 +467,16 @@ class ImportResult:
     unchanged: list[str] = field(default_factory=list)
     removed: list[str] = field(default_factory=list)  # only with replace=True
     kept: list[str] = field(default_factory=list)     # only with keep_existing=True: old files kept
+    problems: list[ImportProblem] = field(default_factory=list)  # only with keep_going=True: files left out
+
+    def source_names(self) -> dict[str, str]:
+        """``train/1_2.tif`` (as imported) -> its source file, relative to the source folder."""
+        names: dict[str, str] = {}
+        for row in self.manifest.itertuples():
+            names[row.image_path] = row.source_image
+            if row.mask_path:
+                names[row.mask_path] = row.source_mask
+        return names
 
     @property
     def n_train(self) -> int:
@@ -452,6 +585,7 @@ def stage_import(
     width: int = WIDTH,
     progress: bool = False,
     workers: int | None = None,
+    keep_going: bool = False,
 ) -> tuple[StagedImport, ImportResult]:
     """Import ``src`` into a copy of ``raw_dir`` and swap it in; the caller must ``finish`` or ``rollback``.
 
@@ -460,7 +594,10 @@ def stage_import(
     become the whole of ``train/``/``test/`` (other frames are removed) instead of being merged.
     ``keep_existing``: when merging, a frame id already in ``raw_dir`` keeps its files (status
     ``kept``) instead of being replaced, e.g. native TIFFs over a lossy re-export of the same frames.
-    Raises :class:`DataImportError` naming the bad file; then ``raw_dir`` is untouched.
+    Raises :class:`DataImportError` naming the bad files (all of them in its ``problems``: every file
+    is planned and converted first); then ``raw_dir`` is untouched. With ``keep_going`` the files
+    that cannot be imported are left out and listed in ``ImportResult.problems`` instead
+    (``nerveseg validate`` of a folder that needs importing).
     """
     src, raw_dir = Path(src), Path(raw_dir)
     if letterbox not in ("auto", "yes", "no"):
@@ -472,20 +609,10 @@ def stage_import(
         raise DataImportError(f"{src}: no such folder")
     if src.resolve() == raw_dir.resolve() or raw_dir.resolve() in src.resolve().parents:
         raise DataImportError(f"{src}: is inside {raw_dir}; import from outside the data folder")
-    if fmt == "competition":
-        items = _plan_competition(src, height, width)
-    elif fmt == "folders":
-        items = _plan_folders(src)
-    else:
-        items = _plan_unlabeled(src)
-    if not items:
+    problems: list[ImportProblem] = []
+    items = _plan(src, fmt, height, width, problems)
+    if not items and not problems:
         raise DataImportError(f"{src}: no frames to import")
-    seen: dict[str, Path] = {}
-    for item in items:
-        key = f"{item.split}/{item.frame_id}"
-        if key in seen:
-            raise DataImportError(f"{item.image}: frame {item.frame_id} also comes from {seen[key]}")
-        seen[key] = item.image
     name = name or _source_name(src)
     if not re.fullmatch(r"[A-Za-z0-9._-]+", name):
         raise DataImportError(f"manifest name {name!r}: use letters, digits, '.', '_' or '-'")
@@ -495,9 +622,11 @@ def stage_import(
         new = staged.stage / "_new"
         for split in ("train", "test"):
             (new / split).mkdir(parents=True)
-        converted = _convert_all(items, new, letterbox, height, width, progress, workers)
+        converted, failed = _convert_all(items, new, letterbox, height, width, progress, workers)
+        problems = sorted(problems + failed, key=_problem_order)
+        if problems and not keep_going:
+            raise _refusal(problems)
         before = _frame_keys(raw_dir)
-        incoming = set(seen)
         # The new tree: the old one (hard links, unless replaced), then the imported files on top.
         result_root = staged.stage
         if raw_dir.is_dir():
@@ -528,6 +657,7 @@ def stage_import(
                     target.unlink()
                 os.replace(path, target)
         shutil.rmtree(new)
+        incoming = {f"{c.item.split}/{c.item.frame_id}" for c in converted}  # what did import
         added = sorted(incoming - before, key=_sort_key)
         removed = sorted(before - incoming, key=_sort_key) if replace else []
         manifest = _manifest(converted, src, replaced, unchanged, kept)
@@ -542,7 +672,7 @@ def stage_import(
         staged.rollback()
         raise
     result = ImportResult(str(src), fmt, name, manifest, manifest_rel, added, sorted(replaced, key=_sort_key),
-                          sorted(unchanged, key=_sort_key), removed, sorted(kept, key=_sort_key))
+                          sorted(unchanged, key=_sort_key), removed, sorted(kept, key=_sort_key), problems)
     return staged, result
 
 
@@ -558,18 +688,30 @@ def _sort_key(key: str):
     return (split, tuple(int(x) for x in frame_id.split("_")) if re.fullmatch(r"[\d_]+", frame_id) else (), frame_id)
 
 
-def _convert_all(items, new: Path, letterbox, height, width, progress, workers) -> list[_Converted]:
+def _convert_all(items, new: Path, letterbox, height, width, progress, workers
+                 ) -> tuple[list[_Converted], list[ImportProblem]]:
+    """Every item converted, or its problem (a file that cannot be imported), so that one run names
+    them all; an error that is not about one file (no ``problems``) stops at once."""
     from tqdm import tqdm
 
     workers = workers or min(8, os.cpu_count() or 2)
 
-    def one(item: _Item) -> _Converted:
-        return _convert(item, new, letterbox, height, width)
+    def one(item: _Item) -> _Converted | list[ImportProblem]:
+        try:
+            return _convert(item, new, letterbox, height, width)
+        except DataImportError as exc:
+            if not exc.problems:
+                raise
+            folder = new / ("train" if item.split == "train" else "test")
+            for leftover in (folder / f"{item.frame_id}.tif", folder / f"{item.frame_id}_mask.tif"):
+                leftover.unlink(missing_ok=True)  # the frame may be written before its mask failed
+            return exc.problems
 
-    with ThreadPoolExecutor(max_workers=workers) as pool:
+    with quiet_decoders(), ThreadPoolExecutor(max_workers=workers) as pool:
         results = pool.map(one, items)
         out = list(tqdm(results, total=len(items), desc="import", disable=not progress, unit="frame"))
-    return out
+    converted = [r for r in out if isinstance(r, _Converted)]
+    return converted, [p for r in out if not isinstance(r, _Converted) for p in r]
 
 
 def _manifest(converted: list[_Converted], src: Path, replaced: list[str], unchanged: list[str],

@@ -3,7 +3,8 @@
 The manifest is the table that :mod:`pipeline.validation` checks with Great Expectations. It is
 built by reading every frame and mask once (a thread pool; OpenCV releases the GIL while it
 decodes) and never raises on a bad file: a file that cannot be read or decoded is recorded as
-such, so the validation report can name it.
+such, with the reason in words (``image_error``, ``mask_error``), so the validation report can name
+it; the decoders' own messages are kept off the terminal (:mod:`pipeline.decode_errors`).
 
 Layout: ``train/{subject}_{n}.tif`` (8-bit grayscale frame) and ``train/{subject}_{n}_mask.tif``
 (same size, values 0/255). Any other file in ``train/`` gets a row with ``name_ok`` False.
@@ -28,6 +29,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pandas as pd
+
+from pipeline.decode_errors import opencv_log_silenced, quiet_decoders, why_undecodable
 
 TRAIN_SUBDIR = "train"
 # No leading zeros, so that one frame id cannot come from two files ("3_7.tif", "03_7.tif").
@@ -62,9 +65,11 @@ COLUMNS: dict[str, str] = {
     "mask_values": "str",  # the distinct mask values, e.g. "0,255" (first 8)
     "phash": "str",  # perceptual hash of the frame: 256 bits (DCT of a 64x64 thumbnail), hex
     "mask_thumb": "str",  # the mask at 1/8 size, bit-packed, base64 ("" when empty)
+    "image_error": "str",  # why the frame file does not decode, in words ("" when it does)
+    "mask_error": "str",  # ... the mask file
 }
 # Bump when the per-file fields change: old cache entries are then ignored.
-CACHE_VERSION = 2
+CACHE_VERSION = 3
 PHASH_SIZE, PHASH_BITS_SIDE = 64, 16
 THUMB_FACTOR = 8
 
@@ -80,29 +85,34 @@ class _Entry:
     fields: dict = field(default_factory=dict)
 
 
-def _read_bytes(path: Path) -> bytes | None:
+def _read_bytes(path: Path) -> tuple[bytes | None, str]:
+    """The file's bytes, or None and the reason it cannot be read."""
     try:
-        return path.read_bytes()
-    except OSError:
-        return None
+        return path.read_bytes(), ""
+    except OSError as exc:
+        return None, exc.strerror or str(exc)
 
 
-def _decode(data: bytes | None) -> np.ndarray | None:
+def _decode(data: bytes | None, name: str, read_error: str = "") -> tuple[np.ndarray | None, str]:
+    """The decoded array and "", or None and why it does not decode (the decoders stay quiet)."""
     if not data:
-        return None
+        return None, why_undecodable(data, name, read_error)
     try:
-        arr = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
-    except cv2.error:
-        return None
-    if arr is None or arr.ndim not in (2, 3) or arr.size == 0:
-        return None
-    return arr
+        with opencv_log_silenced():
+            arr = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
+    except cv2.error as exc:
+        return None, f"OpenCV: {str(exc).strip().splitlines()[-1]}"
+    if arr is None:
+        return None, why_undecodable(data, name)
+    if arr.ndim not in (2, 3) or arr.size == 0:
+        return None, f"decodes to an array of shape {arr.shape}, not an image"
+    return arr, ""
 
 
 def _image_fields(path: Path) -> dict:
-    data = _read_bytes(path)
+    data, read_error = _read_bytes(path)
     out: dict = {"content_sha1": hashlib.sha1(data).hexdigest() if data is not None else ""}
-    arr = _decode(data)
+    arr, out["image_error"] = _decode(data, path.name, read_error)
     out["image_decodes"] = arr is not None
     if arr is None:
         return out
@@ -156,9 +166,9 @@ def thumbnail_bits(thumb: str) -> np.ndarray:
 
 
 def _mask_fields(path: Path) -> dict:
-    data = _read_bytes(path)
+    data, read_error = _read_bytes(path)
     out: dict = {"mask_sha1": hashlib.sha1(data).hexdigest() if data is not None else ""}
-    arr = _decode(data)
+    arr, out["mask_error"] = _decode(data, path.name, read_error)
     out["mask_decodes"] = arr is not None
     if arr is None:
         return out
@@ -186,8 +196,10 @@ def read_file_fields(job: tuple[str, bool]) -> dict:
     path, is_mask = job
     try:
         return _mask_fields(Path(path)) if is_mask else _image_fields(Path(path))
-    except Exception:  # never let one odd file stop the scan
-        return {"mask_decodes": False} if is_mask else {"image_decodes": False}
+    except Exception as exc:  # never let one odd file stop the scan
+        reason = f"{type(exc).__name__}: {exc}"
+        return {"mask_decodes": False, "mask_error": reason} if is_mask else {
+            "image_decodes": False, "image_error": reason}
 
 
 def _scan(train: Path, data_dir: Path) -> list[_Entry]:
@@ -301,11 +313,12 @@ def build_manifest(
     workers = workers or min(16, (os.cpu_count() or 2) * 2)
     if jobs:
         units = [(str(path), is_mask) for _, path, is_mask, _, _ in jobs]
-        if mapper is not None:
-            results = list(mapper(read_file_fields, units))
-        else:
-            with ThreadPoolExecutor(max_workers=workers) as pool:
-                results = list(pool.map(read_file_fields, units, chunksize=16))
+        with quiet_decoders():  # each file's reason goes into the manifest, not onto the terminal
+            if mapper is not None:
+                results = list(mapper(read_file_fields, units))
+            else:
+                with ThreadPoolExecutor(max_workers=workers) as pool:
+                    results = list(pool.map(read_file_fields, units, chunksize=16))
         for (entry, _, _, rel, stat), result in zip(jobs, results, strict=True):
             entry.fields.update(result)
             if stat is not None:
@@ -334,6 +347,8 @@ def build_manifest(
             "mask_values": "",
             "phash": "",
             "mask_thumb": "",
+            "image_error": "",
+            "mask_error": "",
         }
         row.update(e.fields)
         rows.append(row)

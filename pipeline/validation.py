@@ -35,6 +35,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.config import ValidationParams
+from pipeline.failure_list import attach_details
 
 if TYPE_CHECKING:  # pragma: no cover
     from great_expectations.data_context import FileDataContext
@@ -51,7 +52,11 @@ DOCS_ACTION_NAME = "update_data_docs"
 DOCS_SITE_NAME = "local_site"
 # Columns GX reports for each offending row, so a failure names the frame and its files.
 INDEX_COLUMNS = ["frame_id", "image_path", "mask_path"]
-RESULT_FORMAT = {"result_format": "COMPLETE", "unexpected_index_column_names": INDEX_COLUMNS}
+# COMPLETE: every offending row in the result. Data Docs show one table row per distinct offending
+# value, up to partial_unexpected_count of them (GX's default 20), each naming at most 10 files (fixed
+# in GX 1.x's renderer); the complete list is the CSV of pipeline/failure_list.py.
+RESULT_FORMAT = {"result_format": "COMPLETE", "unexpected_index_column_names": INDEX_COLUMNS,
+                 "partial_unexpected_count": 1000}
 # The check name (params.yaml ``validation.warning_checks``) of each GX expectation, in order.
 _GX_CHECKS = ('row_count', 'subject_count', 'names', 'unique_ids', 'mask_for_frame', 'frame_for_mask', 'frame_decodes', 'mask_decodes', 'frame_height', 'frame_width', 'frame_channels', 'frame_dtype', 'mask_height', 'mask_width', 'mask_channels', 'mask_binary', 'mask_area', 'not_blank', 'not_saturated')
 # How many offending files a report prints before "... and N more".
@@ -70,6 +75,7 @@ class ExpectationFailure:
     details: dict = field(default_factory=dict)
     check: str = ""  # the check's name in params.yaml (validation.warning_checks)
     severity: str = "blocking"  # "blocking" stops the flow; "warning" is reported only
+    rows: list[dict] = field(default_factory=list)  # per offending row: file, frame_id, value (and detail)
 
     def summary(self, limit: int = SHOW_FILES) -> str:
         """``description: file, file, ... (and N more)`` or the observed value."""
@@ -138,7 +144,12 @@ class ValidationReport:
             return "FAILED"
         return "passed with warnings" if self.warnings else "passed"
 
-    def to_markdown(self) -> str:
+    def to_markdown(self, entries: list[dict] | None = None, csv_label: str | None = None) -> str:
+        """The summary, the failures table (first files of each check), then every failing file with
+        its check and reason: ``entries`` of :mod:`pipeline.failure_list` (default: this report's own),
+        ``csv_label`` where the same list is as CSV."""
+        from pipeline import failure_list  # noqa: PLC0415
+
         lines = [
             f"## Data validation {self._verdict()}",
             "",
@@ -189,7 +200,8 @@ class ValidationReport:
                 )
             if len(self.contradicting_pairs) > 50:
                 lines.append(f"\n... and {len(self.contradicting_pairs) - 50} more pairs")
-        return "\n".join(lines) + "\n"
+        entries = failure_list.report_entries(self) if entries is None else entries
+        return "\n".join(lines) + "\n" + (failure_list.markdown(entries, csv_label) if entries else "")
 
     def drift_line(self) -> str | None:
         """One line on drift: the figures against the previous data version, or why it was not judged."""
@@ -584,6 +596,7 @@ def _failure(result, rules: ValidationParams) -> ExpectationFailure:
 
     frame_ids: list[str] = []
     files: list[str] = []
+    rows: list[dict] = []
     for row in res.get("unexpected_index_list") or []:
         if not isinstance(row, dict):
             continue
@@ -593,6 +606,7 @@ def _failure(result, rules: ValidationParams) -> ExpectationFailure:
         if not path or pd.isna(path):  # e.g. a frame without mask: name the frame
             path = row.get("image_path") or row.get("mask_path") or frame_id
         files.append(str(path))
+        rows.append({"file": str(path), "frame_id": frame_id, "value": row.get(column) if column else None})
     files = list(dict.fromkeys(files))
 
     details: dict[str, Any] = {
@@ -621,6 +635,7 @@ def _failure(result, rules: ValidationParams) -> ExpectationFailure:
         details=json.loads(json.dumps(details, default=_jsonable)),
         check=check,
         severity=rules.severity(check),
+        rows=json.loads(json.dumps(rows, default=_jsonable)),
     )
 
 
@@ -949,6 +964,7 @@ def validate_manifest(
         result_path = str(stored) if stored.is_file() else None
 
     failures = [_failure(r, rules) for r in suite_result.results if not r.success]
+    attach_details(failures, frame)  # e.g. the decoder's reason for each file that does not decode
     for failure in failures:
         if failure.check == "contradicting_duplicates" and pairs:
             failure.details["pairs"] = pairs
