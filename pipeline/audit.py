@@ -108,7 +108,8 @@ def split_lines(record: dict) -> list[str]:
     if p.get("comparison_n_subjects"):
         lines.append(f"  gate:        scored on {p['comparison_n_subjects']} of {p.get('holdout_n_subjects', '?')} "
                      f"holdout subjects ({p.get('n_frames', '?')} frames: {p.get('comparison_subjects', '')}) unseen by "
-                     f"both models; left out: {p.get('excluded_subjects', 'none')}")
+                     f"{'both models' if p.get('champion_version') else 'the model'}; left out: "
+                     f"{p.get('excluded_subjects', 'none')}")
     env = record.get("environment") or {}
     if env:
         lines.append(f"  environment: torch {env.get('torch')}, Python {env.get('python')}, {env.get('device')}, "
