@@ -47,6 +47,20 @@ def _with_registry(project: Path, params_file: str):
     return params, paths
 
 
+def _check_split(project: Path, params_file: str) -> None:
+    """Settings that no longer match the recorded subject split are a usage error (exit 2), said
+    before a flow run starts; the flow checks again for runs started elsewhere (schedules)."""
+    from pipeline.split import SplitError, check_rule, load_assignment
+
+    params, paths = _load(project, params_file)
+    try:
+        recorded = load_assignment(paths.split_file)
+        if recorded is not None:
+            check_rule(recorded, params.split, paths.rel(paths.split_file))
+    except SplitError as exc:
+        _fail(str(exc), EXIT_USAGE)
+
+
 def _run_flow(project: Path, params_file: str, force: bool = False) -> dict:
     from flows.approval import ApprovalTimeout
     from flows.retrain import retrain
@@ -54,6 +68,7 @@ def _run_flow(project: Path, params_file: str, force: bool = False) -> dict:
     from pipeline.versioning import CommandError, DataVersionError
     from pipeline.workspace_lock import WorkspaceBusy
 
+    _check_split(project, params_file)
     try:
         return retrain(project_dir=str(project.resolve()), params_file=params_file, force=force)
     except DataValidationError as exc:
@@ -304,8 +319,7 @@ def models(
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"{params.registry.model_name} (holdout Dice: each on its own data version's holdout; "
-                        "--compare scores all on one set)")
+    table = Table(title=params.registry.model_name)
     for column in ("version", "aliases", "holdout Dice", "presence acc.", "data hash", "split", "decision"):
         table.add_column(column)
     for v in versions:
@@ -316,7 +330,8 @@ def models(
                       f"{m.get('presence_accuracy', float('nan')):.4f}", (v["data_hash"] or "")[:12], split,
                       v["promotion"].get("decision", ""))
     Console().print(table)
-    typer.echo("split: train/validation/holdout subjects and the recorded split's digest")
+    typer.echo("holdout Dice: each version on its own data version's holdout (--compare scores all on one set); "
+               "split: train/validation/holdout subjects and the recorded split's digest")
 
 
 def _compare_models(params, paths, versions_opt: Optional[str], as_json: bool) -> None:

@@ -137,7 +137,7 @@ def test_no_subject_changes_part_without_a_resplit(lifecycle):
 def test_settings_that_disagree_with_the_recorded_split_stop_the_run(lifecycle):
     _, _, notes = lifecycle
     refused = notes["mismatch"]
-    assert refused.exit_code == 1, refused.output
+    assert refused.exit_code == 2, refused.output  # a settings error, said before any flow run starts
     assert "split.holdout_fraction: recorded 0.34, settings 0.5" in refused.output
     assert "nerveseg data resplit" in refused.output
 
