@@ -47,30 +47,27 @@ def _with_registry(project: Path, params_file: str):
     return params, paths
 
 
-def _check_split(project: Path, params_file: str) -> None:
+def _check_split(params, paths) -> None:
     """Settings that no longer match the recorded subject split are a usage error (exit 2), said
     before a flow run starts; the flow checks again for runs started elsewhere (schedules)."""
-    from pipeline.split import SplitError, check_rule, load_assignment
+    from pipeline.split import SplitError, check_recorded
 
-    params, paths = _load(project, params_file)
     try:
-        recorded = load_assignment(paths.split_file)
-        if recorded is not None:
-            check_rule(recorded, params.split, paths.rel(paths.split_file))
+        check_recorded(paths.split_file, params.split, paths.rel(paths.split_file))
     except SplitError as exc:
         _fail(str(exc), EXIT_USAGE)
 
 
-def _run_flow(project: Path, params_file: str, force: bool = False) -> dict:
+def _run_flow(params, paths, params_file: str, force: bool = False) -> dict:
     from flows.approval import ApprovalTimeout
     from flows.retrain import retrain
     from pipeline.validation import DataValidationError
     from pipeline.versioning import CommandError, DataVersionError
     from pipeline.workspace_lock import WorkspaceBusy
 
-    _check_split(project, params_file)
+    _check_split(params, paths)
     try:
-        return retrain(project_dir=str(project.resolve()), params_file=params_file, force=force)
+        return retrain(project_dir=str(paths.root), params_file=params_file, force=force)
     except DataValidationError as exc:
         _fail(f"data validation failed; nothing was trained or registered.\n{exc}")
     except (DataVersionError, CommandError, WorkspaceBusy, FileNotFoundError, ValueError, ApprovalTimeout) as exc:
@@ -151,7 +148,7 @@ def quickstart(project: ProjectOpt = Path("."), params_file: ParamsOpt = "params
         ensure_versioned_phantom(paths.root, params_file, echo=typer.echo)
     except (DataVersionError, CommandError) as exc:
         _fail(str(exc))
-    result = _run_flow(paths.root, params_file)
+    result = _run_flow(params, paths, params_file)
     _print_result(result, paths, params.registry.model_name, time.perf_counter() - began)
     if _left_without_champion(result):
         raise typer.Exit(1)  # the quickstart's promise is a champion; a script should not go on without one
@@ -164,7 +161,7 @@ def run(project: ProjectOpt = Path("."), params_file: ParamsOpt = "params.yaml",
     """Run the retraining flow on the current data version (skipped when nothing changed)."""
     params, paths = _load(project, params_file)
     began = time.perf_counter()
-    result = _run_flow(paths.root, params_file, force)
+    result = _run_flow(params, paths, params_file, force)
     if as_json:
         typer.echo(json.dumps(result, indent=2, default=str))
     else:

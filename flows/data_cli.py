@@ -76,13 +76,13 @@ def data_add(
                           keep_existing=keep_existing, push=push, progress=True,
                           echo=typer.echo, split=params.split)
     except DataImportError as exc:
-        where = _write_failure_list(paths, src, fmt, exc) if exc.problems else ""
+        where = _write_failure_list(paths, src, exc) if exc.problems else ""
         _fail(f"import failed; {paths.rel(paths.raw_dir)} is unchanged.\n{exc}{where}")
     except (DataAddError, DataVersionError, CommandError) as exc:
         _fail(str(exc))
     if result.validation is not None and not result.validation.success:
         typer.echo(result.validation.format_failures())
-        where = _write_failure_list(paths, src, fmt, result.validation)
+        where = _write_failure_list(paths, src, result.validation, result.source_names)
         _fail(f"data validation failed; {paths.rel(paths.raw_dir)} was put back as it was and nothing was "
               f"versioned{where}")
     if not result.changed:
@@ -100,12 +100,12 @@ def data_add(
     _trigger_retraining(paths.root, v, params_file)
 
 
-def _write_failure_list(paths, src: Path, fmt: str, failed) -> str:
+def _write_failure_list(paths, src: Path, failed, source_names: dict | None = None) -> str:
     """Every failing file of a refused ``data add`` to reports/data_add_failures.csv and .json; the
     line that says where, and how many."""
     from pipeline.failure_list import write_refusal
 
-    csv_path, json_path, count = write_refusal(failed, src, fmt, paths.reports_dir,
+    csv_path, json_path, count = write_refusal(failed, src, paths.reports_dir, source_names,
                                                raw_prefix=f"{paths.rel(paths.raw_dir)}/")
     return (f"\nevery failing file ({count}) with its check and reason: {paths.rel(csv_path)} "
             f"(JSON: {paths.rel(json_path)})")

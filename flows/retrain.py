@@ -108,13 +108,8 @@ def _commit(stage: str, paths: ProjectPaths) -> None:
 
 
 @task(name="preprocess", **TASK)
-def preprocess_task(paths: ProjectPaths, params: Params, run_id: str) -> dict:
-    """Preprocess by the recorded subject split, then record that split with the run (an artifact
-    and ``split.*`` tags): the gate later reads which subjects this model saw from there."""
-    import mlflow
-
-    from pipeline.comparison import SPLIT_ARTIFACT, record_of_prepared
-
+def preprocess_task(paths: ProjectPaths, params: Params) -> dict:
+    """Preprocess by the recorded subject split (``release.register_model`` records it with the version)."""
     logger = get_run_logger()
     reused = versioning.stage_is_current(paths.root, "preprocess")
     if reused:
@@ -129,11 +124,6 @@ def preprocess_task(paths: ProjectPaths, params: Params, run_id: str) -> dict:
         logger.warning("%s has changes that no commit holds: commit it with the data version (`git add %s && git "
                        "commit`), so that every clone keeps these subjects in these parts",
                        paths.rel(paths.split_file), paths.rel(paths.split_file))
-    record = record_of_prepared(paths.prepared_dir)
-    client = mlflow.MlflowClient()
-    client.log_dict(run_id, record.to_dict(), SPLIT_ARTIFACT)
-    for key, value in record.tags().items():
-        client.set_tag(run_id, key, value)
     return {**json.loads((paths.prepared_dir / "summary.json").read_text()), "reused": reused}
 
 
@@ -367,7 +357,7 @@ def _retrain(root: Path, params_file: str, force: bool) -> dict:
         }
         for key, value in data_tags.items():
             mlflow.MlflowClient().set_tag(run_id, key, value)
-        prepared = preprocess_task(paths, params, run_id)
+        prepared = preprocess_task(paths, params)
         trained = train_task(paths, params, run_id)
         metrics = evaluate_task(paths, params, run_id)
         version = register_task(paths, params, run_id, {**tags, **data_tags, registry.TAG_VALIDATION: "true"},

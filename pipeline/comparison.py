@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -51,7 +50,8 @@ class SplitRecord:
         return set(self.train) | set(self.validation)
 
     def why_seen(self, subject: int) -> str | None:
-        """Why this model may not be scored on ``subject`` (None: it never saw it)."""
+        """Why this model may not be scored on ``subject``, to follow its name ("champion v3 trained on
+        it"); None when it never saw the subject."""
         subject = int(subject)
         if self.source in ("recorded", "recovered"):
             if subject in self.train:
@@ -60,8 +60,8 @@ class SplitRecord:
                 return "validated on it"
             return None
         if self.source == "holdout-only":
-            return None if subject in self.holdout else "not in its logged holdout (its split was not recorded)"
-        return "its split is unknown (not recorded, and its run logged no holdout)"
+            return None if subject in self.holdout else "had it outside its logged holdout (its split was not recorded)"
+        return "has an unknown split (not recorded, and its run logged no holdout)"
 
     def seen_digest(self) -> str:
         return hashlib.sha256(json.dumps(sorted(self.seen)).encode()).hexdigest()[:16]
@@ -88,12 +88,9 @@ def record_of_prepared(prepared_dir: Path) -> SplitRecord:
     frames = pd.read_csv(Path(prepared_dir) / FRAMES)
     summary = json.loads((Path(prepared_dir) / SUMMARY).read_text())
     parts = subjects_by_part(frames)
-    fold = 0
-    if "group" in frames:  # the fold whose group validates
-        validating = frames.loc[frames["split"] == "validation", "group"].astype(str)
-        fold = int(validating.iloc[0][4:]) if len(validating) and validating.iloc[0].startswith("fold") else 0
     return SplitRecord(parts["train"], parts["validation"], parts["holdout"], "recorded",
-                       summary.get("split_digest", ""), int(summary.get("split_revision", 0)), fold)
+                       summary.get("split_digest", ""), int(summary.get("split_revision", 0)),
+                       int(summary.get("split_fold", 0)))
 
 
 # --------------------------------------------------------------------------------------------
@@ -103,36 +100,30 @@ def version_split(name: str, version: str, root: Path | None = None) -> SplitRec
     """The split of a registered version: its recorded artifact, else recovered (module docstring).
     ``root``: the project, whose git history and DVC cache hold earlier data versions' subjects."""
     mv = registry.client().get_model_version(name, version)
-    recorded = _download_json(mv.run_id, SPLIT_ARTIFACT)
+    recorded = _load_artifact(mv.run_id, SPLIT_ARTIFACT)
     if recorded is not None:
-        return SplitRecord.from_dict(recorded)
+        return SplitRecord.from_dict(json.loads(recorded))
     return recover_split(mv, root)
 
 
-def _download_json(run_id: str | None, artifact: str) -> dict | None:
-    text = _download_text(run_id, artifact)
-    return json.loads(text) if text is not None else None
-
-
-def _download_text(run_id: str | None, artifact: str) -> str | None:
+def _load_artifact(run_id: str | None, artifact: str) -> str | None:
+    """A run's text artifact, or None when the run or the artifact does not exist."""
     if not run_id:
         return None
     import mlflow
+    from mlflow.exceptions import MlflowException
 
-    with tempfile.TemporaryDirectory() as tmp:
-        try:
-            local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact, dst_path=tmp)
-        except Exception:  # noqa: BLE001 (MLflow raises several types for a missing artifact)
-            return None
-        path = Path(local)
-        return path.read_text() if path.is_file() else None
+    try:
+        return mlflow.artifacts.load_text(f"runs:/{run_id}/{artifact}")
+    except MlflowException:
+        return None
 
 
 def logged_holdout(run_id: str | None) -> list[int] | None:
     """The holdout subjects a run's evaluation logged (``evaluation/holdout_frames.csv``)."""
     import io
 
-    text = _download_text(run_id, "evaluation/holdout_frames.csv")
+    text = _load_artifact(run_id, "evaluation/holdout_frames.csv")
     if text is None:
         return None
     frames = pd.read_csv(io.StringIO(text))
@@ -229,9 +220,7 @@ def comparison_set(holdout: pd.DataFrame, models: dict[str, SplitRecord]) -> tup
     holdout_subjects = sorted(int(s) for s in holdout["subject"].unique())
     excluded: dict[int, str] = {}
     for subject in holdout_subjects:
-        reasons = [f"{label} {why}" if not why.startswith("its ") and not why.startswith("not ")
-                   else f"{label}: {why}"
-                   for label, record in models.items() if (why := record.why_seen(subject))]
+        reasons = [f"{label} {why}" for label, record in models.items() if (why := record.why_seen(subject))]
         if reasons:
             excluded[subject] = "; ".join(reasons)
     kept = [s for s in holdout_subjects if s not in excluded]

@@ -215,6 +215,7 @@ class AddResult:
     replaced: int = 0
     removed: int = 0
     validation: object | None = None  # ValidationReport when validation ran
+    source_names: dict = field(default_factory=dict)  # imported path -> source file, when validation failed
 
 
 def commit_message(src: Path, result, stats: dict, before: dict | None) -> str:
@@ -277,7 +278,7 @@ def add_data(
     ``raw_dir``, its ``.dvc`` file and the split file are put back as they were.
     """
     from pipeline.importers import stage_import
-    from pipeline.split import SplitError, check_rule, load_assignment, split_file
+    from pipeline.split import SplitError, check_recorded, record_subjects, split_file
     from pipeline.validation import load_profile, measure_profile, save_profile, validate_data_dir
 
     root, raw_dir = Path(root).resolve(), Path(raw_dir).resolve()
@@ -292,9 +293,7 @@ def add_data(
     old_split_text = split_path.read_text() if split_path.is_file() else None
     if split is not None:
         try:
-            recorded = load_assignment(split_path)
-            if recorded is not None:
-                check_rule(recorded, split, split_path.relative_to(root).as_posix())
+            check_recorded(split_path, split, split_path.relative_to(root).as_posix())
         except SplitError as exc:
             raise DataAddError(f"refusing to add data: {exc}") from exc
     before = None
@@ -321,7 +320,7 @@ def add_data(
         manifest, report = validate_data_dir(raw_dir, rules, gx_dir, previous_profile=previous_profile)
         if not report.success:
             staged.rollback()
-            return AddResult(False, result.summary(), validation=report)
+            return AddResult(False, result.summary(), validation=report, source_names=result.source_names())
         stats = stats_of(manifest, _count_test_frames(raw_dir))
         message = commit_message(src, result, stats, before)
         if not dvc_file.is_file():  # the first version: DVC writes the file, then the figures go in
@@ -334,8 +333,11 @@ def add_data(
             profiles[previous_hash] = previous_profile
         written = [save_profile(gx_dir, h, p).resolve().relative_to(root).as_posix()
                    for h, p in profiles.items()]
-        if split is not None:
-            written.append(_record_split(root, raw_dir, manifest, split, echo))
+        if split is not None:  # the version's new subjects placed, in the version's commit
+            said = record_subjects(split_path, stats["subject_ids"], split)[1]
+            if said:
+                echo(said)
+            written.append(split_path.relative_to(root).as_posix())
         version = versioning.commit_data_version(root, raw_dir, message, also=tuple(written), push=False)
     except BaseException:
         head_now = versioning.git(root, "rev-parse", "HEAD", check=False).stdout.strip()
@@ -361,25 +363,6 @@ def add_data(
                                f"failed; run `dvc push {rel_dvc}` when the remote is reachable: {exc}") from exc
     return AddResult(True, result.summary(), message, version.to_dict(), stats, len(result.added),
                      len(result.replaced), len(result.removed), report)
-
-
-def _record_split(root: Path, raw_dir: Path, manifest, split, echo: Callable[[str], None]) -> str:
-    """Place the version's new subjects in the recorded split (first assignment if none); return the
-    split file's path relative to ``root``, for the version's commit."""
-    from pipeline.split import ensure_assignment, save_assignment, split_file
-
-    frames = manifest[manifest["name_ok"].astype(bool) & manifest["image_exists"].astype(bool)]
-    subjects = sorted(int(s) for s in frames["subject"].dropna().unique())
-    path = split_file(raw_dir)
-    assignment, placed, created = ensure_assignment(path, subjects, split)
-    if created or placed:
-        save_assignment(path, assignment)
-        parts = assignment.parts(subjects=placed)
-        counts = ", ".join(f"{sum(1 for p in parts.values() if p == name)} {name}"
-                           for name in ("train", "validation", "holdout"))
-        echo(f"subject split: {'first assignment of' if created else 'placed'} {len(placed)} subjects "
-             f"({counts}); nobody already placed moved")
-    return path.relative_to(root).as_posix()
 
 
 def resplit_data(root: Path, raw_dir: Path, split, reason: str, actor: str | None = None,

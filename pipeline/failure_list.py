@@ -152,22 +152,19 @@ def write(entries: list[dict], csv_path: Path, json_path: Path | None = None, **
     return doc
 
 
-def write_refusal(failed, src: Path | str, fmt: str, reports_dir: Path, raw_prefix: str = "data/raw/"
-                  ) -> tuple[Path, Path, int]:
+def write_refusal(failed, src: Path | str, reports_dir: Path, source_names: dict[str, str] | None = None,
+                  raw_prefix: str = "data/raw/") -> tuple[Path, Path, int]:
     """``data add`` refused ``src``: write ``data_add_failures.csv`` and ``.json`` in ``reports_dir``
     from ``failed``, a :class:`~pipeline.importers.DataImportError` (its ``problems``) or a failed
-    validation report (files from ``src`` by their names there, frames already in the data with
-    ``raw_prefix``). Returns both paths and the number of files that break a blocking check."""
-    from pipeline.importers import DataImportError, source_names  # noqa: PLC0415
+    validation report (files imported from ``src`` by their names there, ``source_names``: the
+    import's mapping; frames already in the data with ``raw_prefix``). Returns both paths and the
+    number of files that break a blocking check."""
+    from pipeline.importers import DataImportError  # noqa: PLC0415
 
     if isinstance(failed, DataImportError):
         entries = import_entries(failed.problems, src)
     else:
-        try:
-            names = source_names(src, fmt)
-        except DataImportError:  # the mapping is a courtesy: data/raw names then
-            names = {}
-        entries = report_entries(failed, names, unmapped_prefix=raw_prefix)
+        entries = report_entries(failed, source_names or {}, unmapped_prefix=raw_prefix)
     csv_path = Path(reports_dir) / "data_add_failures.csv"
     json_path = csv_path.with_suffix(".json")
     write(entries, csv_path, json_path, source=str(src), files_relative_to=str(src), success=False)

@@ -292,20 +292,6 @@ def _plan(src: Path, fmt: str, height: int, width: int, problems: list[ImportPro
     return unique
 
 
-def source_names(src: Path | str, fmt: str = "auto", height: int = HEIGHT, width: int = WIDTH) -> dict[str, str]:
-    """Where each file an import of ``src`` would write comes from: ``train/1_2.tif`` -> its source
-    file relative to ``src`` (``train_masks.csv:LINE`` for a mask taken from the CSV). Reads no image."""
-    src = Path(src)
-    items = _plan(src, detect_format(src) if fmt == "auto" else fmt, height, width, [])
-    names: dict[str, str] = {}
-    for item in items:
-        names[f"{'train' if item.split == 'train' else 'test'}/{item.frame_id}.tif"] = item.image.relative_to(src).as_posix()
-        if item.split == "train":
-            names[f"train/{item.frame_id}_mask.tif"] = (item.mask.relative_to(src).as_posix() if item.mask is not None
-                                                        else item.rle_origin)
-    return names
-
-
 # --------------------------------------------------------------------------------------------
 # Converting one frame
 # --------------------------------------------------------------------------------------------
@@ -474,7 +460,7 @@ class ImportResult:
         names: dict[str, str] = {}
         for row in self.manifest.itertuples():
             names[row.image_path] = row.source_image
-            if row.mask_path:
+            if isinstance(row.mask_path, str) and row.mask_path:  # unlabeled frames have none
                 names[row.mask_path] = row.source_mask
         return names
 

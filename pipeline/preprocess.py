@@ -50,6 +50,7 @@ class PreparedSummary:
     intensity_std: float
     split_digest: str = ""     # the recorded subject split (pipeline.split) the parts come from
     split_revision: int = 0
+    split_fold: int = 0        # the fold whose group validates (split.fold)
 
 
 def resize_frame(image: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -127,6 +128,7 @@ def preprocess(data_dir: Path, out_dir: Path, params: Params, progress: bool = T
         intensity_std=round(float(train.std()) or 1.0, 6),
         split_digest=assignment.digest(),
         split_revision=assignment.revision,
+        split_fold=params.split.fold,
     )
 
     out_dir.mkdir(parents=True, exist_ok=True)

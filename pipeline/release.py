@@ -48,7 +48,10 @@ def register_model(paths: ProjectPaths, params: Params, run_id: str, tags: dict[
     from pipeline.comparison import SPLIT_ARTIFACT, record_of_prepared
 
     split = record_of_prepared(paths.prepared_dir)
-    registry.client().log_dict(run_id, split.to_dict(), SPLIT_ARTIFACT)
+    client = registry.client()
+    client.log_dict(run_id, split.to_dict(), SPLIT_ARTIFACT)
+    for key, value in split.tags().items():
+        client.set_tag(run_id, key, value)
     holdout = holdout_table(paths)
     example = load_native(paths.raw_dir, holdout.head(1))[0]
     with tempfile.TemporaryDirectory() as tmp:

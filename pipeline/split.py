@@ -44,8 +44,8 @@ from pipeline.config import SplitParams
 PARTS = ("train", "validation", "holdout")
 SPLIT_FILE = "split.yaml"
 FORMAT = 1
-HEADER = ("# The subject split of the data: which part each subject is in. Written only by\n"
-          "# `nerveseg data add` and `nerveseg data resplit` (docs/data.md); do not edit by hand.\n")
+HEADER = ("# The subject split of the data: which part each subject is in. Written by `nerveseg data add`\n"
+          "# and the flow (new subjects only) and `nerveseg data resplit` (docs/data.md); do not edit by hand.\n")
 
 
 class SplitError(ValueError):
@@ -60,6 +60,13 @@ def split_file(raw_dir: Path) -> Path:
 def fold_groups(subjects: list[int], folds: int) -> list[list[int]]:
     """Deal subjects (already in order) into ``folds`` groups of near-equal size."""
     return [list(map(int, group)) for group in np.array_split(np.asarray(subjects), folds)]
+
+
+def group_names(folds: int) -> tuple[str, ...]:
+    """The groups of a split with ``folds`` folds: the parts, or the holdout and the fold groups."""
+    if folds > 1:
+        return ("holdout", *(f"fold{i}" for i in range(folds)))
+    return ("holdout", "validation", "train")
 
 
 def part_of(group: str, fold: int = 0) -> str:
@@ -93,11 +100,6 @@ class SplitRule:
                 for key in ("seed", "holdout_fraction", "validation_fraction", "folds")
                 if getattr(self, key) != getattr(wanted, key)]
 
-    def groups(self) -> tuple[str, ...]:
-        if self.folds > 1:
-            return ("holdout", *(f"fold{i}" for i in range(self.folds)))
-        return ("holdout", "validation", "train")
-
     def place(self, subject: int) -> float:
         """The subject's fixed place in [0, 1): a salted hash of its id, nothing else."""
         digest = hashlib.sha256(f"{self.seed}:{int(subject)}".encode()).digest()
@@ -116,13 +118,6 @@ class SplitRule:
         """Deal ``subjects`` in the order of their places: each part its share, at least one."""
         return deal(sorted(subjects, key=self.place), self.holdout_fraction, self.validation_fraction, self.folds)
 
-    def first_assignment(self, subjects: list[int]) -> tuple[dict[int, str], str]:
-        """Groups for a first assignment (dealt by quota in the order of the places) and the method."""
-        subjects = sorted(set(int(s) for s in subjects))
-        if len(subjects) < 3:
-            raise SplitError(f"a subject split needs at least 3 subjects, found {len(subjects)}: "
-                             "add frames of more subjects")
-        return self.by_quota(subjects), "quota"
 
 
 @dataclass(frozen=True)
@@ -176,7 +171,7 @@ class SubjectAssignment:
         except (KeyError, TypeError, ValueError) as exc:
             raise SplitError(f"{where}: not a subject split ({type(exc).__name__}: {exc}); restore it from git "
                              f"(`git checkout -- {where}`)") from exc
-        unknown = sorted({g for g in groups.values()} - set(made.rule.groups()))
+        unknown = sorted({g for g in groups.values()} - set(group_names(made.rule.folds)))
         if unknown:
             raise SplitError(f"{where}: unknown group(s) {unknown} for a rule with {made.rule.folds} fold(s); "
                              f"restore it from git (`git checkout -- {where}`)")
@@ -184,9 +179,13 @@ class SubjectAssignment:
 
 
 def create_assignment(subjects: list[int], params: SplitParams) -> SubjectAssignment:
+    """A first assignment: the subjects dealt by quota in the order of their places."""
+    subjects = sorted(set(int(s) for s in subjects))
+    if len(subjects) < 3:
+        raise SplitError(f"a subject split needs at least 3 subjects, found {len(subjects)}: "
+                         "add frames of more subjects")
     rule = SplitRule.of(params)
-    groups, method = rule.first_assignment(subjects)
-    return SubjectAssignment(rule, groups, method=method)
+    return SubjectAssignment(rule, rule.by_quota(subjects))
 
 
 def load_assignment(path: Path) -> SubjectAssignment | None:
@@ -206,6 +205,14 @@ def save_assignment(path: Path, assignment: SubjectAssignment) -> Path:
 
     atomic_write_text(path, HEADER + yaml.safe_dump(assignment.to_dict(), sort_keys=False))
     return Path(path)
+
+
+def check_recorded(path: Path, params: SplitParams, where: str) -> None:
+    """Raise :class:`SplitError` when ``path`` holds a split whose rule the settings no longer match
+    (nothing recorded yet is fine)."""
+    recorded = load_assignment(path)
+    if recorded is not None:
+        check_rule(recorded, params, where)
 
 
 def check_rule(assignment: SubjectAssignment, params: SplitParams, where: str) -> None:
@@ -238,7 +245,7 @@ def adopt_prepared(frames_csv: Path, subjects: list[int], params: SplitParams) -
         return None
     if "group" in table.columns:  # prepared from a recorded split whose file is gone: keep its groups
         groups = {int(s): str(g) for s, g in table.groupby("subject")["group"].first().items()}
-        if set(groups.values()) <= set(SplitRule.of(params).groups()):
+        if set(groups.values()) <= set(group_names(params.folds)):
             return SubjectAssignment(SplitRule.of(params), groups, method="adopted").extended(subjects)[0]
         return None
     earlier = {int(s): str(p) for s, p in table.groupby("subject")["split"].first().items()}
@@ -269,6 +276,20 @@ def ensure_assignment(path: Path, subjects: list[int], params: SplitParams,
     check_rule(current, params, str(path))
     extended, new = current.extended(subjects)
     return extended, new, False
+
+
+def record_subjects(path: Path, subjects: list[int], params: SplitParams,
+                    adopt_from: Path | None = None) -> tuple[SubjectAssignment, str | None]:
+    """:func:`ensure_assignment`, and the file written when it placed anyone. Returns the assignment
+    and a line saying who was placed where (None when nobody was)."""
+    assignment, placed, created = ensure_assignment(path, subjects, params, adopt_from)
+    if not placed:
+        return assignment, None
+    save_assignment(path, assignment)
+    parts = list(assignment.parts(params.fold, placed).values())
+    counts = ", ".join(f"{parts.count(p)} {p}" for p in PARTS)
+    what = f"first assignment ({assignment.method}) of" if created else "placed"
+    return assignment, f"subject split: {what} {len(placed)} subjects ({counts}); nobody already placed moved"
 
 
 def resplit(assignment: SubjectAssignment | None, subjects: list[int], params: SplitParams, reason: str,
@@ -314,7 +335,7 @@ def fold_parts(frames: pd.DataFrame, fold: int, folds: int) -> np.ndarray:
         raise SplitError("the prepared frames carry no recorded subject group (prepared before splits were "
                          "recorded); run the preprocess stage again (dvc repro preprocess, or nerveseg run)")
     groups = set(frames["group"].astype(str))
-    wanted = set(SplitRule(0, 0.5, 0.1, folds).groups())
+    wanted = set(group_names(folds))
     if not groups <= wanted or (folds > 1 and groups != wanted):
         raise SplitError(f"the prepared frames were split into groups {sorted(groups)}, not the {folds} fold(s) of "
                          "split.folds; record a split with these folds (`nerveseg data resplit --reason ...`) and "

@@ -71,17 +71,13 @@ def recorded_split(paths: ProjectPaths, params: Params, log=None):
     Raises :class:`pipeline.split.SplitError` when the settings no longer match the recorded rule."""
     from pipeline.layout import list_frame_pairs
     from pipeline.preprocess import FRAMES
-    from pipeline.split import ensure_assignment, save_assignment
+    from pipeline.split import record_subjects
 
     subjects = list_frame_pairs(paths.raw_dir)["subject"].astype(int).unique().tolist()
-    assignment, placed, created = ensure_assignment(paths.split_file, subjects, params.split,
-                                                    adopt_from=paths.prepared_dir / FRAMES)
-    if created or placed:
-        save_assignment(paths.split_file, assignment)
-        if log is not None:
-            what = (f"recorded the subject split ({assignment.method}) of {len(placed)} subjects" if created
-                    else f"placed new subjects {placed} by the recorded rule")
-            log(f"{what} in {paths.rel(paths.split_file)}")
+    assignment, said = record_subjects(paths.split_file, subjects, params.split,
+                                       adopt_from=paths.prepared_dir / FRAMES)
+    if said and log is not None:
+        log(f"{said} ({paths.rel(paths.split_file)})")
     return assignment
 
 

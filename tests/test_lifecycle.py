@@ -207,6 +207,15 @@ def test_models_compare_scores_versions_on_one_set_and_caches_it(lifecycle):
     assert subjects and [v["version"] for v in result["versions"]] == [before, last]
     assert len({v["n_frames"] for v in result["versions"]}) == 1
     cache = root / "mlflow" / "comparison_cache" / f"{result['comparison']['digest']}.json"
-    assert cache.is_file()
-    again = json.loads(_cli("models", "--compare", "--versions", f"{before},{last}", "--json", "-C", str(root)).stdout)
-    assert again == result
+    stored = json.loads(cache.read_text())
+    assert sorted(v["dice"] for v in stored.values()) == sorted(v["dice"] for v in result["versions"])
+    # The second call reads the cache and loads no model: a value planted there comes back.
+    planted = {key: {**value, "dice": -1.0} for key, value in stored.items()}
+    cache.write_text(json.dumps(planted))
+    try:
+        again = json.loads(_cli("models", "--compare", "--versions", f"{before},{last}", "--json", "-C",
+                                str(root)).stdout)
+    finally:
+        cache.write_text(json.dumps(stored))
+    assert [v["dice"] for v in again["versions"]] == [-1.0, -1.0]
+    assert again["comparison"] == result["comparison"]

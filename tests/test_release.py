@@ -248,7 +248,7 @@ def test_a_version_without_a_recorded_split_is_recovered_or_distrusted(store):
     assert version_split(NAME, first).source == "unknown"
     decision = release.promote(paths, params, register("good"))
     assert not decision.promote and decision.comparison_subjects == []
-    assert "its split is unknown" in decision.reason and decision.champion_dice is None
+    assert f"champion v{first} has an unknown split" in decision.reason and decision.champion_dice is None
 
     holdout = release.holdout_table(paths)
     registry.client().log_text(run_id, holdout[["frame_id", "subject"]].to_csv(index=False),
