@@ -8,7 +8,6 @@ the API (:func:`answer`). No answer within ``promotion.approval_timeout_s`` mean
 
 from __future__ import annotations
 
-import getpass
 from dataclasses import dataclass
 from typing import Literal
 from uuid import UUID
@@ -19,18 +18,28 @@ from pipeline.promotion import PromotionDecision
 
 
 class ApprovalInput(RunInput):
-    """The answer to a held promotion."""
+    """The answer to a held promotion. ``nerveseg approve`` fills in ``identity`` (who answers, see
+    ``pipeline.identity``); an answer typed into the Prefect UI's form has none, and is recorded as such."""
 
     decision: Literal["approve", "reject"]
     reason: str
-    actor: str = ""
+    actor: str = ""            # on whose behalf (free text), never the identity
+    identity: str = ""
+    identity_source: str = ""
 
 
 @dataclass(frozen=True)
 class Answer:
     decision: str          # approve, reject or timeout
     reason: str
-    actor: str
+    actor: str             # who answered (an identity), "timeout", or "prefect-ui"
+    on_behalf_of: str = ""
+    identity_source: str = ""
+
+    def approver(self):
+        from pipeline.identity import Identity
+
+        return Identity(self.actor, self.identity_source or "unknown")
 
 
 class ApprovalTimeout(RuntimeError):
@@ -49,7 +58,7 @@ def evidence_markdown(name: str, version: str, decision: PromotionDecision, flow
         f"The version passed the automatic gate; `promotion.require_approval` is on, so the alias moves only "
         f"when a person approves.\n\n{decision.to_markdown()}\n"
         f"Answer within {timeout_s} s (no answer: not promoted, recorded in the ledger):\n\n"
-        f"```\nnerveseg approve {flow_run_id} --reason \"...\" [--actor NAME]\n"
+        f"```\nnerveseg approve {flow_run_id} --reason \"...\" [--actor ON_BEHALF_OF]\n"
         f"nerveseg reject {flow_run_id} --reason \"...\"\n```\n\n"
         f"or fill in the form of this paused run in the Prefect UI (decision `approve` or `reject`, a reason, "
         f"your name).\n"
@@ -67,11 +76,17 @@ def wait_for_approval(description: str, timeout_s: int) -> Answer:
                                 timeout=timeout_s, poll_interval=poll, key="approval")
     except FlowPauseTimeout:
         return Answer("timeout", f"no answer within {timeout_s} s", "timeout")
-    return Answer(answer.decision, answer.reason, answer.actor or "unknown")
+    if answer.identity:
+        return Answer(answer.decision, answer.reason, answer.identity, answer.actor, answer.identity_source)
+    # the UI's form: the Prefect server's login is shared, so nobody in particular is known
+    return Answer(answer.decision, answer.reason, "prefect-ui", answer.actor, "prefect-ui")
 
 
-def answer(flow_run_id: str, decision: Literal["approve", "reject"], reason: str, actor: str | None = None) -> str:
-    """Resume a paused retraining run with an answer; returns the flow run's name."""
+def answer(flow_run_id: str, decision: Literal["approve", "reject"], reason: str, on_behalf_of: str | None = None,
+           tracking_uri: str | None = None) -> str:
+    """Resume a paused retraining run with an answer, with who gives it; returns the flow run's name."""
+    from pipeline.identity import acting_identity
+
     from prefect import get_client
     from prefect.exceptions import ObjectNotFound
     from prefect.flow_runs import resume_flow_run
@@ -96,8 +111,9 @@ def answer(flow_run_id: str, decision: Literal["approve", "reject"], reason: str
         state = run.state.name if run.state else "no state"
         raise ApprovalError(f"flow run {run.name} ({flow_run_id}) is not waiting for approval (state: {state})")
     try:
-        resume_flow_run(run_id, run_input={"decision": decision, "reason": reason,
-                                           "actor": actor or getpass.getuser()})
+        who = acting_identity(tracking_uri or "")
+        resume_flow_run(run_id, run_input={"decision": decision, "reason": reason, "actor": on_behalf_of or "",
+                                           "identity": who.name, "identity_source": who.source})
     except Exception as exc:  # timed out meanwhile, or the input was refused
         raise ApprovalError(f"flow run {run.name} ({flow_run_id}) could not be resumed: {exc}") from exc
     return run.name

@@ -19,6 +19,7 @@ from flows.cli_options import EXIT_USAGE, ParamsOpt, ProjectOpt
 from flows.cli_options import fail as _fail
 from flows.data_cli import data_app
 from flows.environment import configure_environment
+from pipeline.identity import describe
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n\n")[0])
 stage_app = typer.Typer(no_args_is_help=True, help="Run one DVC stage (what dvc.yaml calls).")
@@ -366,7 +367,9 @@ def _compare_models(params, paths, versions_opt: Optional[str], as_json: bool) -
     Console(width=160).print(table)
 
 
-ActorOpt = Annotated[Optional[str], typer.Option("--actor", help="Who does this (default: your user name).")]
+ActorOpt = Annotated[Optional[str], typer.Option(
+    "--actor", help="On whose behalf you act; recorded beside your identity (your MLflow login on a server "
+                    "with auth, else your user name), never in its place.")]
 
 
 @app.command()
@@ -391,7 +394,7 @@ def promote(
         typer.secho(f"note: the promotion gate had refused version {version}: {event['overrules_gate']}; "
                     f"the override is recorded with your reason", fg=typer.colors.YELLOW)
     typer.echo(f"version {version} is now champion (was {event['previous_champion'] or 'none'}); "
-               f"recorded: {event['actor']} at {event['time']}: {event['reason']}")
+               f"recorded: {describe(event)} at {event['time']}: {event['reason']}")
 
 
 @app.command()
@@ -410,15 +413,25 @@ def rollback(
     except release.PromotionError as exc:
         _fail(str(exc))
     typer.echo(f"champion rolled back from version {event['replaced']} to the previous champion; "
-               f"recorded: {event['actor']} at {event['time']}: {event['reason']}")
+               f"recorded: {describe(event)} at {event['time']}: {event['reason']}")
 
 
 def _answer_approval(run_id: str, decision: str, reason: str, actor: Optional[str], project: Path) -> None:
     configure_environment(project)
     from flows.approval import ApprovalError, answer
+    from pipeline.identity import tracking_server_login
+    from pipeline.registry import tracking_uri
 
+    uri = tracking_uri(Path(project).resolve() / "mlflow")
+    if tracking_server_login(uri):  # the answer carries this login as who approved: the server checks it first
+        import mlflow
+
+        try:
+            mlflow.MlflowClient(tracking_uri=uri).search_registered_models(max_results=1)
+        except Exception as exc:  # noqa: BLE001 - refused login, unreachable server
+            _fail(f"the MLflow server at {uri} did not accept your login (MLFLOW_TRACKING_USERNAME): {exc}")
     try:
-        name = answer(run_id, decision, reason, actor)
+        name = answer(run_id, decision, reason, actor, uri)
     except ApprovalError as exc:
         _fail(str(exc))
     verb = "approved" if decision == "approve" else "rejected"
@@ -487,7 +500,7 @@ def ledger(
                                "warnings": [warning] if warning else []}, indent=2, default=str))
         return
     for e in events:
-        typer.echo(f"{e['time']}  {e['action']:<9} v{e['version']:<4} by {e['actor']}: {e['reason']}")
+        typer.echo(f"{e['time']}  {e['action']:<9} v{e['version']:<4} by {describe(e)}: {e['reason']}")
     if not events:
         typer.echo("no recorded moves yet")
     if warning:
@@ -609,10 +622,17 @@ _register_services(app)
 
 
 def main() -> None:
+    from flows.environment import load_credentials
+    from pipeline.credentials import CredentialError, redact
+
     try:
+        load_credentials()
         app()
     except KeyboardInterrupt:
         sys.exit(130)
+    except CredentialError as exc:
+        typer.secho(f"error: {redact(exc)}", fg=typer.colors.RED, err=True)
+        sys.exit(EXIT_USAGE)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,8 @@ EXIT_USAGE = 2   # bad usage or settings
 
 
 def fail(message: str, code: int = EXIT_FAILED) -> None:
-    """Print ``error: message`` in red on stderr and exit with ``code``."""
-    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    """Print ``error: message`` (credentials redacted) in red on stderr and exit with ``code``."""
+    from pipeline.credentials import redact
+
+    typer.secho(f"error: {redact(message)}", fg=typer.colors.RED, err=True)
     raise typer.Exit(code)

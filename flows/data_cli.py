@@ -142,7 +142,8 @@ def _trigger_retraining(root: Path, version: dict, params_file: str) -> str | No
 @data_app.command("resplit")
 def data_resplit(
     reason: Annotated[str, typer.Option("--reason", help="Why the split changes; recorded in the split file.")],
-    actor: Annotated[Optional[str], typer.Option("--actor", help="Who does this (default: your user name).")] = None,
+    actor: Annotated[Optional[str], typer.Option(
+        "--actor", help="On whose behalf you act; recorded beside your user name, never in its place.")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Say what would move; write nothing.")] = False,
     project: ProjectOpt = Path("."),
     params_file: ParamsOpt = "params.yaml",

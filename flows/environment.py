@@ -21,7 +21,17 @@ def configure_environment(project_dir: Path) -> None:
     os.environ.setdefault("DVC_NO_ANALYTICS", "1")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
+    load_credentials()
     use_running_services(project_dir)
+
+
+def load_credentials() -> None:
+    """Credentials given as ``<VARIABLE>_FILE`` into this process's environment (where MLflow, Prefect
+    and child processes read them), and every log record of the process redacted from here on."""
+    from pipeline.credentials import install_log_redaction, load_secret_files
+
+    load_secret_files()
+    install_log_redaction()
 
 
 def use_running_services(project_dir: Path) -> None:
@@ -31,9 +41,14 @@ def use_running_services(project_dir: Path) -> None:
     another home (the test suite's throw-away one, say) keeps its own Prefect, and an explicit
     ``PREFECT_API_URL`` wins. MLflow follows the project's services in ``pipeline/registry.py``.
     """
-    from pipeline.service_state import prefect_api_url
+    from pipeline.credentials import CredentialError
+    from pipeline.service_state import client_auth_problems, prefect_api_url, read_state
 
     project_dir = Path(project_dir).resolve()
+    problems = client_auth_problems(read_state(project_dir))
+    if problems:
+        raise CredentialError(f"this project's servers (`nerveseg services up`) ask for a login: set "
+                              f"{'; '.join(problems)}, in the environment or as <VARIABLE>_FILE")
     if os.environ.get("PREFECT_API_URL"):
         return
     if Path(os.environ.get("PREFECT_HOME", "")).resolve() != project_dir / ".prefect":

@@ -6,8 +6,9 @@ the error, the data version and a link to the run in the Prefect UI, and leaves 
 
 - as a Prefect markdown artifact (key ``failure-notice``) on the run,
 - in the run's log (error level),
-- POSTed as JSON to a webhook: ``NERVESEG_WEBHOOK_URL`` if set, else ``notify.webhook_url`` in the
-  project's ``params.yaml`` (a ``text`` field makes it readable by chat tools' incoming webhooks).
+- POSTed as JSON to a webhook: ``NERVESEG_WEBHOOK_URL``, or the file ``NERVESEG_WEBHOOK_URL_FILE``
+  names (a credential: chat webhooks carry their token in the URL; a ``text`` field makes the notice
+  readable by chat tools' incoming webhooks). Credentials are redacted from every notice.
 
 It never raises and every network call has a timeout: a notice that cannot be delivered is logged,
 and the run's own error is what the caller sees.
@@ -23,6 +24,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
+
+from pipeline.credentials import redact
 
 WEBHOOK_ENV = "NERVESEG_WEBHOOK_URL"
 ARTIFACT_KEY = "failure-notice"
@@ -123,7 +126,7 @@ def build_notice(flow, flow_run, state) -> dict:
         version = {"dvc_hash": None, "problem": str(exc)[:300]}
     link = run_link(flow_run.id)
     failed_task = tasks[0]["task"] if tasks else None
-    error = _error_text(state)
+    error = redact(_error_text(state))
     where = f"task {failed_task}" if failed_task else "the flow itself (outside any task)"
     text = (f"nerveseg: flow run {flow_run.name} of {flow.name} {state.name.lower()} in {where}: "
             f"{error.splitlines()[0] if error else ''} | data {version.get('dvc_hash') or '?'} | "
@@ -167,18 +170,25 @@ def to_markdown(notice: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def webhook_url(configured: str) -> str:
-    """``NERVESEG_WEBHOOK_URL`` if set, else the configured ``notify.webhook_url``."""
-    return (os.environ.get(WEBHOOK_ENV) or configured or "").strip()
+def webhook_url() -> str:
+    """``NERVESEG_WEBHOOK_URL``, or the content of the file ``NERVESEG_WEBHOOK_URL_FILE`` names."""
+    from pipeline.credentials import secret
+
+    return secret(WEBHOOK_ENV)
 
 
-def deliver(notice: dict, configured_url: str, timeout_s: float, logger, what: str) -> None:
+def deliver(notice: dict, timeout_s: float, logger, what: str) -> None:
     """POST ``notice`` to the webhook, if one is configured, and log the outcome; sets
     ``notice["delivered"]``. Never raises: a notice must not fail or mask the run."""
-    url = webhook_url(configured_url)
+    try:
+        url = webhook_url()
+    except Exception as exc:  # noqa: BLE001 - an unreadable credential file: said, never raised
+        logger.warning("%s not posted: %s", what, exc)
+        return
     if not url:
         return
     delivered, detail = post_json(url, notice, timeout_s=min(max(timeout_s, 0.5), 60.0))
+    detail = redact(detail, extra=(url,))
     notice["delivered"] = delivered
     try:
         if delivered:
@@ -251,19 +261,20 @@ def notify_failure(flow, flow_run, state) -> dict | None:
         timeout_s = float(notify.get("timeout_s") or 5.0)
     except (TypeError, ValueError):
         timeout_s = 5.0
-    deliver(notice, str(notify.get("webhook_url") or ""), timeout_s, logger, "failure notice")
+    deliver(notice, timeout_s, logger, "failure notice")
     return notice
 
 
-def notify_no_champion(name: str, version: str, reason: str, webhook: str, timeout_s: float,
+def notify_no_champion(name: str, version: str, reason: str, timeout_s: float,
                        flow_run_id: Any = None, flow_run_name: str | None = None, logger=None) -> dict:
     """A run that finished but left ``name`` without any champion: nothing can serve ``@champion``.
 
     Not a failure (the gate did its job), so it comes from the flow, not from the failure hook: a
-    warning in the run's log and, where a webhook is configured (``NERVESEG_WEBHOOK_URL`` wins over
-    ``webhook``), a JSON POST with ``event: nerveseg.promotion.no_champion``. Never raises."""
+    warning in the run's log and, where a webhook is configured (``NERVESEG_WEBHOOK_URL``), a JSON POST
+    with ``event: nerveseg.promotion.no_champion``. Never raises."""
     logger = logger or _fallback_logger
     link = run_link(flow_run_id) if flow_run_id else None
+    reason = redact(reason)
     text = (f"nerveseg: {name} has no champion: version {version} was not promoted: {reason} | "
             f"{link or f'flow run id {flow_run_id}'}")
     notice = {"event": "nerveseg.promotion.no_champion", "model": name, "version": str(version),
@@ -274,5 +285,5 @@ def notify_no_champion(name: str, version: str, reason: str, webhook: str, timeo
         logger.warning("NO CHAMPION: %s", text)
     except Exception:  # noqa: BLE001
         pass
-    deliver(notice, webhook, timeout_s, logger, "no-champion notice")
+    deliver(notice, timeout_s, logger, "no-champion notice")
     return notice

@@ -20,6 +20,7 @@ from flows.notices import notify_failure, notify_no_champion
 from flows.runner import make_mapper
 from pipeline import registry, release, stages, versioning
 from pipeline.config import Params, load_params
+from pipeline.credentials import install_log_redaction, redact
 from pipeline.promotion import PromotionDecision
 from pipeline.paths import ProjectPaths
 from pipeline.validation import DataValidationError
@@ -52,7 +53,7 @@ def start_run_task(paths: ProjectPaths, params: Params, tags: dict[str, str]) ->
     client = mlflow.MlflowClient()
     for section, values in params.model_dump(mode="json").items():
         for key, value in _flatten(values, section).items():
-            client.log_param(run.info.run_id, key, value)
+            client.log_param(run.info.run_id, key, redact(value))  # params hold no credential; belt and braces
     params_file = paths.root / "params.yaml"
     if params_file.is_file():
         client.log_artifact(run.info.run_id, str(params_file), "config")
@@ -200,7 +201,7 @@ def promote_task(paths: ProjectPaths, params: Params, version: str) -> dict:
     release.apply_decision(name, version, decision, evidence)
     _log_decision(params, version, decision, paths.root)
     if decision.leaves_no_champion:
-        notify_no_champion(name, version, decision.reason, params.notify.webhook_url, params.notify.timeout_s,
+        notify_no_champion(name, version, decision.reason, params.notify.timeout_s,
                            flow_run.id, flow_run.name, get_run_logger())
     return decision.to_dict()
 
@@ -221,11 +222,11 @@ def _log_decision(params: Params, version: str, decision: PromotionDecision, roo
 def approval_task(params: Params, version: str, gated: dict, answer: Answer) -> dict:
     """Record the approver's answer in the ledger, then move the alias (approve) or not (reject)."""
     final = release.apply_approval(params.registry.model_name, version, PromotionDecision.from_dict(gated),
-                                   gated["evidence"], answer.decision, answer.reason, answer.actor,
-                                   flow_run=str(flow_run.id or ""))
+                                   gated["evidence"], answer.decision, answer.reason, answer.approver(),
+                                   answer.on_behalf_of, flow_run=str(flow_run.id or ""))
     _log_decision(params, version, final)
     return {**final.to_dict(), "approval": {"answer": answer.decision, "actor": answer.actor,
-                                            "reason": answer.reason}}
+                                            "on_behalf_of": answer.on_behalf_of, "reason": answer.reason}}
 
 
 def _approve(params: Params, version: str, gated: dict) -> dict:
@@ -318,6 +319,7 @@ def retrain(project_dir: str = ".", params_file: str = "params.yaml", force: boo
     workspace at a time: a second one fails at once, saying so.
     """
     root = Path(project_dir).resolve()
+    install_log_redaction()  # a worker's flow run starts here, not in the `nerveseg` command
     with exclusive_run(root, f"flow run {flow_run.name or 'local'} ({flow_run.id or '-'})"):
         return _retrain(root, params_file, force)
 

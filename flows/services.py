@@ -11,13 +11,22 @@ While they run, ``.services/state.json`` tells the project's commands to use the
 Settings (none of them part of ``params.yaml``, so they never change ``Params.digest()``), lowest
 precedence first: defaults, ``services.yaml`` in the project, environment variables ``NERVESEG_PROFILE``,
 ``NERVESEG_DATABASE_URL``, ``NERVESEG_PREFECT_PORT``, ``NERVESEG_MLFLOW_PORT``, command-line options.
+
+Credentials never travel through a command line or a committed file (``pipeline/credentials.py``): a
+database password reaches the servers as ``PGPASSWORD`` and MLflow's store URL as
+``MLFLOW_BACKEND_STORE_URI``, both in the environment. With ``auth: true`` (required whenever ``host`` is
+not a loopback address) MLflow runs its basic-auth app and Prefect checks ``PREFECT_SERVER_API_AUTH_STRING``.
+Before any signal, a recorded server is checked to be the very process that was started (pid, start
+time and command line): a pid the system has since given to another program is never signalled.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -27,7 +36,9 @@ from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from pipeline.service_state import SERVICES_DIR, pid_alive, read_state, state_path
+from pipeline.credentials import SECRET_VARIABLES, CredentialError, redact, redact_url, secret, strip_password
+from pipeline.service_state import (SERVICES_DIR, client_auth_problems, process_identity, read_state,
+                                    same_process, state_path)
 
 CONFIG_FILE = "services.yaml"
 SERVICES = ("prefect", "mlflow")
@@ -51,6 +62,12 @@ class ServicesConfig(BaseModel):
     # where the MLflow server keeps artifacts (model files, reports): empty = the project's mlflow/artifacts;
     # s3://BUCKET/PREFIX for S3-compatible storage (docs/operations.md, "Beyond one machine")
     artifacts_destination: str = ""
+    # Logins on both servers (MLflow basic auth, Prefect's auth string); required off loopback.
+    auth: bool = False
+    # MLflow basic auth: what a user may do on experiments and models no one granted them explicitly,
+    # and where its users live (sqlite profile: mlflow/basic_auth.db; postgres: this database).
+    auth_default_permission: Literal["READ", "EDIT", "MANAGE", "NO_PERMISSIONS"] = "READ"
+    mlflow_auth_database: str = "nerveseg_mlflow_auth"
     # scheduling: the deployment retrain/<deployment> on the process work pool <work_pool>
     work_pool: str = "nerveseg"
     deployment: str = "nerveseg"
@@ -58,12 +75,35 @@ class ServicesConfig(BaseModel):
     stop_timeout: float = Field(20.0, gt=0)
 
     def server_url(self, database: str, driver: str | None = None) -> str:
-        parts = urlsplit(self.database_url)
+        """The URL of ``database`` on the configured server, without any password (see ``password``)."""
+        url, _ = strip_password(self.database_url)
+        parts = urlsplit(url)
         scheme = parts.scheme.split("+")[0]
         if scheme not in ("postgresql", "postgres"):
-            raise ServicesError(f"database_url {self.database_url!r}: expected postgresql://USER@HOST:PORT")
+            raise ServicesError(f"database_url {redact_url(self.database_url)!r}: expected postgresql://USER@HOST:PORT")
         scheme = "postgresql" + (f"+{driver}" if driver else "")
         return urlunsplit((scheme, parts.netloc, f"/{database}", parts.query, ""))
+
+    def password(self) -> str:
+        """The database password: from ``NERVESEG_DATABASE_URL`` (or its ``_FILE``), else ``PGPASSWORD``
+        (libpq's ``~/.pgpass`` also works: the servers' drivers read it themselves)."""
+        return strip_password(self.database_url)[1] or secret("PGPASSWORD")
+
+    def loopback(self) -> bool:
+        return is_loopback(self.host)
+
+
+def is_loopback(host: str) -> bool:
+    """True when ``host`` can only be reached from this machine."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        try:
+            return all(ipaddress.ip_address(info[4][0]).is_loopback for info in socket.getaddrinfo(host, None))
+        except (OSError, ValueError):
+            return False
 
 
 def load_config(root: Path, **overrides) -> ServicesConfig:
@@ -75,16 +115,33 @@ def load_config(root: Path, **overrides) -> ServicesConfig:
         from pipeline.config import read_yaml_mapping
 
         values.update(read_yaml_mapping(path, ServicesError))
-    for var, key in (("NERVESEG_PROFILE", "profile"), ("NERVESEG_DATABASE_URL", "database_url"),
-                     ("NERVESEG_PREFECT_PORT", "prefect_port"), ("NERVESEG_MLFLOW_PORT", "mlflow_port")):
+        _refuse_password(values.get("database_url"), f"{path.name}: database_url",
+                         "services.yaml is committed to git")
+    _refuse_password(overrides.get("database_url"), "--database-url",
+                     "a command line can be read by every user of the machine (ps)")
+    for var, key in (("NERVESEG_PROFILE", "profile"), ("NERVESEG_PREFECT_PORT", "prefect_port"),
+                     ("NERVESEG_MLFLOW_PORT", "mlflow_port")):
         if os.environ.get(var):
             values[key] = os.environ[var]
+    try:
+        database_url = secret("NERVESEG_DATABASE_URL")
+    except CredentialError as exc:
+        raise ServicesError(str(exc)) from exc
+    if database_url:
+        values["database_url"] = database_url
     values.update({k: v for k, v in overrides.items() if v is not None})
     try:
         return ServicesConfig.model_validate(values)
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
         raise ServicesError(f"services settings ({path.name}, NERVESEG_* variables, options): {problems}") from exc
+
+
+def _refuse_password(url: object, where: str, why: str) -> None:
+    if isinstance(url, str) and urlsplit(url).password:
+        raise ServicesError(f"{where} carries a password, and {why}: give the URL without it and the "
+                            "password through NERVESEG_DATABASE_URL, NERVESEG_DATABASE_URL_FILE (a file only you "
+                            "can read), PGPASSWORD or ~/.pgpass")
 
 
 def services_dir(root: Path) -> Path:
@@ -96,15 +153,6 @@ def _bin(name: str) -> str:
     return str(exe) if exe.exists() else name
 
 
-def redact(url: str) -> str:
-    """A database URL without its password, for state files and messages."""
-    parts = urlsplit(url)
-    if parts.password:
-        netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
-        return urlunsplit(parts._replace(netloc=netloc))
-    return url
-
-
 # --- PostgreSQL -----------------------------------------------------------------------------------
 
 
@@ -114,9 +162,10 @@ def ensure_database(config: ServicesConfig, database: str) -> bool:
     from psycopg2 import sql
 
     try:
-        conn = psycopg2.connect(config.server_url("postgres"), connect_timeout=5)
+        conn = psycopg2.connect(config.server_url("postgres"), password=config.password() or None, connect_timeout=5)
     except psycopg2.OperationalError as exc:
-        raise ServicesError(f"cannot connect to PostgreSQL at {redact(config.database_url)}: {exc}".strip()) from exc
+        raise ServicesError(redact(f"cannot connect to PostgreSQL at {redact_url(config.database_url)}: {exc}",
+                                   extra=(config.password(),)).strip()) from exc
     try:
         conn.autocommit = True
         with conn.cursor() as cur:
@@ -129,38 +178,133 @@ def ensure_database(config: ServicesConfig, database: str) -> bool:
         conn.close()
 
 
+# --- credentials and logins ----------------------------------------------------------------------
+
+AUTH_INI = "mlflow_auth.ini"
+# The admin password older MLflow releases shipped in basic_auth.ini: public, so never accepted.
+LEGACY_MLFLOW_ADMIN_PASSWORD = "password1234"
+SERVER_CREDENTIALS = ("MLFLOW_FLASK_SERVER_SECRET_KEY", "MLFLOW_AUTH_ADMIN_PASSWORD", "PREFECT_SERVER_API_AUTH_STRING")
+
+
+def server_credentials(config: ServicesConfig, first_start: bool) -> dict[str, str]:
+    """The servers' own credentials when ``auth`` is on (empty when off); refuses to go on without auth
+    off loopback, without a credential that is needed, or with MLflow's old public admin password."""
+    if not config.auth:
+        if not config.loopback():
+            raise ServicesError(
+                f"host {config.host} can be reached from other machines and auth is off: anyone who reaches "
+                "the ports could move `champion` or delete runs. Set `auth: true` in services.yaml and give the "
+                "servers their credentials (docs/operations.md, \"A shared deployment\"), or keep host 127.0.0.1")
+        return {}
+    try:
+        values = {name: secret(name) for name in SERVER_CREDENTIALS}
+    except CredentialError as exc:
+        raise ServicesError(str(exc)) from exc
+    needed = ["MLFLOW_FLASK_SERVER_SECRET_KEY", "PREFECT_SERVER_API_AUTH_STRING"]
+    if first_start:
+        needed.append("MLFLOW_AUTH_ADMIN_PASSWORD")
+    missing = [name for name in needed if not values[name]]
+    if missing:
+        raise ServicesError(
+            f"auth is on, and {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not set: give "
+            f"{'it' if len(missing) == 1 else 'each'} in the environment or as <VARIABLE>_FILE, a file only you can "
+            "read (docs/operations.md, \"A shared deployment\")"
+            + ("; MLFLOW_AUTH_ADMIN_PASSWORD is the admin's password, needed when MLflow's user store is new"
+               if "MLFLOW_AUTH_ADMIN_PASSWORD" in missing else ""))
+    if values["MLFLOW_AUTH_ADMIN_PASSWORD"] == LEGACY_MLFLOW_ADMIN_PASSWORD:
+        raise ServicesError("MLFLOW_AUTH_ADMIN_PASSWORD is MLflow's old default admin password, which is public: "
+                            "choose another one")
+    if ":" not in values["PREFECT_SERVER_API_AUTH_STRING"]:
+        raise ServicesError("PREFECT_SERVER_API_AUTH_STRING must read USER:PASSWORD (what Prefect's UI and "
+                            "clients send as HTTP basic auth)")
+    return {name: value for name, value in values.items() if value}
+
+
+def _write_private(path: Path, text: str) -> None:
+    """A file only its owner can read, written whole (temporary name, then rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(text)
+        out.flush()
+        os.fsync(out.fileno())
+    os.replace(tmp, path)
+
+
+def _auth_ini(root: Path, config: ServicesConfig, auth_database_uri: str) -> Path:
+    """MLflow's basic-auth settings for this project: its user store and the default permission. It
+    holds no password: the admin's comes from MLFLOW_AUTH_ADMIN_PASSWORD, the database's from PGPASSWORD."""
+    path = services_dir(root) / AUTH_INI
+    _write_private(path, "\n".join([
+        "[mlflow]",
+        f"default_permission = {config.auth_default_permission}",
+        f"database_uri = {auth_database_uri}",
+        f"admin_username = {os.environ.get('MLFLOW_AUTH_ADMIN_USERNAME') or 'admin'}",
+        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth",
+        "",
+    ]))
+    return path
+
+
 # --- the two servers ------------------------------------------------------------------------------
 
 
-def _backends(root: Path, config: ServicesConfig) -> dict[str, str]:
+def _backends(root: Path, config: ServicesConfig) -> tuple[dict[str, str], bool]:
+    """The stores' URLs (never with a password) and whether MLflow's user store is new."""
     if config.profile == "postgres":
         ensure_database(config, config.mlflow_database)
         ensure_database(config, config.prefect_database)
+        new_users = ensure_database(config, config.mlflow_auth_database) if config.auth else False
         # SQLAlchemy 2.1 maps plain postgresql:// to psycopg 3; MLflow gets the pinned psycopg2 explicitly.
-        return {"mlflow": config.server_url(config.mlflow_database, "psycopg2"),
-                "prefect": config.server_url(config.prefect_database, "asyncpg")}
-    return {"mlflow": f"sqlite:///{root / 'mlflow' / 'mlflow.db'}",
-            "prefect": f"sqlite+aiosqlite:///{root / '.prefect' / 'prefect.db'}"}
+        return ({"mlflow": config.server_url(config.mlflow_database, "psycopg2"),
+                 "prefect": config.server_url(config.prefect_database, "asyncpg"),
+                 "mlflow_auth": config.server_url(config.mlflow_auth_database, "psycopg2")}, new_users)
+    users = root / "mlflow" / "basic_auth.db"
+    return ({"mlflow": f"sqlite:///{root / 'mlflow' / 'mlflow.db'}",
+             "prefect": f"sqlite+aiosqlite:///{root / '.prefect' / 'prefect.db'}",
+             "mlflow_auth": f"sqlite:///{users}"}, not users.exists())
 
 
-def _commands(root: Path, config: ServicesConfig, backends: dict[str, str]) -> dict[str, tuple[list[str], dict]]:
-    base = {k: v for k, v in os.environ.items()
-            if k not in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+def _child_base_env() -> dict[str, str]:
+    """This process's environment without client settings and without any credential: each server gets
+    back only those it needs."""
+    drop = {"PREFECT_API_URL", "MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "PREFECT_API_AUTH_STRING"}
+    drop |= set(SECRET_VARIABLES) | {name + "_FILE" for name in SECRET_VARIABLES}
+    base = {k: v for k, v in os.environ.items() if k not in drop}
     base.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     base.setdefault("DO_NOT_TRACK", "1")
-    prefect_env = {**base, "PREFECT_HOME": str(root / ".prefect"),
+    return base
+
+
+def _commands(root: Path, config: ServicesConfig, backends: dict[str, str],
+              credentials: dict[str, str]) -> dict[str, tuple[list[str], dict]]:
+    base = _child_base_env()
+    password = config.password() if config.profile == "postgres" else ""
+    database = {"PGPASSWORD": password} if password else {}
+    prefect_env = {**base, **database, "PREFECT_HOME": str(root / ".prefect"),
                    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
                    "PREFECT_API_DATABASE_CONNECTION_URL": backends["prefect"],
                    "PREFECT_UI_API_URL": f"http://{config.host}:{config.prefect_port}/api"}
+    mlflow_env = {**base, **database, "MLFLOW_BACKEND_STORE_URI": backends["mlflow"]}
     prefect = [_bin("prefect"), "server", "start", "--host", config.host, "--port", str(config.prefect_port)]
     mlflow = [_bin("mlflow"), "server", "--host", config.host, "--port", str(config.mlflow_port),
-              "--backend-store-uri", backends["mlflow"],
               "--artifacts-destination", config.artifacts_destination or (root / "mlflow" / "artifacts").as_uri(),
               "--workers", "1"]
-    return {"prefect": (prefect, prefect_env), "mlflow": (mlflow, dict(base))}
+    if config.auth:
+        auth_string = credentials["PREFECT_SERVER_API_AUTH_STRING"]
+        # the server's own background services call its API too
+        prefect_env.update(PREFECT_SERVER_API_AUTH_STRING=auth_string, PREFECT_API_AUTH_STRING=auth_string)
+        mlflow += ["--app-name", "basic-auth"]
+        mlflow_env["MLFLOW_AUTH_CONFIG_PATH"] = str(_auth_ini(root, config, backends["mlflow_auth"]))
+        mlflow_env["MLFLOW_FLASK_SERVER_SECRET_KEY"] = credentials["MLFLOW_FLASK_SERVER_SECRET_KEY"]
+        if credentials.get("MLFLOW_AUTH_ADMIN_PASSWORD"):
+            mlflow_env["MLFLOW_AUTH_ADMIN_PASSWORD"] = credentials["MLFLOW_AUTH_ADMIN_PASSWORD"]
+    return {"prefect": (prefect, prefect_env), "mlflow": (mlflow, mlflow_env)}
 
 
 def _health_url(service: str, host: str, port: int) -> str:
+    # both answer their health check without a login
     return f"http://{host}:{port}/api/health" if service == "prefect" else f"http://{host}:{port}/health"
 
 
@@ -174,8 +318,6 @@ def healthy(url: str, timeout: float = 3.0) -> bool:
 
 
 def _port_free(host: str, port: int) -> bool:
-    import socket
-
     with socket.socket() as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
@@ -187,22 +329,39 @@ def _port_free(host: str, port: int) -> bool:
 
 def _log_tail(path: Path, lines: int = 25) -> str:
     try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+        return redact("\n".join(path.read_text(errors="replace").splitlines()[-lines:]))
     except OSError:
         return ""
 
 
 def _start(root: Path, name: str, command: list[str], env: dict) -> dict:
+    """Start ``command`` detached, logging to ``.services/NAME.log``; its record says which process it is."""
     folder = services_dir(root)
     folder.mkdir(parents=True, exist_ok=True)
     log = folder / f"{name}.log"
     with open(log, "ab") as out:
-        out.write(f"\n--- {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())} {' '.join(command)}\n".encode())
+        header = redact(f"\n--- {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())} {' '.join(command)}\n")
+        out.write(header.encode())
         out.flush()
         process = subprocess.Popen(command, cwd=root, env=env, stdin=subprocess.DEVNULL, stdout=out,
                                    stderr=subprocess.STDOUT, start_new_session=True)
-    (folder / f"{name}.pid").write_text(str(process.pid))
-    return {"pid": process.pid, "log": str(log), "process": process}
+    record = _identity_after_exec(process, command)
+    _write_private(folder / f"{name}.pid", json.dumps(record))
+    return {**record, "log": str(log), "process": process}
+
+
+def _identity_after_exec(process: subprocess.Popen, command: list[str], wait_s: float = 5.0) -> dict:
+    """The started process's identity once the kernel has set up its new command line: Popen returns
+    when exec has begun, and for a moment /proc still shows an empty or the parent's command line."""
+    args = command[1:]
+    deadline = time.monotonic() + wait_s
+    while True:
+        record = process_identity(process.pid)
+        if record and (not args or record["cmdline"][-len(args):] == args):
+            return record
+        if process.poll() is not None or time.monotonic() > deadline:
+            return record or {"pid": process.pid}
+        time.sleep(0.01)
 
 
 def _wait_healthy(name: str, entry: dict, url: str, timeout: float) -> None:
@@ -219,10 +378,16 @@ def _wait_healthy(name: str, entry: dict, url: str, timeout: float) -> None:
                         f"log {entry['log']}:\n{_log_tail(Path(entry['log']))}")
 
 
+def _record(entry: dict) -> dict:
+    """What the state file keeps of a started process (never the Popen handle)."""
+    return {k: entry[k] for k in ("pid", "start_time", "cmdline", "log") if k in entry}
+
+
 def up(root: Path, config: ServicesConfig | None = None, worker: bool = False, echo=print) -> dict:
     """Start both servers (and a process worker when ``worker``) unless already up; return the state."""
     root = Path(root).resolve()
     config = config or load_config(root)
+    server_credentials(config, first_start=False)  # refuses before anything starts
     current = status(root)
     if current["prefect"]["state"] == "up" and current["mlflow"]["state"] == "up":
         if worker and current.get("worker", {}).get("state") != "up":
@@ -237,8 +402,9 @@ def up(root: Path, config: ServicesConfig | None = None, worker: bool = False, e
                                 f"with --{service}-port or {service}_port in {CONFIG_FILE}")
     (root / "mlflow" / "artifacts").mkdir(parents=True, exist_ok=True)
     (root / ".prefect").mkdir(parents=True, exist_ok=True)
-    backends = _backends(root, config)
-    commands = _commands(root, config, backends)
+    backends, new_users = _backends(root, config)
+    credentials = server_credentials(config, first_start=new_users)
+    commands = _commands(root, config, backends, credentials)
     ports = {"prefect": config.prefect_port, "mlflow": config.mlflow_port}
     started: dict[str, dict] = {}
     try:
@@ -250,7 +416,7 @@ def up(root: Path, config: ServicesConfig | None = None, worker: bool = False, e
                           config.start_timeout)
     except BaseException:
         for service, entry in started.items():
-            _stop_pid(entry["pid"], config.stop_timeout, entry.get("process"))
+            _stop_records({service: _record(entry)}, config.stop_timeout)
             (services_dir(root) / f"{service}.pid").unlink(missing_ok=True)
         raise
     state = {
@@ -259,16 +425,15 @@ def up(root: Path, config: ServicesConfig | None = None, worker: bool = False, e
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "prefect": {"url": f"http://{config.host}:{config.prefect_port}",
                     "api_url": f"http://{config.host}:{config.prefect_port}/api",
-                    "pid": started["prefect"]["pid"], "log": started["prefect"]["log"],
-                    "backend": redact(backends["prefect"])},
+                    **_record(started["prefect"]), "backend": redact_url(backends["prefect"]), "auth": config.auth},
         "mlflow": {"url": f"http://{config.host}:{config.mlflow_port}",
-                   "pid": started["mlflow"]["pid"], "log": started["mlflow"]["log"],
-                   "backend": redact(backends["mlflow"]),
+                   **_record(started["mlflow"]), "backend": redact_url(backends["mlflow"]), "auth": config.auth,
                    "artifacts": str(root / "mlflow" / "artifacts")},
     }
     _write_state(root, state)
-    echo(f"Prefect UI: {state['prefect']['url']}  (API {state['prefect']['api_url']}, {state['prefect']['backend']})")
-    echo(f"MLflow UI:  {state['mlflow']['url']}  ({state['mlflow']['backend']})")
+    login = "  login required" if config.auth else ""
+    echo(f"Prefect UI: {state['prefect']['url']}  (API {state['prefect']['api_url']}, {state['prefect']['backend']}){login}")
+    echo(f"MLflow UI:  {state['mlflow']['url']}  ({state['mlflow']['backend']}){login}")
     if worker:
         start_worker(root, config, echo=echo)
     return read_state(root) or state
@@ -281,19 +446,20 @@ def start_service(root: Path, service: str, config: ServicesConfig | None = None
     config = config or load_config(root)
     port = config.prefect_port if service == "prefect" else config.mlflow_port
     state = read_state(root) or {"project": str(root), "profile": config.profile}
-    old = (state.get(service) or {}).get("pid")
-    if old and pid_alive(old):
-        _stop_pid(int(old), config.stop_timeout)
-    backends = _backends(root, config)
-    command, env = _commands(root, config, backends)[service]
+    old = state.get(service) or {}
+    if same_process(old):
+        _stop_records({service: old}, config.stop_timeout)
+    backends, new_users = _backends(root, config)
+    credentials = server_credentials(config, first_start=new_users)
+    command, env = _commands(root, config, backends, credentials)[service]
     entry = _start(root, service, command, env)
     try:
         _wait_healthy(service, entry, _health_url(service, config.host, port), config.start_timeout)
     except BaseException:
-        _stop_pid(entry["pid"], config.stop_timeout, entry["process"])
+        _stop_records({service: _record(entry)}, config.stop_timeout)
         raise
     url = f"http://{config.host}:{port}"
-    state[service] = {"url": url, "pid": entry["pid"], "log": entry["log"], "backend": redact(backends[service])}
+    state[service] = {"url": url, **_record(entry), "backend": redact_url(backends[service]), "auth": config.auth}
     if service == "prefect":
         state[service]["api_url"] = f"{url}/api"
     _write_state(root, state)
@@ -307,15 +473,11 @@ def stop_service(root: Path, service: str, config: ServicesConfig | None = None)
     entry = (read_state(root) or {}).get(service) or {}
     if not entry.get("pid"):
         return "not running"
-    return _stop_pid(int(entry["pid"]), (config or load_config(root)).stop_timeout)
+    return _stop_records({service: entry}, (config or load_config(root)).stop_timeout)[service]
 
 
 def _write_state(root: Path, state: dict) -> None:
-    path = state_path(root)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(state, indent=2))
-    os.replace(tmp, path)
+    _write_private(state_path(root), json.dumps(state, indent=2))
 
 
 def worker_command(config: ServicesConfig) -> list[str]:
@@ -323,9 +485,13 @@ def worker_command(config: ServicesConfig) -> list[str]:
 
 
 def worker_env(root: Path, api_url: str, mlflow_uri: str | None = None) -> dict:
-    """The environment of a process worker (and so of the flow runs it starts)."""
-    env = {**os.environ, "PREFECT_API_URL": api_url, "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-           "DO_NOT_TRACK": "1"}
+    """The environment of a process worker (and so of the flow runs it starts). The operator's client
+    credentials (PREFECT_API_AUTH_STRING, MLFLOW_TRACKING_USERNAME/PASSWORD, NERVESEG_WEBHOOK_URL) pass
+    through the environment, the only way they reach a child process; the servers' own do not."""
+    server_only = {*SERVER_CREDENTIALS, "NERVESEG_DATABASE_URL", "PGPASSWORD"}
+    server_only |= {name + "_FILE" for name in server_only}
+    env = {k: v for k, v in os.environ.items() if k not in server_only}  # the servers' secrets stay theirs
+    env.update(PREFECT_API_URL=api_url, PREFECT_SERVER_ANALYTICS_ENABLED="false", DO_NOT_TRACK="1")
     env.setdefault("PREFECT_HOME", str(Path(root).resolve() / ".prefect"))
     if mlflow_uri:
         env["MLFLOW_TRACKING_URI"] = mlflow_uri
@@ -337,33 +503,48 @@ def start_worker(root: Path, config: ServicesConfig | None = None, echo=print) -
     root = Path(root).resolve()
     config = config or load_config(root)
     state = read_state(root)
-    if not state or not pid_alive(state.get("prefect", {}).get("pid")):
+    if not state or not same_process(state.get("prefect")):
         raise ServicesError("the services are not running; `nerveseg services up` first")
+    problems = client_auth_problems(state)
+    if problems:
+        raise ServicesError(f"the servers ask for a login, and the worker would run without: set "
+                            f"{'; '.join(problems)}")
     from flows.deployment import ensure_work_pool, on_server
     from prefect.client.orchestration import get_client
 
     with on_server(state["prefect"]["api_url"]), get_client(sync_client=True) as client:
         ensure_work_pool(client, config.work_pool)
     entry = _start(root, "worker", worker_command(config), worker_env(root, state["prefect"]["api_url"]))
-    entry.pop("process")
-    state["worker"] = {**entry, "pool": config.work_pool}
+    state["worker"] = {**_record(entry), "pool": config.work_pool}
     _write_state(root, state)
     echo(f"process worker for pool {config.work_pool}: pid {entry['pid']}, log {entry['log']}")
     return state["worker"]
 
 
+def _records(root: Path, state: dict) -> dict[str, dict]:
+    """Each recorded process, from the state file or else from its pid file."""
+    records = {}
+    for service in ("worker", *SERVICES):
+        record = state.get(service) or _pid_file(root, service)
+        if record and record.get("pid"):
+            records[service] = record
+    return records
+
+
 def status(root: Path) -> dict:
-    """``up`` (process alive and answering), ``unhealthy`` (alive, not answering) or ``down``, per service."""
+    """``up`` (process alive and answering), ``unhealthy`` (alive, not answering) or ``down``, per service.
+    A recorded pid that now belongs to another process is ``down``."""
     root = Path(root).resolve()
     state = read_state(root) or {}
     out: dict = {"project": str(root), "profile": state.get("profile")}
+    records = _records(root, state)
     for service in (*SERVICES, "worker"):
-        entry = state.get(service) or {}
-        pid = entry.get("pid") or _pid_file(root, service)
-        if not pid_alive(pid):
+        entry = records.get(service) or {}
+        if not same_process(entry):
             if service != "worker":
                 out[service] = {"state": "down"}
             continue
+        pid = entry["pid"]
         if service == "worker":
             out[service] = {"state": "up", "pid": pid, "pool": entry.get("pool"), "log": entry.get("log")}
             continue
@@ -373,17 +554,20 @@ def status(root: Path) -> dict:
             host, _, port = urlsplit(url).netloc.rpartition(":")
             answering = healthy(_health_url(service, host, int(port)))
         out[service] = {"state": "up" if answering else "unhealthy", "url": url, "pid": pid,
-                        "log": entry.get("log"), "backend": entry.get("backend")}
+                        "log": entry.get("log"), "backend": entry.get("backend"), "auth": bool(entry.get("auth"))}
         if service == "prefect":
             out[service]["api_url"] = entry.get("api_url")
     return out
 
 
-def _pid_file(root: Path, service: str) -> int | None:
+def _pid_file(root: Path, service: str) -> dict | None:
     try:
-        return int((services_dir(root) / f"{service}.pid").read_text().strip())
+        record = json.loads((services_dir(root) / f"{service}.pid").read_text())
     except (OSError, ValueError):
         return None
+    if isinstance(record, int):  # an older, bare pid: it cannot be told apart from a reused one
+        return {"pid": record}
+    return record if isinstance(record, dict) else None
 
 
 def _signal_group(pid: int, sig) -> None:
@@ -392,7 +576,7 @@ def _signal_group(pid: int, sig) -> None:
     except (ProcessLookupError, PermissionError):
         try:
             os.kill(pid, sig)
-        except ProcessLookupError:
+        except (ProcessLookupError, PermissionError):
             pass
 
 
@@ -402,25 +586,42 @@ def _gone(pid: int) -> bool:
             return True
     except ChildProcessError:
         pass
-    return not pid_alive(pid)
+    return process_identity(pid) is None
 
 
-def _stop_pids(pids: dict[str, int], timeout: float) -> dict[str, str]:
-    """SIGTERM to each process group at once, SIGKILL to those still there after ``timeout``."""
-    result = {name: "not running" for name, pid in pids.items() if _gone(pid)}
-    live = {name: pid for name, pid in pids.items() if name not in result}
-    for pid in live.values():
-        _signal_group(pid, signal.SIGTERM)
+def _stop_records(records: dict[str, dict], timeout: float) -> dict[str, str]:
+    """SIGTERM to each recorded process group at once, SIGKILL to those still there after ``timeout``.
+
+    Only processes that are still the recorded ones (``same_process``) are signalled: a pid the system
+    has given to another program since is reported and left alone."""
+    result: dict[str, str] = {}
+    live: dict[str, dict] = {}
+    for name, record in records.items():
+        pid = int(record["pid"])
+        if same_process(record):
+            live[name] = record
+        elif _gone(pid):
+            result[name] = "not running"
+        else:
+            result[name] = (f"not running (pid {pid} now belongs to another process, which was not signalled)"
+                            if "start_time" in record else
+                            f"not signalled (pid {pid} was recorded without its start time and command line, "
+                            "so it cannot be told apart from another process; stop it yourself if it is the server)")
+    for record in live.values():
+        _signal_group(int(record["pid"]), signal.SIGTERM)
     deadline = time.monotonic() + timeout
     while live and time.monotonic() < deadline:
-        for name, pid in list(live.items()):
+        for name, record in list(live.items()):
+            pid = int(record["pid"])
             if _gone(pid):
                 _signal_group(pid, signal.SIGKILL)  # children the server left behind in its group, if any
                 result[name] = "stopped"
                 del live[name]
         time.sleep(0.2)
-    for name, pid in live.items():
-        _signal_group(pid, signal.SIGKILL)
+    for name, record in live.items():
+        pid = int(record["pid"])
+        if same_process(record):
+            _signal_group(pid, signal.SIGKILL)
         for _ in range(50):
             if _gone(pid):
                 break
@@ -429,27 +630,19 @@ def _stop_pids(pids: dict[str, int], timeout: float) -> dict[str, str]:
     return result
 
 
-def _stop_pid(pid: int, timeout: float, process: subprocess.Popen | None = None) -> str:
-    """SIGTERM to the process group, SIGKILL after ``timeout``; how it ended."""
-    return _stop_pids({"p": pid}, timeout)["p"]
-
-
 def down(root: Path, config: ServicesConfig | None = None, echo=print) -> dict:
-    """Stop the worker and both servers (SIGTERM, SIGKILL after the timeout); remove pid and state files."""
+    """Stop the worker and both servers (SIGTERM, SIGKILL after the timeout); remove pid and state files.
+    Records that no longer match their process are cleared without any signal."""
     root = Path(root).resolve()
     timeout = (config or load_config(root)).stop_timeout
-    state = read_state(root) or {}
-    pids = {}
-    for service in ("worker", *SERVICES):
-        pid = (state.get(service) or {}).get("pid") or _pid_file(root, service)
-        if pid:
-            pids[service] = int(pid)
-    result = _stop_pids(pids, timeout)
+    records = _records(root, read_state(root) or {})
+    result = _stop_records(records, timeout)
     for service in ("worker", *SERVICES):
         if service in result:
             echo(f"{service}: {result[service]}")
         (services_dir(root) / f"{service}.pid").unlink(missing_ok=True)
     state_path(root).unlink(missing_ok=True)
+    (services_dir(root) / AUTH_INI).unlink(missing_ok=True)
     if not result:
         echo("services were not running")
     return result

@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 
 from pipeline import registry
+from pipeline.identity import describe
 from pipeline.metrics import presence_caveat
 
 URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[\w-]+)|/(?P<version>\d+))$")
@@ -134,7 +135,7 @@ def to_text(record: dict) -> str:
     ]
     for event in record["history"] or [{"time": "-", "action": "none recorded", "version": "", "actor": "",
                                          "reason": ""}]:
-        lines.append(f"    {event['time']}  {event['action']:<9} v{event['version']}  by {event['actor']}: "
+        lines.append(f"    {event['time']}  {event['action']:<9} v{event['version']}  by {describe(event)}: "
                      f"{event['reason']}")
     lines += [f"  WARNING: {w}" for w in record.get("warnings", [])]
     return "\n".join(lines)

@@ -228,10 +228,22 @@ class PromotionParams(_Section):
 
 
 class NotifyParams(_Section):
-    """Where failure notices go besides the Prefect artifact and log (NERVESEG_WEBHOOK_URL overrides)."""
+    """How failure notices are POSTed besides the Prefect artifact and log. The webhook itself is a
+    credential (chat webhooks carry their token in the URL): ``NERVESEG_WEBHOOK_URL`` or the file
+    ``NERVESEG_WEBHOOK_URL_FILE`` names, never this file, which is committed and copied into run records."""
 
-    webhook_url: str = ""
     timeout_s: float = Field(5.0, gt=0, le=60)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_webhook_here(cls, values):
+        if isinstance(values, dict) and "webhook_url" in values:
+            if values.get("webhook_url"):
+                raise ValueError("webhook_url does not belong in params.yaml: a webhook URL carries its token, and "
+                                 "params.yaml is committed and recorded with every run. Remove the line and set "
+                                 "NERVESEG_WEBHOOK_URL, or NERVESEG_WEBHOOK_URL_FILE naming a file only you can read")
+            values = {k: v for k, v in values.items() if k != "webhook_url"}  # an empty one, as before: harmless
+        return values
 
 
 class RunnerParams(_Section):

@@ -365,7 +365,7 @@ def add_data(
                      len(result.replaced), len(result.removed), report)
 
 
-def resplit_data(root: Path, raw_dir: Path, split, reason: str, actor: str | None = None,
+def resplit_data(root: Path, raw_dir: Path, split, reason: str, on_behalf_of: str | None = None,
                  dry_run: bool = False) -> dict:
     """Change the subject split on purpose: deal every known subject anew by the settings' rule
     (``split``, :class:`pipeline.config.SplitParams`), record who, when and why in the split file and
@@ -379,7 +379,7 @@ def resplit_data(root: Path, raw_dir: Path, split, reason: str, actor: str | Non
     subjects = list_frame_pairs(raw_dir)["subject"].astype(int).unique().tolist()
     try:
         current = load_assignment(path)
-        new, moved = resplit(current, subjects, split, reason, actor)
+        new, moved = resplit(current, subjects, split, reason, on_behalf_of)
     except SplitError as exc:
         raise DataAddError(str(exc)) from exc
     counts = {p: sum(1 for g in new.parts(split.fold, [s for s in subjects if s in new.groups]).values() if g == p)

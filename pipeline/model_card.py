@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline import registry
+from pipeline.identity import describe
 from pipeline.audit import lineage
 from pipeline.imageio import atomic_write_text
 from pipeline.metrics import FAILURES
@@ -122,7 +123,7 @@ def build_card(uri: str, default_name: str, root: Path | None = None) -> str:
     history = "".join(
         f"<tr><td>{html.escape(e['time'])}</td><td>{html.escape(e['action'])}</td>"
         f"<td>v{html.escape(e['version'])}"
-        f"</td><td>{html.escape(str(e['actor']))}</td><td>{html.escape(str(e['reason']))}</td></tr>"
+        f"</td><td>{html.escape(describe(e))}</td><td>{html.escape(str(e['reason']))}</td></tr>"
         for e in record["history"]
     ) or "<tr><td colspan=5>no recorded moves</td></tr>"
     d, v = record["data"], record["validation"]

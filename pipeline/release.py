@@ -9,7 +9,6 @@ promotion and rollback follow the same order: load and run the model, record, th
 
 from __future__ import annotations
 
-import getpass
 import json
 import tempfile
 import time
@@ -21,6 +20,7 @@ import pandas as pd
 from pipeline import registry
 from pipeline.config import Params
 from pipeline.evaluate import load_native, load_postprocess
+from pipeline.identity import Identity, acting_identity
 from pipeline.inference import write_bundle
 from pipeline.metrics import dice_per_frame
 from pipeline.paths import ProjectPaths
@@ -92,10 +92,12 @@ def score_version(model, images: np.ndarray, masks: np.ndarray, frame_ids: list[
     return FrameScores(list(frame_ids), dice, presence_ok, has_nerve, subjects)
 
 
-def record_event(name: str, version: str, action: str, reason: str, actor: str | None = None,
-                 **evidence) -> dict:
-    """An event on a version (promote, reject, rollback), kept as a version tag in the registry."""
-    event = {"action": action, "reason": reason, "actor": actor or getpass.getuser(),
+def record_event(name: str, version: str, action: str, reason: str, on_behalf_of: str | None = None,
+                 identity: Identity | None = None, **evidence) -> dict:
+    """An event on a version (promote, reject, rollback), kept as a version tag in the registry. The
+    actor is who is acting (``pipeline.identity``); ``on_behalf_of`` is recorded beside it, never instead."""
+    who = identity or acting_identity()
+    event = {"action": action, "reason": reason, **who.fields(on_behalf_of),
              "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **evidence}
     registry.set_tags(name, version, {f"{EVENT_PREFIX}{time.time_ns()}": json.dumps(event, default=str)})
     return event
@@ -120,10 +122,10 @@ def _move_champion(name: str, version: str, previous: str | None) -> None:
         registry.delete_alias(name, registry.CHALLENGER)
 
 
-def promote(paths: ProjectPaths, params: Params, version: str, actor: str | None = None) -> PromotionDecision:
+def promote(paths: ProjectPaths, params: Params, version: str) -> PromotionDecision:
     """The automatic gate of the flow: score both on the same holdout frames, record, then alias."""
     decision, evidence = gate(paths, params, version)
-    return apply_decision(params.registry.model_name, version, decision, evidence, actor)
+    return apply_decision(params.registry.model_name, version, decision, evidence)
 
 
 def gate(paths: ProjectPaths, params: Params, version: str) -> tuple[PromotionDecision, dict]:
@@ -180,10 +182,9 @@ def gate(paths: ProjectPaths, params: Params, version: str) -> tuple[PromotionDe
     return decision, evidence
 
 
-def apply_decision(name: str, version: str, decision: PromotionDecision, evidence: dict,
-                   actor: str | None = None) -> PromotionDecision:
+def apply_decision(name: str, version: str, decision: PromotionDecision, evidence: dict) -> PromotionDecision:
     """Record the gate's decision in the ledger, then move ``champion`` (or set ``challenger``)."""
-    record_event(name, version, "promote" if decision.promote else "reject", decision.reason, actor, **evidence)
+    record_event(name, version, "promote" if decision.promote else "reject", decision.reason, **evidence)
     if decision.promote:
         _move_champion(name, version, evidence.get("champion_version"))
     else:
@@ -201,23 +202,28 @@ def await_approval(name: str, version: str, decision: PromotionDecision) -> None
 
 
 def apply_approval(name: str, version: str, decision: PromotionDecision, evidence: dict, answer: str,
-                   reason: str, actor: str | None = None, **approval) -> PromotionDecision:
+                   reason: str, approver: Identity | None = None, on_behalf_of: str | None = None,
+                   **approval) -> PromotionDecision:
     """A person's answer to a held promotion: ``approve`` promotes; ``reject`` and ``timeout`` do not
-    (the version becomes ``challenger``). The answer, with its actor and reason, is recorded in the
-    ledger first, with the gate's evidence, and only then does an alias move."""
+    (the version becomes ``challenger``). The answer, with who gave it and why, is recorded in the
+    ledger first, with the gate's evidence, and only then does an alias move. The identity that moves
+    the alias (the flow's own) is recorded too, as ``moved_by``."""
     from dataclasses import replace
 
     if answer not in APPROVAL_DECISIONS:
         raise ValueError(f"unknown approval answer {answer!r}; expected one of {APPROVAL_DECISIONS}")
-    actor = "timeout" if answer == "timeout" else (actor or getpass.getuser())
+    mover = acting_identity()
+    approver = Identity("timeout", "timeout") if answer == "timeout" else (approver or mover)
+    actor = approver.name
     promote_it = answer == "approve" and decision.promote
     final = replace(decision, promote=promote_it, alias="champion" if promote_it else "challenger",
                     reason=f"{'approved' if promote_it else 'not approved'} by {actor}: {reason} "
                            f"(gate: {decision.reason})")
     registry.set_tags(name, version, {**final.tags(), "promotion.approval": answer,
                                       "promotion.approval_actor": actor, "promotion.approval_reason": reason})
-    record_event(name, version, "promote" if promote_it else "reject", reason, actor,
-                 approval={"answer": answer, "gate_reason": decision.reason, **approval}, **evidence)
+    record_event(name, version, "promote" if promote_it else "reject", reason, on_behalf_of, approver,
+                 approval={"answer": answer, "gate_reason": decision.reason, **approval},
+                 moved_by=mover.name, **evidence)
     if promote_it:
         _move_champion(name, version, evidence.get("champion_version"))
     else:
@@ -225,7 +231,7 @@ def apply_approval(name: str, version: str, decision: PromotionDecision, evidenc
     return final
 
 
-def manual_promote(name: str, version: str, reason: str, actor: str | None = None) -> dict:
+def manual_promote(name: str, version: str, reason: str, on_behalf_of: str | None = None) -> dict:
     """An operator's promotion: the version must load and run; the move is recorded first. A person
     may overrule the gate (its floor included); the event then records the gate's refusal beside the
     person's reason (``overrules_gate``), so the ledger shows a deliberate override, not a gap."""
@@ -238,13 +244,13 @@ def manual_promote(name: str, version: str, reason: str, actor: str | None = Non
     if previous == version:
         raise PromotionError(f"{name} version {version} is already the champion")
     refused = tags.get("promotion.reason", "") if tags.get("promotion.decision") == "not_promoted" else ""
-    event = record_event(name, version, "promote", reason, actor, manual=True, previous_champion=previous,
+    event = record_event(name, version, "promote", reason, on_behalf_of, manual=True, previous_champion=previous,
                          overrules_gate=refused)
     _move_champion(name, version, previous)
     return event
 
 
-def rollback(name: str, reason: str, actor: str | None = None) -> dict:
+def rollback(name: str, reason: str, on_behalf_of: str | None = None) -> dict:
     """Give ``champion`` back to the version it replaced, after checking that version still runs."""
     current = registry.version_by_alias(name, registry.CHAMPION)
     if current is None:
@@ -253,7 +259,7 @@ def rollback(name: str, reason: str, actor: str | None = None) -> dict:
     if not previous:
         raise PromotionError(f"{name} version {current.version} replaced no earlier champion; nothing to roll back to")
     load_and_check(name, previous)
-    event = record_event(name, previous, "rollback", reason or "rollback", actor, replaced=str(current.version))
+    event = record_event(name, previous, "rollback", reason or "rollback", on_behalf_of, replaced=str(current.version))
     # The restored champion keeps its own predecessor, so a second rollback goes further back.
     registry.set_alias(name, registry.CHAMPION, previous)
     return event

@@ -35,6 +35,30 @@ def pid_alive(pid: int | None) -> bool:
         return True
 
 
+def process_identity(pid: int) -> dict | None:
+    """What tells this process apart from a later one given the same pid: its start time (clock ticks
+    after boot, ``/proc/PID/stat`` field 22) and its command line. None when it is gone."""
+    try:
+        with open(f"/proc/{int(pid)}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[-1].split()
+        with open(f"/proc/{int(pid)}/cmdline", "rb") as cmdline:
+            argv = [part.decode(errors="replace") for part in cmdline.read().split(b"\0") if part]
+    except (OSError, ValueError):
+        return None
+    if fields[0] == "Z":
+        return None
+    return {"pid": int(pid), "start_time": int(fields[19]), "cmdline": argv}
+
+
+def same_process(record: dict | None) -> bool:
+    """True only when the recorded process still runs: same pid, same start time, same command line.
+    A record without start time or command line (an older state file) cannot be trusted with a signal."""
+    if not record or not record.get("pid") or "start_time" not in record or "cmdline" not in record:
+        return False
+    now = process_identity(int(record["pid"]))
+    return bool(now) and now["start_time"] == record["start_time"] and now["cmdline"] == list(record["cmdline"])
+
+
 def read_state(root: Path | str) -> dict | None:
     """The services' state of the project at ``root``, or None when they are not running."""
     path = state_path(root)
@@ -43,6 +67,19 @@ def read_state(root: Path | str) -> dict | None:
     except (OSError, ValueError):
         return None
     return state if isinstance(state, dict) else None
+
+
+def client_auth_problems(state: dict | None, environ=None) -> list[str]:
+    """The credentials this process lacks to talk to servers that ask for a login (``auth: true``)."""
+    environ = os.environ if environ is None else environ
+    state = state or {}
+    problems = []
+    if (state.get("mlflow") or {}).get("auth") and not (
+            environ.get("MLFLOW_TRACKING_USERNAME") and environ.get("MLFLOW_TRACKING_PASSWORD")):
+        problems.append("MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (your MLflow login)")
+    if (state.get("prefect") or {}).get("auth") and not environ.get("PREFECT_API_AUTH_STRING"):
+        problems.append("PREFECT_API_AUTH_STRING (USER:PASSWORD of the Prefect server)")
+    return problems
 
 
 def service_url(root: Path | str, service: str, key: str = "url") -> str | None:

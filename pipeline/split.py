@@ -40,6 +40,7 @@ import pandas as pd
 import yaml
 
 from pipeline.config import SplitParams
+from pipeline.identity import OS_USER, Identity
 
 PARTS = ("train", "validation", "holdout")
 SPLIT_FILE = "split.yaml"
@@ -293,8 +294,9 @@ def record_subjects(path: Path, subjects: list[int], params: SplitParams,
 
 
 def resplit(assignment: SubjectAssignment | None, subjects: list[int], params: SplitParams, reason: str,
-            actor: str | None = None) -> tuple[SubjectAssignment, dict[int, tuple[str, str]]]:
-    """A new assignment of every known subject by the settings' rule, recorded with who, when and why.
+            on_behalf_of: str | None = None) -> tuple[SubjectAssignment, dict[int, tuple[str, str]]]:
+    """A new assignment of every known subject by the settings' rule, recorded with who (the OS user,
+    who also commits it; ``on_behalf_of`` beside it), when and why.
     Returns it and the subjects that changed group (``{subject: (before, after)}``)."""
     if not reason.strip():
         raise SplitError("a resplit needs a reason (--reason): it is recorded with the split")
@@ -303,7 +305,8 @@ def resplit(assignment: SubjectAssignment | None, subjects: list[int], params: S
     before = assignment.groups if assignment else {}
     moved = {s: (before[s], g) for s, g in fresh.groups.items() if s in before and before[s] != g}
     record = {"revision": (assignment.revision + 1) if assignment else 1,
-              "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "actor": actor or getpass.getuser(),
+              "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+              **Identity(getpass.getuser(), OS_USER).fields(on_behalf_of),
               "reason": reason, "rule": fresh.rule.to_dict(), "method": fresh.method,
               "previous_digest": assignment.digest() if assignment else None,
               "moved": {int(s): f"{a} -> {b}" for s, (a, b) in sorted(moved.items())}}

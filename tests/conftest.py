@@ -147,6 +147,16 @@ def write_simple_dataset(data_dir: Path, subjects: int = 6, frames: int = 4, see
     return Path(data_dir)
 
 
+def subject_batch(source: Path, out: Path, subjects) -> Path:
+    """A folder in the competition's layout holding the frames of ``subjects`` only (an import batch)."""
+    train = out / "train"
+    train.mkdir(parents=True)
+    for subject in subjects:
+        for path in (source / "train").glob(f"{subject}_*.tif"):
+            shutil.copy2(path, train / path.name)
+    return out
+
+
 def tiny_model_config(norm: str = "batch"):
     """A two-level width-8 network's config at a 32x44 working size: enough to tell layouts and
     normalisations apart in a fraction of a second."""

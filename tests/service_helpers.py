@@ -75,18 +75,25 @@ POSTGRES = "postgresql://postgres@127.0.0.1:5432"
 @contextmanager
 def temporary_databases(*roles: str):
     """Uniquely named PostgreSQL databases (created by the code under test), dropped afterwards."""
-    import psycopg2
-
     tag = uuid.uuid4().hex[:10]
     names = {role: f"nerveseg_test_{tag}_{role}" for role in roles}
     try:
         yield names
     finally:
-        conn = psycopg2.connect(f"{POSTGRES}/postgres", connect_timeout=5)
-        conn.autocommit = True
+        postgres_admin(*(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)' for name in names.values()))
+
+
+def postgres_admin(*statements: str) -> None:
+    """Run statements as the server's superuser (loopback, trust auth), outside any transaction."""
+    import psycopg2
+
+    conn = psycopg2.connect(f"{POSTGRES}/postgres", connect_timeout=5)
+    conn.autocommit = True
+    try:
         with conn.cursor() as cur:
-            for name in names.values():
-                cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            for statement in statements:
+                cur.execute(statement)
+    finally:
         conn.close()
 
 

@@ -4,6 +4,8 @@ answer it, and no answer in time means no promotion. Every outcome is in the led
 
 from __future__ import annotations
 
+import getpass
+
 import threading
 import time
 
@@ -100,12 +102,13 @@ def test_rejected_approval_does_not_promote(approval_project):
     assert "result" in out, out
     decision = out["result"]["decision"]
     assert decision["promote"] is False and decision["approval"] == {
-        "answer": "reject", "actor": "bob", "reason": "holdout too small"}
+        "answer": "reject", "actor": getpass.getuser(), "on_behalf_of": "bob", "reason": "holdout too small"}
     assert registry.version_by_alias(MODEL, registry.CHAMPION) is None
     assert str(registry.version_by_alias(MODEL, registry.CHALLENGER).version) == "1"
     last = _events(root)[-1]
-    assert (last["version"], last["action"], last["actor"], last["reason"]) == ("1", "reject", "bob",
-                                                                               "holdout too small")
+    assert (last["version"], last["action"], last["actor"], last["on_behalf_of"], last["reason"]) == (
+        "1", "reject", getpass.getuser(), "bob", "holdout too small")
+    assert last["identity"] == "os-user" and last["moved_by"] == getpass.getuser()
     assert last["approval"]["answer"] == "reject" and "interval" in last and last["data_hash"]
 
     again = CliRunner().invoke(app, ["approve", str(run.id), "--reason", "late", "-C", str(root)])
@@ -149,10 +152,11 @@ def test_approved_promotion_moves_champion(approval_project):
     registry = _registry(root)
     assert str(registry.version_by_alias(MODEL, registry.CHAMPION).version) == version == "3"
     last = _events(root)[-1]
-    assert (last["version"], last["action"], last["actor"], last["reason"]) == ("3", "promote", "alice",
-                                                                               "reviewed the overlays")
+    assert (last["version"], last["action"], last["actor"], last["on_behalf_of"], last["reason"]) == (
+        "3", "promote", getpass.getuser(), "alice", "reviewed the overlays")
     from pipeline import release
 
     assert release.unrecorded_alias_move(MODEL) is None  # the ledger agrees with the alias
     ledger = CliRunner().invoke(app, ["ledger", "-C", str(root)])
-    assert "by alice: reviewed the overlays" in ledger.output and "by timeout" in ledger.output
+    assert f"by {getpass.getuser()} (on behalf of alice): reviewed the overlays" in ledger.output
+    assert "by timeout" in ledger.output

@@ -6,14 +6,13 @@ audit and the ledger show both. Real git, DVC, MLflow store and Prefect flow run
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 import yaml
 from typer.testing import CliRunner
 
-from tests.conftest import TINY_SETTINGS, deep_update, make_project, write_settings
+from tests.conftest import TINY_SETTINGS, deep_update, make_project, subject_batch, write_settings
 
 pytestmark = pytest.mark.e2e
 
@@ -25,16 +24,6 @@ def _cli(*args: str):
     from flows.cli import app
 
     return CliRunner().invoke(app, list(args))
-
-
-def _batch(source: Path, out: Path, subjects) -> Path:
-    """A folder in the competition's layout holding the frames of ``subjects`` only."""
-    train = out / "train"
-    train.mkdir(parents=True)
-    for subject in subjects:
-        for path in (source / "train").glob(f"{subject}_*.tif"):
-            shutil.copy2(path, train / path.name)
-    return out
 
 
 def _groups_at(root: Path, revision: str) -> dict[int, str]:
@@ -74,14 +63,14 @@ def lifecycle(tmp_path_factory, prefect_server):
         return result
 
     for i, subjects in enumerate(BATCHES):
-        add(str(_batch(source, base / f"batch{i + 1}", subjects)))
+        add(str(subject_batch(source, base / f"batch{i + 1}", subjects)))
         run(f"batch {i + 1}")
 
     # A subject is withdrawn: the dataset is imported again without it.
     split = yaml.safe_load((root / "data" / "split.yaml").read_text())["subjects"]
     withdrawn = next(s for s, g in split.items() if g == "holdout")
     notes["withdrawn"] = withdrawn
-    add(str(_batch(source, base / "withdrawn", [s for s in range(1, 21) if s != withdrawn])), "--replace")
+    add(str(subject_batch(source, base / "withdrawn", [s for s in range(1, 21) if s != withdrawn])), "--replace")
     run("subject withdrawn")
 
     # Make sure there is a move to roll back: the newest version becomes champion by hand, then back.
@@ -130,7 +119,7 @@ def test_no_subject_changes_part_without_a_resplit(lifecycle):
     assert holdouts == sorted(holdouts) and holdouts[-1] > holdouts[0]
     # The resplit is recorded in the file with who, why and what moved.
     record = yaml.safe_load((root / "data" / "split.yaml").read_text())["resplits"][-1]
-    assert (record["reason"], record["actor"]) == ("a bigger holdout", "ops") and record["moved"]
+    assert (record["reason"], record["on_behalf_of"]) == ("a bigger holdout", "ops") and record["moved"]
     assert "moved" in notes["resplit_output"]
 
 

@@ -4,10 +4,12 @@ run's own error is what the caller still sees, also when the webhook is unreacha
 
 from __future__ import annotations
 
+import json
 import socket
 import time
 
 import pytest
+import yaml
 
 from tests.conftest import TINY_SETTINGS, deep_update, make_project, write_settings
 from tests.webhook import Hook
@@ -41,7 +43,7 @@ def _logs(flow_run_id, needle: str, limit: float = 20.0) -> list[str]:
         time.sleep(0.5)
 
 
-def test_failed_run_posts_its_notice_with_link_task_error_and_data_version(broken_project, monkeypatch):
+def test_failed_run_posts_its_notice_with_link_task_error_and_data_version(broken_project, monkeypatch, tmp_path):
     from flows.retrain import retrain
     from pipeline import versioning
     from pipeline.validation import DataValidationError
@@ -49,7 +51,12 @@ def test_failed_run_posts_its_notice_with_link_task_error_and_data_version(broke
     monkeypatch.delenv("NERVESEG_WEBHOOK_URL", raising=False)
     with Hook(fail_first=1) as hook:
         root, frame_id = broken_project
-        write_settings(root, deep_update(TINY_SETTINGS, {"notify": {"webhook_url": hook.url, "timeout_s": 2}}))
+        # the webhook as a credential file only its owner can read, never in params.yaml
+        secret_file = tmp_path / "webhook"
+        secret_file.write_text(hook.url + "\n")
+        secret_file.chmod(0o600)
+        monkeypatch.setenv("NERVESEG_WEBHOOK_URL_FILE", str(secret_file))
+        write_settings(root, deep_update(TINY_SETTINGS, {"notify": {"timeout_s": 2}}))
         with pytest.raises(DataValidationError):
             retrain(project_dir=str(root))
     assert hook.attempts == 2 and len(hook.posts) == 1  # the first try got a 500 and was retried
@@ -72,23 +79,46 @@ def test_failed_run_posts_its_notice_with_link_task_error_and_data_version(broke
     assert len(notices) == 1
     assert "failed task | validate" in notices[0].data and data["md5"] in notices[0].data
     assert _logs(run_id, "FAILURE NOTICE"), "the notice is not in the run's log"
+    token = "/hooks/nerveseg"  # the webhook's path: where chat tools keep the token
+    assert _logs(run_id, "posted to the webhook") and not _logs(run_id, token, limit=0)
+    assert token not in notices[0].data and token not in json.dumps(notice)
 
 
-def test_unreachable_webhook_never_masks_the_error_and_the_environment_wins(broken_project, monkeypatch):
+def test_a_webhook_in_params_yaml_or_a_readable_credential_file_is_refused(tmp_path, monkeypatch):
+    from flows.notices import webhook_url
+    from pipeline.config import ParamsError, load_params
+    from pipeline.credentials import CredentialError
+
+    settings = tmp_path / "params.yaml"
+    settings.write_text(yaml.safe_dump({"notify": {"webhook_url": "https://chat.example.org/hooks/T0K3N"}}))
+    with pytest.raises(ParamsError, match="NERVESEG_WEBHOOK_URL"):
+        load_params(settings)
+    settings.write_text(yaml.safe_dump({"notify": {"webhook_url": "", "timeout_s": 3}}))  # older files: harmless
+    assert load_params(settings).notify.timeout_s == 3
+    shared = tmp_path / "webhook"
+    shared.write_text("https://chat.example.org/hooks/T0K3N")
+    shared.chmod(0o644)
+    monkeypatch.delenv("NERVESEG_WEBHOOK_URL", raising=False)
+    monkeypatch.setenv("NERVESEG_WEBHOOK_URL_FILE", str(shared))
+    with pytest.raises(CredentialError, match="chmod 600"):
+        webhook_url()
+    shared.chmod(0o600)
+    assert webhook_url() == "https://chat.example.org/hooks/T0K3N"
+
+
+def test_unreachable_webhook_never_masks_the_error(broken_project, monkeypatch):
     from flows.retrain import retrain
     from pipeline.validation import DataValidationError
 
     with socket.socket() as sock:  # a port with nobody listening
         sock.bind(("127.0.0.1", 0))
         dead = f"http://127.0.0.1:{sock.getsockname()[1]}/gone"
-    with Hook() as configured:
-        monkeypatch.setenv("NERVESEG_WEBHOOK_URL", dead)
-        root, _ = broken_project
-        write_settings(root, deep_update(TINY_SETTINGS, {"notify": {"webhook_url": configured.url, "timeout_s": 1}}))
-        began = time.monotonic()
-        with pytest.raises(DataValidationError):
-            retrain(project_dir=str(root))
-    assert configured.posts == []  # NERVESEG_WEBHOOK_URL overrides params.yaml
+    monkeypatch.setenv("NERVESEG_WEBHOOK_URL", dead)
+    root, _ = broken_project
+    write_settings(root, deep_update(TINY_SETTINGS, {"notify": {"timeout_s": 1}}))
+    began = time.monotonic()
+    with pytest.raises(DataValidationError):
+        retrain(project_dir=str(root))
     assert time.monotonic() - began < 120
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import getpass
+
 import dataclasses
 import json
 import shutil
@@ -126,9 +128,9 @@ def test_the_floor_keeps_an_untrained_model_from_becoming_the_first_champion(sto
     assert trained.promote and trained.challenger_nerve_dice >= rules.promotion.min_nerve_dice
     assert "clears the floor" in trained.reason and champion() == trained.challenger_version
     # A person may overrule the floor by hand; the ledger keeps the gate's refusal beside the reason.
-    forced = release.manual_promote(NAME, untrained, "demo of an untrained model", actor="carol")
+    forced = release.manual_promote(NAME, untrained, "demo of an untrained model", on_behalf_of="carol")
     assert champion() == untrained and forced["overrules_gate"] == decision.reason
-    clean = release.manual_promote(NAME, trained.challenger_version, "back to the trained one", actor="carol")
+    clean = release.manual_promote(NAME, trained.challenger_version, "back to the trained one", on_behalf_of="carol")
     assert clean["overrules_gate"] == ""  # the gate had promoted it: nothing overruled
 
 
@@ -147,7 +149,7 @@ def test_a_version_that_cannot_load_never_becomes_champion(store):
     with pytest.raises(release.PromotionError, match="cannot be loaded"):
         release.promote(paths, params, broken)
     with pytest.raises(release.PromotionError, match="cannot be loaded"):
-        release.manual_promote(NAME, broken, "operator insists", actor="ops")
+        release.manual_promote(NAME, broken, "operator insists", on_behalf_of="ops")
     assert champion() == good
 
 
@@ -159,14 +161,17 @@ def test_manual_promotion_and_rollback_are_recorded(store):
     release.promote(paths, params, second)  # rejected: stays challenger
     with pytest.raises(release.PromotionError, match="reason"):
         release.manual_promote(NAME, second, "  ")
-    event = release.manual_promote(NAME, second, "hotfix requested by the ward", actor="alice")
-    assert champion() == second and event["previous_champion"] == first and event["actor"] == "alice"
-    back = release.rollback(NAME, "hotfix made things worse", actor="bob")
+    event = release.manual_promote(NAME, second, "hotfix requested by the ward", on_behalf_of="alice")
+    assert champion() == second and event["previous_champion"] == first
+    # the identity is who acts (the OS user on an embedded store); --actor text is kept beside it
+    assert (event["actor"], event["identity"], event["on_behalf_of"]) == (getpass.getuser(), "os-user", "alice")
+    back = release.rollback(NAME, "hotfix made things worse", on_behalf_of="bob")
     assert champion() == first and back["replaced"] == second
     with pytest.raises(release.PromotionError, match="nothing to roll back"):
         release.rollback(NAME, "again")
     last = release.history(NAME)[-1]
-    assert (last["action"], last["actor"], last["reason"]) == ("rollback", "bob", "hotfix made things worse")
+    assert (last["action"], last["actor"], last["on_behalf_of"], last["reason"]) == (
+        "rollback", getpass.getuser(), "bob", "hotfix made things worse")
 
 
 def test_audit_gives_lineage_and_history(store):

@@ -158,3 +158,66 @@ def test_schedule_and_worker_say_the_services_are_needed(tmp_path):
     assert runner.invoke(app, ["schedule", "-C", str(tmp_path)]).exit_code == 2
     worker = runner.invoke(app, ["worker", "-C", str(tmp_path)])
     assert worker.exit_code == 2 and "--api-url" in worker.output
+
+
+def test_off_loopback_without_auth_bad_credentials_or_passwords_in_files_are_refused(tmp_path, monkeypatch):
+    """Nothing starts: each refusal names the setting to fix."""
+    from flows.services import ServicesError, load_config, status, up
+
+    for name in ("MLFLOW_FLASK_SERVER_SECRET_KEY", "MLFLOW_AUTH_ADMIN_PASSWORD", "PREFECT_SERVER_API_AUTH_STRING",
+                 "NERVESEG_DATABASE_URL"):
+        monkeypatch.delenv(name, raising=False)
+    open_host = load_config(tmp_path, host="0.0.0.0", prefect_port=free_port(), mlflow_port=free_port())
+    with pytest.raises(ServicesError, match="auth is off"):
+        up(tmp_path, open_host, echo=lambda _: None)
+    with_auth = load_config(tmp_path, host="0.0.0.0", auth=True, prefect_port=free_port(), mlflow_port=free_port())
+    with pytest.raises(ServicesError, match="MLFLOW_FLASK_SERVER_SECRET_KEY, PREFECT_SERVER_API_AUTH_STRING"):
+        up(tmp_path, with_auth, echo=lambda _: None)
+    monkeypatch.setenv("MLFLOW_FLASK_SERVER_SECRET_KEY", "k" * 32)
+    monkeypatch.setenv("PREFECT_SERVER_API_AUTH_STRING", "ops:pf-pass-1234")
+    with pytest.raises(ServicesError, match="MLFLOW_AUTH_ADMIN_PASSWORD"):  # a new user store needs the admin's
+        up(tmp_path, with_auth, echo=lambda _: None)
+    monkeypatch.setenv("MLFLOW_AUTH_ADMIN_PASSWORD", "password1234")
+    with pytest.raises(ServicesError, match="old default admin password"):
+        up(tmp_path, with_auth, echo=lambda _: None)
+    assert status(tmp_path)["mlflow"]["state"] == "down" and not (tmp_path / ".services" / "state.json").exists()
+
+    # a password in the committed settings file, or on a command line anyone can read with ps
+    (tmp_path / "services.yaml").write_text(yaml.safe_dump({"database_url": "postgresql://ops:pw@db:5432"}))
+    with pytest.raises(ServicesError, match="services.yaml: database_url carries a password"):
+        load_config(tmp_path)
+    (tmp_path / "services.yaml").unlink()
+    done = nerveseg(tmp_path, "services", "up", "--database-url", "postgresql://ops:pw@db:5432", check=False)
+    assert done.returncode == 2 and "--database-url carries a password" in done.stderr and "pw@" not in done.stderr
+    monkeypatch.setenv("NERVESEG_DATABASE_URL", "postgresql://ops:pw-from-env@db:5432")
+    config = load_config(tmp_path)
+    assert config.password() == "pw-from-env" and "pw-from-env" not in config.server_url("x")
+
+
+def test_down_never_signals_a_process_that_took_over_a_recorded_pid(tmp_path):
+    """A state file whose pid now belongs to an unrelated program (here `sleep`): `down` reports it and
+    leaves it alive; so does an older pid file that holds a bare pid."""
+    import subprocess
+    import sys
+
+    from flows.services import down, status
+    from pipeline.service_state import process_identity
+
+    stranger = subprocess.Popen(["sleep", "300"], start_new_session=True)
+    try:
+        identity = process_identity(stranger.pid)
+        assert identity is not None
+        recorded = {"pid": stranger.pid, "start_time": identity["start_time"] - 1,  # started earlier: not it
+                    "cmdline": [sys.executable, "prefect", "server", "start"], "url": "http://127.0.0.1:9"}
+        folder = tmp_path / ".services"
+        folder.mkdir()
+        (folder / "state.json").write_text(json.dumps({"prefect": recorded}))
+        (folder / "mlflow.pid").write_text(str(stranger.pid))  # the format before start times were kept
+        assert status(tmp_path)["prefect"]["state"] == "down"
+        result = down(tmp_path, echo=lambda _: None)
+        assert "belongs to another process" in result["prefect"] and "not signalled" in result["mlflow"]
+        assert stranger.poll() is None and process_identity(stranger.pid) == identity
+        assert not (folder / "state.json").exists() and not (folder / "mlflow.pid").exists()
+    finally:
+        stranger.kill()
+        stranger.wait()

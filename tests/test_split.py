@@ -1,5 +1,6 @@
 """The subject split: assigned once, recorded, never reshuffled by data that grows or shrinks."""
 
+import getpass
 from collections import Counter
 
 import pandas as pd
@@ -94,11 +95,12 @@ def test_resplit_is_recorded_with_who_why_and_what_moved(tmp_path):
     with pytest.raises(SplitError, match="needs a reason"):
         resplit(first, list(range(1, 21)), params, " ")
     changed = SplitParams(holdout_fraction=0.4)
-    new, moved = resplit(first, list(range(1, 21)), changed, "a bigger holdout", actor="ops")
+    new, moved = resplit(first, list(range(1, 21)), changed, "a bigger holdout", on_behalf_of="ops")
     assert new.revision == 2 and new.rule.holdout_fraction == 0.4
     assert moved and all(first.groups[s] == a and new.groups[s] == b for s, (a, b) in moved.items())
     record = new.resplits[-1]
-    assert record["reason"] == "a bigger holdout" and record["actor"] == "ops"
+    assert record["reason"] == "a bigger holdout" and record["on_behalf_of"] == "ops"
+    assert record["actor"] == getpass.getuser() and record["identity"] == "os-user"  # --actor never replaces it
     assert record["previous_digest"] == first.digest() and len(record["moved"]) == len(moved)
     save_assignment(tmp_path / "split.yaml", new)
     back = load_assignment(tmp_path / "split.yaml")
