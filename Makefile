@@ -37,6 +37,9 @@ lock:
 	  | grep -v '^nerveseg' | sed 's/^torch==\([0-9.]*\)+cpu$$/torch==\1/'; } > requirements.lock.new
 	mv requirements.lock.new requirements.lock
 
-# Forget local runs (MLflow store, Prefect home, DVC remote); data/raw and git history stay.
+# Forget local runs (MLflow store and artifacts, Prefect home); data/raw, the git history and dvc-remote/
+# stay: the DVC remote may hold the only copy of earlier data versions. `nerveseg backup --out DIR` first
+# if the runs matter (docs/operations.md, "Backup and restore").
 clean-state:
-	rm -rf .prefect mlflow/mlflow.db mlflow/artifacts dvc-remote
+	rm -rf .prefect mlflow/mlflow.db mlflow/artifacts
+	@echo "kept dvc-remote/: it may hold the only copy of earlier data versions (nerveseg backup saves them)"

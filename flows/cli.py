@@ -619,6 +619,9 @@ def stage_evaluate(project: ProjectOpt = Path("."), params_file: ParamsOpt = "pa
 from flows.services_cli import register as _register_services  # noqa: E402  services, schedule, worker
 
 _register_services(app)
+from flows.backup_cli import register as _register_backup  # noqa: E402  backup, restore
+
+_register_backup(app)
 
 
 def main() -> None:
