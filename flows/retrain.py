@@ -60,6 +60,17 @@ def start_run_task(paths: ProjectPaths, params: Params, tags: dict[str, str]) ->
     return run.info.run_id
 
 
+def presence_tags(paths: ProjectPaths) -> dict[str, str]:
+    """How many frames, and frames without a nerve, the run trains and is scored on (card, audit)."""
+    import pandas as pd
+
+    from pipeline.metrics import presence_counts
+
+    frames = pd.read_csv(paths.prepared_dir / "frames.csv", usecols=["split", "has_nerve"])
+    counts = presence_counts(frames["split"].to_numpy(), frames["has_nerve"].astype(bool).to_numpy())
+    return {f"{registry.PRESENCE_PREFIX}{k}": str(v) for k, v in counts.items()}
+
+
 def _flatten(value, prefix: str) -> dict[str, str]:
     if isinstance(value, dict):
         out = {}
@@ -341,6 +352,7 @@ def _retrain(root: Path, params_file: str, force: bool) -> dict:
         registry.TAG_CODE_DIGEST: versioning.code_digest(),
         registry.TAG_PARAMS_HASH: params.digest(),
         registry.TAG_FLOW_RUN: str(flow_run.id or ""),
+        registry.TAG_PRODUCT_VERSION: registry.product_version(),
         **key_task(paths, params),
     }
     unchanged = {"skip": None, "changed": ["--force"]} if force else unchanged_task(paths, params, tags)
@@ -360,6 +372,9 @@ def _retrain(root: Path, params_file: str, force: bool) -> dict:
         for key, value in data_tags.items():
             mlflow.MlflowClient().set_tag(run_id, key, value)
         prepared = preprocess_task(paths, params)
+        for key, value in presence_tags(paths).items():
+            mlflow.MlflowClient().set_tag(run_id, key, value)
+            data_tags[key] = value
         trained = train_task(paths, params, run_id)
         metrics = evaluate_task(paths, params, run_id)
         version = register_task(paths, params, run_id, {**tags, **data_tags, registry.TAG_VALIDATION: "true"},

@@ -7,7 +7,7 @@ import re
 
 from pipeline import registry
 from pipeline.identity import describe
-from pipeline.metrics import presence_caveat
+from pipeline.metrics import presence_caveat, presence_statement
 
 URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[\w-]+)|/(?P<version>\d+))$")
 
@@ -76,12 +76,33 @@ def lineage(uri: str, default_name: str, root=None) -> dict:
         "validation": {"success": tags.get(registry.TAG_VALIDATION), "data_docs": tags.get("validation.data_docs")},
         "split": version_split(name, version, root).to_dict(),
         "environment": {k.removeprefix("env."): v for k, v in tags.items() if k.startswith("env.")},
+        "nerveseg_version": tags.get(registry.TAG_PRODUCT_VERSION),
+        "presence": _presence_counts(tags),
         "retrain_reason": tags.get("retrain.reason"),
         "holdout": {k.removeprefix("holdout."): float(v) for k, v in tags.items() if k.startswith("holdout.")},
         "promotion": {k.removeprefix("promotion."): v for k, v in tags.items() if k.startswith("promotion.")},
         "history": [{k: v for k, v in e.items() if k != "at_ns"} for e in events],
-        "warnings": [w for w in [unrecorded_alias_move(name), _presence_caveat(tags)] if w],
+        "warnings": [w for w in [unrecorded_alias_move(name), presence_statement(_presence_counts(tags)),
+                                 _presence_caveat(tags)] if w],
     }
+
+
+def presence_line(counts: dict | None) -> str:
+    """``trained on 3 of 120 frames without a nerve, scored on 10 of 40``."""
+    if not counts:
+        return "frames without a nerve trained and scored on: not recorded (registered before they were)"
+    return (f"trained on {counts.get('train_empty_frames', '?')} of {counts.get('train_frames', '?')} frames without a "
+            f"nerve, scored on {counts.get('holdout_empty_frames', '?')} of {counts.get('holdout_frames', '?')}")
+
+
+def _presence_counts(tags: dict) -> dict[str, int] | None:
+    """Frames and frames without a nerve trained and scored on; None for versions registered before."""
+    counts = {k.removeprefix(registry.PRESENCE_PREFIX): v for k, v in tags.items()
+              if k.startswith(registry.PRESENCE_PREFIX)}
+    try:
+        return {k: int(v) for k, v in counts.items()} or None
+    except ValueError:
+        return None
 
 
 def _presence_caveat(tags: dict) -> str | None:
@@ -123,12 +144,14 @@ def to_text(record: dict) -> str:
     lines = [
         f"{record['model']} version {record['version']}  aliases: {', '.join(record['aliases']) or '-'}",
         f"  run:         {record['run']['id']} ({record['run']['name']}, {record['run']['status']})",
-        f"  code:        {record['code']['git_commit']} (dirty: {record['code']['dirty']})",
+        f"  code:        {record['code']['git_commit']} (dirty: {record['code']['dirty']}); "
+        f"nerveseg {record.get('nerveseg_version') or 'not recorded'}",
         f"  parameters:  hash {record['params_hash']}, {len(record['parameters'])} values in the run",
         f"  data:        {d['dvc_hash']} ({d['dvc_file']} at {d['git_revision']}); "
         f"{d['n_frames']} frames, {d['n_subjects']} subjects, empty share {d['empty_share']}",
         f"  validation:  success {v['success']}; Data Docs {v['data_docs'] or '-'}",
         *split_lines(record),
+        f"  no nerve:    {presence_line(record.get('presence'))}",
         "  holdout:     " + ", ".join(f"{k} {val:.4f}" for k, val in h.items()),
         f"  flow run:    {record['prefect_flow_run_id']}",
         "  history:",

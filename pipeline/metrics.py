@@ -117,6 +117,32 @@ def empty_baseline_dice(has_nerve: np.ndarray) -> float:
 
 
 MIN_EMPTY_FRAMES = 10  # fewer holdout frames without a nerve than this, and false alarms go unmeasured
+# Fewer training frames without a nerve than this (or under MIN_EMPTY_TRAIN_SHARE of them), and the presence
+# head has had too few examples to learn "no nerve here": it marks one on (nearly) every frame.
+MIN_EMPTY_TRAIN_FRAMES = 20
+MIN_EMPTY_TRAIN_SHARE = 0.05
+
+
+def presence_counts(split: "np.ndarray | list", has_nerve: "np.ndarray | list") -> dict[str, int]:
+    """How many frames, and how many without a nerve, the version trained on and was scored on."""
+    split, has_nerve = np.asarray(split), np.asarray(has_nerve, bool)
+    out = {}
+    for part in ("train", "holdout"):
+        mine = split == part
+        out[f"{part}_frames"] = int(mine.sum())
+        out[f"{part}_empty_frames"] = int((mine & ~has_nerve).sum())
+    return out
+
+
+def presence_statement(counts: dict[str, int] | None) -> str | None:
+    """The plain warning for a version that has not learnt to tell when no nerve is present, else None."""
+    if not counts or "train_empty_frames" not in counts:
+        return None
+    empty, frames = counts["train_empty_frames"], counts["train_frames"]
+    if empty >= MIN_EMPTY_TRAIN_FRAMES and empty >= MIN_EMPTY_TRAIN_SHARE * frames:
+        return None
+    return (f"this version trained on only {empty} frames without a nerve (of {frames}): it has not learnt to tell "
+            "when no nerve is present, and it will mark a nerve on such frames anyway")
 
 
 def presence_caveat(empty_share: float | None, n_frames: float | None = None) -> str | None:

@@ -15,15 +15,16 @@ import pandas as pd
 
 from pipeline import registry
 from pipeline.identity import describe
-from pipeline.audit import lineage
+from pipeline.audit import lineage, presence_line
 from pipeline.imageio import atomic_write_text
-from pipeline.metrics import FAILURES
+from pipeline.metrics import FAILURES, presence_statement
 from pipeline.promotion import paired_bootstrap
 
 INTENDED_USE = (
     "Segments the brachial plexus in single B-mode ultrasound frames of the neck (420×580, 8-bit) to help "
     "a clinician performing ultrasound-guided regional anaesthesia see the nerve. It outlines where the "
-    "nerve probably is and says when it sees none."
+    "nerve probably is, and says whether it sees one at all only as far as the section 'Frames without a "
+    "nerve' shows it learnt to."
 )
 LIMITS = [
     "Decision support only: the clinician's own reading of the image decides where to inject.",
@@ -157,12 +158,17 @@ run {html.escape(str(record['run']['id']))}</p>
     ("frames / subjects", f"{d['n_frames']} / {d['n_subjects']}"),
     ("share of frames without a nerve", d['empty_share']),
     ("data validation passed", v['success']), ("Data Docs", v['data_docs'] or 'n/a')])}</section>
+<section id="no-nerve"><h2>Frames without a nerve</h2>
+<p>{html.escape(presence_line(record.get('presence')))}.</p>
+{'<p class=warn>' + html.escape(presence_statement(record.get('presence')) or '') + '.</p>'
+ if presence_statement(record.get('presence')) else ''}</section>
 <section id="subjects"><h2>Subjects: trained on, validated on, scored on</h2>
 <p>No subject is in two parts. The promotion gate scores models only on current holdout subjects that none of
 the models compared trained or validated on, as each version's recorded split says.</p>
 {_split_section(record)}</section>
 <section id="training"><h2>Training settings and code</h2>{_table([
     ("code commit", record['code']['git_commit']), ("uncommitted changes", record['code']['dirty']),
+    ("nerveseg release", record.get('nerveseg_version') or 'not recorded'),
     ("settings hash", record['params_hash']), ("Prefect flow run", record['prefect_flow_run_id'])])}
 <details><summary>all {len(record['parameters'])} settings</summary>
 <table>{params.getvalue()}</table></details></section>

@@ -26,6 +26,18 @@ TAG_FLOW_RUN = "prefect.flow_run_id"
 TAG_VALIDATION = "validation.success"
 TAG_SPLIT_DIGEST = "split.digest"    # the recorded subject split (data/split.yaml) the version trained with
 TAG_ENV_DIGEST = "env.digest"        # lock file, torch, Python, device and precision (pipeline.environment_key)
+TAG_PRODUCT_VERSION = "nerveseg.version"  # the release of this project that trained it (CHANGELOG.md)
+PRESENCE_PREFIX = "presence."        # frames (and frames without a nerve) trained and scored on
+
+
+def product_version() -> str:
+    """The installed release of nerveseg (pyproject.toml's version), or ``unknown`` outside an install."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("nerveseg")
+    except PackageNotFoundError:
+        return "unknown"
 
 
 def default_tracking_uri(mlflow_dir: Path) -> str:
@@ -185,6 +197,9 @@ class VersionInfo:
             # run's split/split.json artifact), and the environment it trained in.
             "split": {k.removeprefix("split."): v for k, v in self.tags.items() if k.startswith("split.")},
             "environment": {k.removeprefix("env."): v for k, v in self.tags.items() if k.startswith("env.")},
+            "nerveseg_version": self.tags.get(TAG_PRODUCT_VERSION),
+            "presence": {k.removeprefix(PRESENCE_PREFIX): v for k, v in self.tags.items()
+                         if k.startswith(PRESENCE_PREFIX)},
         }
 
 

@@ -176,6 +176,14 @@ def test_audit_json_of_the_champion_gives_the_dvc_data_hash(flow_project):
     assert record["validation"]["success"] == "true" and record["data"]["n_frames"] == "36"
     assert record["parameters"]["train.epochs"]
     assert any(e["action"] == "promote" for e in record["history"])
+    from pipeline.registry import product_version
+
+    assert record["nerveseg_version"] == product_version() != "unknown"  # the release that trained it
+    frames = pd.read_csv(root / "data" / "prepared" / "frames.csv")
+    train, holdout = frames[frames.split == "train"], frames[frames.split == "holdout"]
+    assert record["presence"] == {"train_frames": len(train), "train_empty_frames": int((~train.has_nerve).sum()),
+                                  "holdout_frames": len(holdout),
+                                  "holdout_empty_frames": int((~holdout.has_nerve).sum())}
 
 
 def test_served_champion_answers_http_requests(flow_project):
@@ -254,7 +262,7 @@ def test_a_second_run_in_the_same_workspace_is_refused(flow_project):
     assert not (root / ".nerveseg-run.holder").exists()
 
 
-CARD_SECTIONS = ("intended-use", "data", "training", "metrics", "pictures", "history")
+CARD_SECTIONS = ("intended-use", "no-nerve", "data", "training", "metrics", "pictures", "history")
 
 
 def test_model_card_is_logged_and_renders_in_chromium(flow_project, tmp_path):

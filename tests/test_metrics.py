@@ -70,3 +70,18 @@ def test_frame_outcomes_name_what_went_wrong_on_each_frame():
     assert full_summary(pred, true, np.linspace(0, 1, 6), outcomes=outcomes) == summary
     given = full_summary(pred, true, outcomes=np.array(["missed"] * 4 + ["true empty"] * 2))
     assert (given["nerve_frames_missed"], given["false_alarms"]) == (4, 0)  # the given outcomes are the ones counted
+
+
+def test_a_version_that_saw_too_few_frames_without_a_nerve_says_so_plainly():
+    from pipeline.metrics import MIN_EMPTY_TRAIN_FRAMES, presence_counts, presence_statement
+
+    split = ["train"] * 100 + ["holdout"] * 20
+    has_nerve = [True] * 95 + [False] * 5 + [True] * 10 + [False] * 10
+    counts = presence_counts(split, has_nerve)
+    assert counts == {"train_frames": 100, "train_empty_frames": 5, "holdout_frames": 20, "holdout_empty_frames": 10}
+    warning = presence_statement(counts)
+    assert "only 5 frames without a nerve (of 100)" in warning and "will mark a nerve" in warning
+    enough = {**counts, "train_empty_frames": MIN_EMPTY_TRAIN_FRAMES}
+    assert presence_statement(enough) is None  # 20 of 100: enough examples of "no nerve"
+    assert presence_statement({**enough, "train_frames": 1000}) is not None  # 2 %: too rare
+    assert presence_statement(None) is None  # registered before the counts were kept: nothing claimed
