@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 
 from label_agreement import CONTENT, THRESHOLDS, consensus_masks, thumbnails  # noqa: E402
-from real_cv import load_positives, real_data_missing  # noqa: E402
+from real_cv import command_line, load_positives, real_data_missing, repo_relative  # noqa: E402
 
 sys.path.insert(0, str(ROOT.parent))
 from pipeline.metrics import OUTCOMES, dice_per_frame, frame_outcomes  # noqa: E402
@@ -139,8 +139,8 @@ def main() -> int:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"frames": n, "mean_dice": round(float(dices.mean()), 4),
                                           "by_outcome": by_outcome, "label_noise": noise,
-                                          "settings": str(frames["settings"]),
-                                          "command": "python " + " ".join(sys.argv)}, indent=2))
+                                          "settings": repo_relative(str(frames["settings"])),
+                                          "command": command_line()}, indent=2))
     return 0
 
 

@@ -30,7 +30,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
-from real_cv import load_positives, real_data_missing  # noqa: E402
+from real_cv import command_line, load_positives, real_data_missing  # noqa: E402
 
 THRESHOLDS = (0.90, 0.95, 0.98, 0.99)
 # The letterbox's content of a positives-256 export: 256 columns by 186 rows (the 580x420 frame).
@@ -110,7 +110,7 @@ def main() -> int:
               f"| {r['consensus_mean']:.3f} |")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"rows": rows, "frames": len(images),
-                                          "command": "python " + " ".join(sys.argv)}, indent=2))
+                                          "command": command_line()}, indent=2))
     return 0
 
 

@@ -30,6 +30,12 @@ ROOT = Path(__file__).resolve().parents[1]
 SOURCE = ROOT.parent / "shared" / "datasets" / "kaggle-uns" / "positives-256"
 
 
+def command_line() -> str:
+    """The command as given, with the repository's absolute location taken out (as in bench/real_cv.py)."""
+    return re.sub(re.escape(str(ROOT)) + r"(/|(?![\w.-]))", lambda m: "" if m.group(1) else ".",
+                  " ".join(["python", *sys.argv]))
+
+
 def batch_folder(source: Path, out: Path, subjects: set[int]) -> Path:
     """``out/images`` + ``out/masks`` with the frames of ``subjects`` (hard links into ``source``)."""
     for kind in ("images", "masks"):
@@ -133,7 +139,7 @@ def main() -> int:
     if args.out:
         cpu = next((re.sub(r"\s+", " ", line.split(":", 1)[1]).strip() for line in
                     Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")), platform.machine())
-        args.out.write_text(json.dumps({"command": " ".join(["python", *sys.argv]), "commit": commit,
+        args.out.write_text(json.dumps({"command": command_line(), "commit": commit,
                                         "cpu": cpu, "cores": os.cpu_count(), "rows": rows,
                                         "models_compare": comparison}, indent=2, default=str))
     return 0

@@ -181,10 +181,12 @@ def main(argv=None) -> int:
     print(text)
     if args.write:
         from phantom_vs_real import machine, replace_section
+        from real_cv import repo_relative
 
         given = list(argv if argv is not None else sys.argv[1:])
-        shown = [("DIR" if i and given[i - 1] == "--keep" else a) for i, a in enumerate(given)
-                 if a not in ("--resume", "--write")]
+        before = ["", *given]
+        shown = [("DIR" if before[i] == "--keep" else repo_relative(a) if before[i] == "--params" else a)
+                 for i, a in enumerate(given) if a not in ("--resume", "--write")]
         cmd = f"`nice -n 10 python bench/phantom_learnability.py {' '.join(shown)} --write`"
         if args.keep:
             cmd += (" (in calls of at most --minutes each, repeated with `--resume` until training finished; "

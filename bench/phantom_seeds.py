@@ -44,6 +44,7 @@ from pipeline.preprocess import FRAMES, preprocess  # noqa: E402
 from pipeline.promotion import floor_check  # noqa: E402
 from pipeline.train import train  # noqa: E402
 from phantom_vs_real import machine  # noqa: E402
+from real_cv import command_line, repo_relative  # noqa: E402
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -155,12 +156,12 @@ def main(argv=None) -> int:
     print(summary(rows))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
-        "command": "python bench/phantom_seeds.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": command_line(["bench/phantom_seeds.py", *(sys.argv[1:] if argv is None else argv)]),
         "machine": f"{machine()}, {torch.get_num_threads()} torch threads",
         "torch": torch.__version__, "date": time.strftime("%Y-%m-%d", time.gmtime()),
         "phantom": {"subjects": spec.subjects, "frames_per_subject": spec.frames_per_subject, "seed": spec.seed},
         # The augmentation too: a --params file outside the repository leaves no other trace of it.
-        "params_file": str(args.params), "augment": params.train.augment.model_dump(mode="json"),
+        "params_file": repo_relative(args.params), "augment": params.train.augment.model_dump(mode="json"),
         "train_overrides": train_overrides, "runs": rows}, indent=2))
     print(f"wrote {args.out}")
     return 0

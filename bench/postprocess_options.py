@@ -26,7 +26,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 
-from real_cv import native_masks, real_data_missing  # noqa: E402
+from real_cv import command_line, native_masks, real_data_missing, repo_relative  # noqa: E402
 
 sys.path.insert(0, str(ROOT.parent))
 from pipeline.inference import Postprocess, postprocess_masks  # noqa: E402
@@ -57,7 +57,8 @@ def score_run(path: Path) -> dict:
     for name, post in OPTIONS.items():
         per_fold = fold_means(dice_per_frame(postprocess_masks(probs, presence, truth.shape[1:], post), truth), folds)
         rows[name] = {"mean_dice": round(float(np.mean(per_fold)), 4), "folds": [round(d, 4) for d in per_fold]}
-    return {"frames": str(path), "settings": str(frames["settings"]), "n_frames": len(names), "options": rows}
+    return {"frames": repo_relative(path), "settings": repo_relative(str(frames["settings"])), "n_frames": len(names),
+            "options": rows}
 
 
 def main() -> int:
@@ -86,7 +87,7 @@ def main() -> int:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"runs": runs, "gain_over_plain": gains,
                                           "seconds": round(time.perf_counter() - began, 1),
-                                          "command": "python " + " ".join(sys.argv)}, indent=2))
+                                          "command": command_line()}, indent=2))
     return 0
 
 

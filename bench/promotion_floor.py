@@ -31,6 +31,12 @@ from pipeline.promotion import floor_check  # noqa: E402
 DEFAULT_RUNS = sorted((ROOT / "bench" / "results").glob("phantom_seeds*.json"))
 
 
+def repo_relative(path: Path) -> str:
+    """``path`` as the results file records it: relative to the repository when it lies inside it, else as given."""
+    resolved = path.resolve()
+    return resolved.relative_to(ROOT).as_posix() if resolved.is_relative_to(ROOT) else str(path)
+
+
 def holdout_counts(spec: dict, subjects: list[str]) -> tuple[int, int]:
     """(frames, nerve frames) of ``subjects`` in the phantom generated from ``spec``."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -94,7 +100,7 @@ def main(argv=None) -> int:
     for r in refused:
         print(f"- {r['file']} {recipe(r)} seed {r['seed']}: {r['reason']}")
     if args.out:
-        args.out.write_text(json.dumps({"params": str(args.params), "min_nerve_dice": rules.min_nerve_dice,
+        args.out.write_text(json.dumps({"params": repo_relative(args.params), "min_nerve_dice": rules.min_nerve_dice,
                                         "min_gain_over_empty": rules.min_gain_over_empty, "runs": rows}, indent=1))
         print(f"wrote {args.out}")
     return 0

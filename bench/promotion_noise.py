@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from functools import cache
@@ -43,6 +44,12 @@ from pipeline.layout import FRAME_NAME  # noqa: E402
 from pipeline.promotion import FrameScores, decide  # noqa: E402
 
 MARGINS = (0.0, 0.0025, 0.005, 0.01, 0.02)
+
+
+def command_line() -> str:
+    """The command as given, with the repository's absolute location taken out (as in bench/real_cv.py)."""
+    return re.sub(re.escape(str(ROOT.parent)) + r"(/|(?![\w.-]))", lambda m: "" if m.group(1) else ".",
+                  " ".join(["python", *sys.argv]))
 
 
 @cache  # each run takes part in several comparisons: read it once
@@ -136,7 +143,7 @@ def main() -> int:
     for name, counts in summary.items():
         print(f"  {name}: " + ("  ".join(counts.values()) if isinstance(counts, dict) else counts))
     report = {"promotion": json.loads(params.model_dump_json()), "margins": list(MARGINS), "summary": summary,
-              "rows": rows, "seconds": round(time.perf_counter() - began, 1), "command": "python " + " ".join(sys.argv)}
+              "rows": rows, "seconds": round(time.perf_counter() - began, 1), "command": command_line()}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2))
     return 0

@@ -26,7 +26,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 
-from real_cv import DATA, native_dice, native_masks, real_data_missing  # noqa: E402
+from real_cv import DATA, command_line, native_dice, native_masks, real_data_missing  # noqa: E402
 
 sys.path.insert(0, str(ROOT.parent))
 from pipeline.layout import FRAME_NAME  # noqa: E402
@@ -66,7 +66,7 @@ def main() -> int:
                      "dice_coverage": round(float(native_dice(np.stack(soft) / np.float32(255), native).mean()), 4)})
     fidelity = export_fidelity(names, native)
     report = {"rows": rows, "export_vs_rle": fidelity, "seconds": round(time.perf_counter() - began, 1),
-              "command": "python " + " ".join(sys.argv)}
+              "command": command_line()}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2))
     print("| working size | frames | Dice ceiling, 0/1 target | Dice ceiling, coverage target |\n|---|---:|---:|---:|")

@@ -24,6 +24,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import sys
 import time
 from pathlib import Path
@@ -47,6 +48,20 @@ from pipeline.split import fold_groups  # noqa: E402
 from pipeline.train import combine_outputs, fit, load_trained, model_config, predict_prepared  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "datasets" / "kaggle-uns"
+
+
+def repo_relative(path: str | Path) -> str:
+    """``path`` as a results file records it: relative to the repository when it lies inside it (a result
+    must not hold one machine's folders), otherwise as given."""
+    resolved = Path(path).resolve()
+    return resolved.relative_to(ROOT).as_posix() if resolved.is_relative_to(ROOT) else str(path)
+
+
+def command_line(argv: list[str] | None = None) -> str:
+    """``python`` and the arguments as given (``sys.argv``), with the repository's absolute location taken out
+    of them: its paths become relative to it, the repository itself ``.``."""
+    text = " ".join(["python", *(sys.argv if argv is None else argv)])
+    return re.sub(re.escape(str(ROOT)) + r"(/|(?![\w.-]))", lambda m: "" if m.group(1) else ".", text)
 
 
 def real_data_missing() -> bool:
@@ -331,13 +346,13 @@ def main() -> int:
               "minutes": round((time.perf_counter() - began) / 60, 1),
               "training_minutes": trained_minutes or round((time.perf_counter() - began) / 60, 1), "machine": platform.processor() or platform.machine(),
               "cpu_threads": torch.get_num_threads(), "torch": torch.__version__,
-              "command": "python " + " ".join(sys.argv)}
+              "command": command_line()}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2))
     if args.frames_out:
         Path(args.frames_out).parent.mkdir(parents=True, exist_ok=True)
         np.savez_compressed(args.frames_out, **{key: np.concatenate([f[key] for f in per_frame])
-                                                 for key in per_frame[0]}, settings=args.settings)
+                                                 for key in per_frame[0]}, settings=repo_relative(args.settings))
     print("\n| fold | held-out subjects | frames | Dice | minutes |\n|---|---|---|---|---|")
     for f in folds:
         print(f"| {f['fold']} | {len(f['subjects'])} | {f['frames']} | {f['dice']:.4f} | {f['seconds'] / 60:.1f} |")

@@ -25,8 +25,8 @@ ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT.parent))
 
-from real_cv import (last_epoch_model, load_positives, load_settings, native_dice, native_masks,  # noqa: E402
-                     real_data_missing, score_variants, subject_folds)
+from real_cv import (command_line, last_epoch_model, load_positives, load_settings, native_dice,  # noqa: E402
+                     native_masks, real_data_missing, repo_relative, score_variants, subject_folds)
 
 from pipeline.model import FoldEnsemble  # noqa: E402
 from pipeline.train import predict_prepared  # noqa: E402
@@ -60,18 +60,19 @@ def main() -> int:
         x = images[held]
         row = {"fold": fold, "frames": int(held.sum()), "members": {}}
         for run, (model, _) in zip(runs, loaded):
-            row["members"][str(run)] = round(float(native_dice(predict_prepared(model, x, config, cpu)[0], native).mean()), 4)
+            row["members"][repo_relative(run)] = round(float(native_dice(predict_prepared(model, x, config, cpu)[0], native).mean()), 4)
         variants = score_variants(FoldEnsemble([m for m, _ in loaded]).eval(), config, x, masks[held], native)
         row["ensemble"] = round(float(variants["plain"].mean()), 4)
         row["ensemble_mirror_tta"] = round(float(variants["mirror TTA"].mean()), 4)
         folds.append(row)
         print(f"fold {fold}: members {list(row['members'].values())}, ensemble {row['ensemble']:.4f}, "
               f"+ mirror TTA {row['ensemble_mirror_tta']:.4f}")
-    report = {"runs": [str(r) for r in runs], "folds": folds,
-              "mean_members": {str(r): round(float(np.mean([f["members"][str(r)] for f in folds])), 4) for r in runs},
+    report = {"runs": [repo_relative(r) for r in runs], "folds": folds,
+              "mean_members": {repo_relative(r): round(float(np.mean([f["members"][repo_relative(r)] for f in folds])), 4)
+                               for r in runs},
               "mean_ensemble": round(float(np.mean([f["ensemble"] for f in folds])), 4),
               "mean_ensemble_mirror_tta": round(float(np.mean([f["ensemble_mirror_tta"] for f in folds])), 4),
-              "seconds": round(time.perf_counter() - began, 1), "command": "python " + " ".join(sys.argv)}
+              "seconds": round(time.perf_counter() - began, 1), "command": command_line()}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2))
     print("\n| fold | frames | " + " | ".join(r.name for r in runs) + " | ensemble | + mirror TTA |")

@@ -30,7 +30,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from real_cv import fold_config, load_positives, load_settings, native_dice, native_masks, real_data_missing, subject_folds  # noqa: E402
+from real_cv import (command_line, fold_config, load_positives, load_settings, native_dice, native_masks,  # noqa: E402
+                     real_data_missing, repo_relative, subject_folds)
 
 from pipeline.model import FoldEnsemble  # noqa: E402
 from pipeline.split import fold_groups  # noqa: E402
@@ -129,13 +130,13 @@ def main() -> int:
               "folds": folds, "settings": json.loads(params.model_dump_json()),
               "minutes": round((time.perf_counter() - began) / 60, 1), "threads": args.threads,
               "machine": platform.processor() or platform.machine(), "torch": torch.__version__,
-              "command": "python " + " ".join(sys.argv)}
+              "command": command_line()}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2))
     if args.frames_out:
         Path(args.frames_out).parent.mkdir(parents=True, exist_ok=True)
         np.savez_compressed(args.frames_out, **{key: np.concatenate([f[key] for f in per_frame]) for key in per_frame[0]},
-                            settings=args.settings)
+                            settings=repo_relative(args.settings))
     return 0
 
 

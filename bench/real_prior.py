@@ -23,7 +23,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from real_cv import load_positives, load_settings, native_dice, native_masks, real_data_missing, subject_folds  # noqa: E402
+from real_cv import (command_line, load_positives, load_settings, native_dice, native_masks,  # noqa: E402
+                     real_data_missing, subject_folds)
 from pipeline.metrics import dice_per_frame  # noqa: E402
 
 LEVELS = np.round(np.arange(0.05, 0.96, 0.05), 2)
@@ -59,7 +60,7 @@ def main() -> int:
     mean = float(np.mean([f["dice"] for f in folds]))
     report = {"mean_dice": round(mean, 4), "folds": folds, "working_size": [params.preprocess.height, params.preprocess.width],
               "seconds": round(time.perf_counter() - began, 1), "machine": platform.processor() or platform.machine(),
-              "command": "python " + " ".join(sys.argv)}
+              "command": command_line()}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2))
     print(f"mean Dice of the average-mask prior: {mean:.4f}")

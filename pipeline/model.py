@@ -19,10 +19,10 @@ from torch import nn
 NORMS = ("batch", "instance", "group", "none")
 UPSAMPLES = ("transpose", "resize")
 # Normalisations whose networks run faster in NHWC (channels-last) than in NCHW, measured on the CPU
-# (docs/benchmarks.md, "Instance normalisation adopted, and channels-last by normalisation"): a network
-# of convolutions only (no norm, or batch norm folded away at inference) gains 1.1-1.4x; instance norm's
-# per-frame reductions run at 0.75-0.97x in NHWC (training steps 0.74-0.79x), so its networks stay NCHW,
-# as do group norm's (mixed).
+# (docs/decisions/0008-channels-last-by-normalisation.md; docs/benchmarks.md, "Training throughput" and
+# "Inference speed"): a network of convolutions only (no norm, or batch norm folded away at inference)
+# gains 1.1-1.4x; instance norm's per-frame reductions run at 0.75-0.97x in NHWC (training steps
+# 0.74-0.79x), so its networks stay NCHW, as do group norm's (mixed).
 CHANNELS_LAST_NORMS = frozenset({"batch", "none"})
 
 

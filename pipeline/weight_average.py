@@ -3,7 +3,8 @@
 After every optimiser step the average moves a fraction ``1 - decay`` of the way towards the
 current weights; it is the network that is validated, checkpointed and shipped, while the
 optimiser keeps stepping the raw weights. Averaging smooths out the last steps' noise, which
-is what makes two otherwise equal trainings disagree (docs/benchmarks.md, "Weight averaging").
+is what makes two otherwise equal trainings disagree (docs/decisions/0010-no-weight-averaging-or-ensembles.md;
+docs/benchmarks.md, options tried and not adopted).
 
 BatchNorm's running statistics are averaged like the weights (as timm's ``ModelEmaV2`` does);
 integer buffers (the batch counters) are copied. Until the training has made more steps than the

@@ -65,7 +65,7 @@ def test_real_data_benchmark_without_the_frames_exits_2_and_says_why(tmp_path):
 
 
 def test_gpu_check_script_runs_its_steps_in_quick_mode(tmp_path):
-    # A GPU is lent to few sessions and for minutes: the one script they run must not fail on its own
+    # CI has no GPU, and time on a GPU machine is scarce: the one script run there must not fail on its own
     # plumbing. QUICK=1 runs every step at tiny sizes, the CUDA-path checks on the CPU.
     done = subprocess.run(["bash", str(BENCH / "gpu" / "check.sh")], cwd=REPO, capture_output=True, text=True,
                           timeout=600, env={**os.environ, "QUICK": "1", "PY": sys.executable, "OUT": str(tmp_path),

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Every check that needs a GPU, in one call of the device tool (bench/gpu/README.md):
+# Every check that needs a GPU, in one run on the GPU machine (bench/gpu/README.md):
 #   the CUDA path of training and inference (bench/gpu/cuda_path.py), the training throughput
 #   ratios (bench/train_throughput.py) and batched inference (bench/inference_speed.py).
-# Run from the repository root. Logs and a summary go to $OUT (the device tool brings them back).
+# Run from the repository root. Logs and a summary go to $OUT (default /tmp/nerveseg-gpu-check).
 # QUICK=1 tries the script itself on any machine in about a minute: tiny sizes, no compile, and the
 # CUDA-path checks on the CPU (tests/test_bench_scripts.py runs it so).
 set -uo pipefail

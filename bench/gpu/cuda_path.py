@@ -8,7 +8,7 @@ with ``train.device: cuda``, bf16 autocast, channels-last, pinned memory, two lo
 resume from the checkpoint and finish. Then the trained network serves native 420x580 frames through
 :class:`pipeline.inference.Predictor` on the GPU. Each check prints PASS or FAIL; the exit status is
 the number of failures. Without a CUDA device it exits 3 at once; ``--device cpu`` runs the same
-checks on the CPU (fp32), to try the script itself before a GPU session spends its minutes on it.
+checks on the CPU (fp32), to try the script itself before running it on the GPU machine.
 """
 
 from __future__ import annotations

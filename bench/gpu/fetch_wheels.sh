@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Wheels of the packages the GPU machine's image lacks (it has torch, numpy, opencv, pandas, scipy,
 # tqdm, PyYAML, Pillow; see bench/gpu/README.md), at the versions of requirements.lock, for its
-# Python 3.12, into .whl/ (git-ignored; the device tool carries it). Run here, where pip reaches PyPI.
+# Python 3.12, into .whl/ (git-ignored; copy it to the GPU machine with the repository). Run on a machine
+# where pip reaches PyPI.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PY:-python3}

@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # The real-data cross-validation (bench/real_cv.py) on the GPU machine, alone or after bench/gpu/check.sh
-# in the same device call (carry .whl: bench/gpu/carried_wheels.sh installs it). ../shared does not travel to that machine,
-# so first, here, copy the nerve frames into the git-ignored .gpudata/ (38 MB):
+# (where .whl/ is present, bench/gpu/carried_wheels.sh installs it). Where the GPU machine lacks
+# ../shared/datasets/kaggle-uns, first, on a machine that has it, copy the nerve frames into the
+# git-ignored .gpudata/ (38 MB):
 #     bash bench/gpu/real_cv.sh --stage
-# then, there (carry .whl and .gpudata), each settings file in turn until DEADLINE (epoch seconds):
-#     DEADLINE=$(( $(date +%s) + 300 )) OUT=$OUT bash bench/gpu/real_cv.sh bench/real_cv_96_instance_norm.yaml ...
+# then copy the repository with .whl/ and .gpudata/ to the GPU machine and run there each settings file
+# in turn until DEADLINE (epoch seconds; default 10 minutes from the start):
+#     DEADLINE=$(( $(date +%s) + 3600 )) OUT=gpu-logs bash bench/gpu/real_cv.sh bench/real_cv_96_instance_long_strong.yaml ...
 # REAL_CV_ARGS adds options of bench/real_cv.py to each run (e.g. "--folds-to-run 0 --epochs 1" to try it).
 # Each run writes $OUT/NAME.log and $OUT/NAME.json (NAME: the settings file's name); summary.txt gets its exit status.
 set -uo pipefail
