@@ -444,7 +444,7 @@ def test_params_model_fields_are_pydantic_models():
 _ROOTS = "|".join(("work", "home", "root", "Users"))
 LOCAL_PATH = re.compile(
     r"(?<![\w.~-])/(?:" + _ROOTS + r")/[\w.-]"
-    r"|/tmp/pytest-|/tmp/tmp[a-z0-9_]{6,}\b"
+    r"|/tmp/(?:pytest-)|/tmp/tmp[a-z0-9_]{6,}\b"
     r"|[A-Za-z]:\\{1,2}Users\\{1,2}")
 
 
@@ -484,9 +484,10 @@ def test_no_local_absolute_paths_in_tracked_files():
 
 def test_the_local_path_check_catches_what_it_should(tmp_path):
     sample = tmp_path / "sample.md"
-    home, work = "/" + "home/alice/x", "/" + "work/main/params.yaml"
-    sample.write_text(f"git clone {work} D\nsee {home}\nfile://{work}\n/tmp/pytest-of-bob/p0\n"
-                      "C:\\Users\\bob\\x\n/tmp/fresh is fine\n/etc/xdg/pip/pip.conf\n~/.config/nerveseg\n"
+    home, work = "/" + "home/alice/x", "/" + "work/main/params.yaml"  # split: this file is checked too
+    pytest_tmp, windows = "/tmp/" + "pytest-of-bob/p0", "C:\\" + "Users\\bob\\x"
+    sample.write_text(f"git clone {work} D\nsee {home}\nfile://{work}\n{pytest_tmp}\n"
+                      f"{windows}\n/tmp/fresh is fine\n/etc/xdg/pip/pip.conf\n~/.config/nerveseg\n"
                       "https://example.org/work/x\n")
     found = local_path_findings([sample])
     assert [f.split(":")[1] for f in found] == ["1", "2", "3", "4", "5"], found
