@@ -18,7 +18,7 @@ from prefect.tasks import exponential_backoff
 from flows.approval import Answer, ApprovalTimeout, evidence_markdown, wait_for_approval
 from flows.notices import notify_failure, notify_no_champion
 from flows.runner import make_mapper
-from pipeline import registry, release, stages, versioning
+from pipeline import launch, registry, release, stages, versioning
 from pipeline.config import Params, load_params
 from pipeline.credentials import install_log_redaction, redact
 from pipeline.promotion import PromotionDecision
@@ -140,7 +140,7 @@ def preprocess_task(paths: ProjectPaths, params: Params) -> dict:
 
 
 @task(name="train", retries=1, retry_delay_seconds=10, **TASK)  # a retry resumes from the checkpoint
-def train_task(paths: ProjectPaths, params: Params, run_id: str) -> dict:
+def train_task(paths: ProjectPaths, params: Params, run_id: str, params_file: str = "params.yaml") -> dict:
     import mlflow
 
     client = mlflow.MlflowClient()
@@ -150,7 +150,14 @@ def train_task(paths: ProjectPaths, params: Params, run_id: str) -> dict:
             if key != "epoch":
                 client.log_metric(run_id, key, float(value), step=epoch)
 
-    result = stages.fit(paths, params, on_epoch=log_epoch)
+    processes = params.train.processes
+    if processes > 1:
+        result = _train_in_processes(paths, params, params_file, log_epoch)
+    else:
+        result = stages.fit(paths, params, on_epoch=log_epoch)
+    client.set_tag(run_id, "train.processes", str(result.world_size))
+    client.set_tag(run_id, "train.backend", launch.backend(result.device) if result.world_size > 1 else "none")
+    client.set_tag(run_id, "train.global_batch", str(params.train.batch_size))
     for key, value in result.__dict__.items():
         if isinstance(value, (int, float)) and value is not None:
             client.log_metric(run_id, f"train.{key}", float(value))
@@ -163,6 +170,23 @@ def train_task(paths: ProjectPaths, params: Params, run_id: str) -> dict:
         result.best_val_dice, result.best_epoch, result.device, result.precision, result.train_frames_per_second,
     )
     return result.__dict__
+
+
+def _train_in_processes(paths: ProjectPaths, params: Params, params_file: str, log_epoch):
+    """``train.processes`` ranks under torchrun on this machine; their output becomes the task's log, a
+    failing rank the task's error; the curves are logged from rank 0's history afterwards."""
+    import pandas as pd
+
+    from pipeline.train import HISTORY
+
+    logger = get_run_logger()
+    logger.info("train: %d processes under torchrun (global batch %d)", params.train.processes,
+                params.train.batch_size)
+    result = launch.train_processes(paths.root, params_file, params.train.processes, params.train.device,
+                                    log=logger.info)
+    for row in pd.read_csv(paths.models_dir / HISTORY).to_dict("records"):
+        log_epoch(int(row["epoch"]), {k: v for k, v in row.items() if v == v})
+    return result
 
 
 @task(name="evaluate", **TASK)
@@ -375,7 +399,7 @@ def _retrain(root: Path, params_file: str, force: bool) -> dict:
         for key, value in presence_tags(paths).items():
             mlflow.MlflowClient().set_tag(run_id, key, value)
             data_tags[key] = value
-        trained = train_task(paths, params, run_id)
+        trained = train_task(paths, params, run_id, params_file)
         metrics = evaluate_task(paths, params, run_id)
         version = register_task(paths, params, run_id, {**tags, **data_tags, registry.TAG_VALIDATION: "true"},
                                 metrics)

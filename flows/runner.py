@@ -38,6 +38,22 @@ def task_runner(runner: RunnerParams, **cluster_kwargs):
                                           "dashboard_address": None, **cluster_kwargs})
 
 
+class DaskChunkError(RuntimeError):
+    """A chunk of files failed on the Dask cluster after its retry (a worker died twice, say)."""
+
+
+def _name(item: Any) -> str:
+    """A file's name for a message: the item itself, or the first path-like field of a row."""
+    if hasattr(item, "_asdict"):
+        values = list(item._asdict().values())
+    else:
+        values = list(item) if isinstance(item, (tuple, list)) else [item]
+    for value in values:
+        if isinstance(value, str) or hasattr(value, "__fspath__"):
+            return str(value)
+    return str(item)[:80]
+
+
 def chunked(items: Sequence[Any], n_chunks: int) -> list[list]:
     size = max(1, math.ceil(len(items) / max(1, n_chunks)))
     return [list(items[i:i + size]) for i in range(0, len(items), size)]
@@ -57,7 +73,13 @@ def dask_mapper(runner: RunnerParams, label: str, **cluster_kwargs) -> Mapper:
         def map_files() -> list:
             began = time.perf_counter()
             futures = [_chunk.submit(fn, chunk) for chunk in chunks]
-            out = [item for future in futures for item in future.result()]
+            out = []
+            for chunk, future in zip(chunks, futures):
+                try:
+                    out.extend(future.result())
+                except Exception as exc:  # a chunk that failed even after its retry: say which files
+                    raise DaskChunkError(f"{label}: {len(chunk)} files ({_name(chunk[0])} ... {_name(chunk[-1])}) "
+                                         f"could not be processed on {where}: {type(exc).__name__}: {exc}") from exc
             get_run_logger().info("%s: %d files in %d chunks on %s in %.1f s", label, len(items), len(chunks),
                                   where, time.perf_counter() - began)
             return out

@@ -167,6 +167,9 @@ class TrainParams(_Section):
     # which checks that the network compiles without the wait.
     compile_backend: Literal["inductor", "aot_eager", "eager"] = "inductor"
     loader_workers: int = Field(0, ge=0)  # data-loader processes; 0 loads in the training process
+    # >1: the flow's train task launches the stage under torchrun on this machine (gloo on the CPU, NCCL
+    # with one process per GPU); batch_size stays the global batch, split across the processes
+    processes: int = Field(1, ge=1, le=64)
     # Train every fold of split.folds and register the mean of the fold models as one model
     # (split.folds times the training and inference time; pipeline/ensemble.py).
     ensemble_folds: bool = False
@@ -207,7 +210,7 @@ class PromotionParams(_Section):
     bootstrap_resamples: int = Field(2000, ge=100)
     # What the bootstrap draws: "frame", or "subject" (whole subjects with all their frames). A
     # subject's frames are near-duplicates of one video, so resampling frames overstates the evidence
-    # (on real data its intervals are about 1.5x too narrow: docs/benchmarks.md, "The promotion gate").
+    # (on real data its intervals are about 1.5x too narrow: docs/benchmarks.md, "The promotion gate on real data").
     resample: Literal["frame", "subject"] = "frame"
     min_subjects: int = Field(5, ge=2)  # resample: subject promotes nothing on a holdout of fewer subjects
     # The gate scores both models only on current holdout subjects that neither trained or validated on

@@ -3,11 +3,13 @@ mapped over a real Dask cluster through Prefect's DaskTaskRunner, gives exactly 
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pandas as pd
 import pytest
 
-from tests.conftest import write_simple_dataset
+from tests.conftest import REPO, write_simple_dataset
 
 
 @pytest.fixture(scope="module")
@@ -62,3 +64,99 @@ def test_preprocess_on_an_existing_dask_cluster_equals_the_serial_one(dataset, t
     assert np.array_equal(serial.images, mapped.images) and np.array_equal(serial.masks, mapped.masks)
     pd.testing.assert_frame_equal(serial.frames, mapped.frames)
     assert serial.summary == mapped.summary
+
+
+def _slow_square(x: int) -> int:
+    import time
+
+    time.sleep(0.3)
+    return x * x
+
+
+def test_manifest_with_worker_processes_equals_the_serial_one(dataset, prefect_server):
+    """A LocalCluster of worker processes: every task is pickled and shipped to another process."""
+    from flows.runner import dask_mapper
+    from pipeline.config import RunnerParams
+    from pipeline.manifest import build_manifest
+
+    serial = build_manifest(dataset)
+    mapped = build_manifest(dataset, mapper=dask_mapper(RunnerParams(kind="dask", workers=2), "validate",
+                                                        processes=True))
+    pd.testing.assert_frame_equal(mapped, serial)
+
+
+@pytest.fixture
+def dask_processes(tmp_path):
+    """`dask scheduler` and two `dask worker` processes on loopback, as on a real cluster."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests.service_helpers import free_port, wait_for
+
+    dask = str(Path(sys.executable).with_name("dask"))
+    port = free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    logs = [open(tmp_path / f"dask-{i}.log", "w") for i in range(3)]
+    # scheduler and workers import the project's code (and these tests' functions), as on any cluster
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    scheduler = subprocess.Popen([dask, "scheduler", "--host", "127.0.0.1", "--port", str(port),
+                                  "--dashboard-address", ":0", "--no-show"], stdout=logs[0], stderr=subprocess.STDOUT,
+                                 env=env)
+    workers = [subprocess.Popen([dask, "worker", address, "--nthreads", "1", "--nworkers", "1", "--no-nanny",
+                                 "--host", "127.0.0.1", "--dashboard-address", ":0"], stdout=log,
+                                stderr=subprocess.STDOUT, env=env) for log in logs[1:]]
+    try:
+        from distributed import Client
+
+        def ready():
+            try:
+                with Client(address, timeout=5) as client:
+                    return len(client.scheduler_info()["workers"]) == 2
+            except OSError:
+                return False
+
+        wait_for(ready, timeout=90, interval=1, what="the Dask scheduler and its two workers")
+        yield address, workers
+    finally:
+        for process in (*workers, scheduler):
+            process.kill()
+            process.wait()
+        for log in logs:
+            log.close()
+
+
+def test_manifest_against_a_separate_scheduler_and_workers_equals_the_serial_one(dataset, dask_processes,
+                                                                                 prefect_server):
+    from flows.runner import make_mapper
+    from pipeline.config import RunnerParams
+    from pipeline.manifest import build_manifest
+
+    address, _ = dask_processes
+    serial = build_manifest(dataset)
+    mapped = build_manifest(dataset, mapper=make_mapper(RunnerParams(kind="dask", dask_address=address, workers=2),
+                                                        "validate"))
+    pd.testing.assert_frame_equal(mapped, serial)
+
+
+def test_a_worker_killed_mid_run_leaves_no_silent_gap(dask_processes, prefect_server):
+    """One of two workers dies while its chunks run: the scheduler gives them to the other (or the
+    chunk's retry runs them), and every item comes back, in order."""
+    import threading
+    import time
+
+    from flows.runner import make_mapper
+    from pipeline.config import RunnerParams
+
+    address, workers = dask_processes
+    mapper = make_mapper(RunnerParams(kind="dask", dask_address=address, workers=2), "validate")
+    killer = threading.Timer(2.0, workers[0].kill)
+    killer.start()
+    began = time.monotonic()
+    try:
+        results = mapper(_slow_square, list(range(40)))
+    finally:
+        killer.cancel()
+    assert workers[0].poll() is not None, "the worker was not killed while the chunks ran"
+    assert results == [x * x for x in range(40)]
+    assert time.monotonic() - began < 120
