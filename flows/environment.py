@@ -14,7 +14,7 @@ def configure_environment(project_dir: Path) -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     # The temporary server's first start on a new Prefect home creates and migrates its database:
     # Prefect waits 20 s by default, and a fresh clone's quickstart timed out at exactly that on a
-    # 2-core machine (2026-11-25). A healthy server answers in seconds, so the wait costs nothing.
+    # 2-core machine. A healthy server answers in seconds, so the wait costs nothing.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     os.environ.setdefault("DO_NOT_TRACK", "1")
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")

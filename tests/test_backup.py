@@ -57,7 +57,7 @@ def backed_up(tmp_path_factory, prefect_server):
     root = make_project(base / "project", SETTINGS)
     first_revision = versioning.git(root, "log", "-n", "1", "--format=%H", "--", "data/raw.dvc").stdout.strip()
     first_files = _digests(root / "data" / "raw")
-    first = retrain(project_dir=str(root))  # version 1, on this session's Prefect server
+    first = retrain(project_dir=str(root))  # version 1, on the test session's Prefect server
 
     generate_phantom(base / "more", PhantomSpec(subjects=8, frames_per_subject=6, seed=7))
     nerveseg(root, "data", "add", str(subject_batch(base / "more", base / "batch", (7, 8))), "--no-trigger")
