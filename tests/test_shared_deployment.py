@@ -124,6 +124,15 @@ def test_anonymous_requests_are_refused_and_commands_without_a_login_stop(deploy
     assert json.loads(status.stdout)["mlflow"]["auth"] is True
 
 
+def _server_client(d: Deployment):
+    """A client of the deployment's server for both tracking and registry: other tests may have left
+    MLflow's process-wide registry URI pointing at their own store."""
+    import mlflow
+
+    url = d.state["mlflow"]["url"]
+    return mlflow.MlflowClient(tracking_uri=url, registry_uri=url)
+
+
 def _create_users(d: Deployment) -> None:
     from mlflow.server.auth.client import AuthServiceClient
 
@@ -179,7 +188,7 @@ def test_worker_run_approved_by_a_logged_in_user_then_promote_and_a_reader_who_c
         mp.setenv("MLFLOW_TRACKING_USERNAME", "viewer")
         mp.setenv("MLFLOW_TRACKING_PASSWORD", d.viewer_password)
         with pytest.raises(mlflow.exceptions.MlflowException, match="PERMISSION_DENIED|403"):
-            mlflow.MlflowClient(d.state["mlflow"]["url"]).set_registered_model_alias(MODEL, "champion", other)
+            _server_client(d).set_registered_model_alias(MODEL, "champion", other)
 
     # EDIT on the model: the promotion goes through, recorded under the login, --actor beside it.
     moved = d.cli("promote", other, "--reason", "ward asked for it", "--actor", "Dr Chen", user="ops")
@@ -194,7 +203,7 @@ def test_worker_run_approved_by_a_logged_in_user_then_promote_and_a_reader_who_c
         mp.setenv("MLFLOW_TRACKING_USERNAME", "admin")
         mp.setenv("MLFLOW_TRACKING_PASSWORD", d.admin_password)
         back = "1" if other == "2" else "2"
-        mlflow.MlflowClient(d.state["mlflow"]["url"]).set_registered_model_alias(MODEL, "champion", back)
+        _server_client(d).set_registered_model_alias(MODEL, "champion", back)
     assert "outside nerveseg's commands" in json.loads(d.cli("ledger", "--json", user="viewer").stdout)["warnings"][0]
 
 
