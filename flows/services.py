@@ -37,6 +37,7 @@ from urllib.parse import urlsplit, urlunsplit
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from pipeline.credentials import SECRET_VARIABLES, CredentialError, redact, redact_url, secret, strip_password
+from pipeline.imageio import atomic_write_text
 from pipeline.service_state import (SERVICES_DIR, client_auth_problems, process_identity, read_state,
                                     same_process, state_path)
 
@@ -220,30 +221,18 @@ def server_credentials(config: ServicesConfig, first_start: bool) -> dict[str, s
     return {name: value for name, value in values.items() if value}
 
 
-def _write_private(path: Path, text: str) -> None:
-    """A file only its owner can read, written whole (temporary name, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as out:
-        out.write(text)
-        out.flush()
-        os.fsync(out.fileno())
-    os.replace(tmp, path)
-
-
 def _auth_ini(root: Path, config: ServicesConfig, auth_database_uri: str) -> Path:
     """MLflow's basic-auth settings for this project: its user store and the default permission. It
     holds no password: the admin's comes from MLFLOW_AUTH_ADMIN_PASSWORD, the database's from PGPASSWORD."""
     path = services_dir(root) / AUTH_INI
-    _write_private(path, "\n".join([
+    atomic_write_text(path, "\n".join([
         "[mlflow]",
         f"default_permission = {config.auth_default_permission}",
         f"database_uri = {auth_database_uri}",
         f"admin_username = {os.environ.get('MLFLOW_AUTH_ADMIN_USERNAME') or 'admin'}",
         "authorization_function = mlflow.server.auth:authenticate_request_basic_auth",
         "",
-    ]))
+    ]), mode=0o600)
     return path
 
 
@@ -346,7 +335,7 @@ def _start(root: Path, name: str, command: list[str], env: dict) -> dict:
         process = subprocess.Popen(command, cwd=root, env=env, stdin=subprocess.DEVNULL, stdout=out,
                                    stderr=subprocess.STDOUT, start_new_session=True)
     record = _identity_after_exec(process, command)
-    _write_private(folder / f"{name}.pid", json.dumps(record))
+    atomic_write_text(folder / f"{name}.pid", json.dumps(record), mode=0o600)
     return {**record, "log": str(log), "process": process}
 
 
@@ -477,7 +466,7 @@ def stop_service(root: Path, service: str, config: ServicesConfig | None = None)
 
 
 def _write_state(root: Path, state: dict) -> None:
-    _write_private(state_path(root), json.dumps(state, indent=2))
+    atomic_write_text(state_path(root), json.dumps(state, indent=2), mode=0o600)
 
 
 def worker_command(config: ServicesConfig) -> list[str]:

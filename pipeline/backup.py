@@ -38,6 +38,7 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 import yaml
 
 from pipeline import versioning
+from pipeline.imageio import atomic_write_text
 
 FORMAT_NAME = "nerveseg-backup"
 FORMAT_VERSION = 1
@@ -200,10 +201,7 @@ def _copy_atomic(src: Path, dst: Path) -> None:
 
 
 def _write_json_atomic(path: Path, doc: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(doc, indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(doc, indent=2, sort_keys=False) + "\n")
 
 
 def _now() -> str:

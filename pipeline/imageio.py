@@ -52,10 +52,20 @@ def write_image(path: Path | str, image: np.ndarray) -> None:
     os.replace(tmp, path)
 
 
-def atomic_write_text(path: Path | str, text: str) -> None:
+def atomic_write_text(path: Path | str, text: str, mode: int | None = None) -> None:
+    """Write ``text`` whole or not at all: a temporary file beside ``path``, flushed to disk, then renamed.
+    ``mode`` (e.g. 0o600 for a file only its owner may read) is set before the file gets its name."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as handle:
-        handle.write(text)
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        if mode is not None:
+            os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -439,12 +439,14 @@ def test_params_model_fields_are_pydantic_models():
 # --- no machine's local paths in tracked files -----------------------------------------------------
 
 # A user's or machine's own folders: meaningless on any other machine. Built from parts so this file
-# does not match itself. `/tmp/NAME` chosen as scratch space in a command or script default is the same
-# on every machine and allowed; what one run generated there (pytest's and tempfile's folders) is not.
+# does not match itself. A fixed scratch folder under the system's temporary directory in a command or
+# script default is the same on every machine and allowed; what one run generated there (pytest's and
+# tempfile's folders) is not.
 _ROOTS = "|".join(("work", "home", "root", "Users"))
+_TMP = "/" + "tmp/"
 LOCAL_PATH = re.compile(
     r"(?<![\w.~-])/(?:" + _ROOTS + r")/[\w.-]"
-    r"|/tmp/(?:pytest-)|/tmp/tmp[a-z0-9_]{6,}\b"
+    + "|" + _TMP + r"pytest-|" + _TMP + r"tmp[a-z0-9_]{6,}\b"
     r"|[A-Za-z]:\\{1,2}Users\\{1,2}")
 
 
@@ -485,9 +487,9 @@ def test_no_local_absolute_paths_in_tracked_files():
 def test_the_local_path_check_catches_what_it_should(tmp_path):
     sample = tmp_path / "sample.md"
     home, work = "/" + "home/alice/x", "/" + "work/main/params.yaml"  # split: this file is checked too
-    pytest_tmp, windows = "/tmp/" + "pytest-of-bob/p0", "C:\\" + "Users\\bob\\x"
+    pytest_tmp, windows = _TMP + "pytest-of-bob/p0", "C:\\" + "Users\\bob\\x"
     sample.write_text(f"git clone {work} D\nsee {home}\nfile://{work}\n{pytest_tmp}\n"
-                      f"{windows}\n/tmp/fresh is fine\n/etc/xdg/pip/pip.conf\n~/.config/nerveseg\n"
-                      "https://example.org/work/x\n")
+                      f"{windows}\n{_TMP}fresh is fine\n/etc/xdg/pip/pip.conf\n~/.config/nerveseg\n"
+                      "https://example.org/" + "work/x\n")
     found = local_path_findings([sample])
     assert [f.split(":")[1] for f in found] == ["1", "2", "3", "4", "5"], found

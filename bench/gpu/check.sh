@@ -2,11 +2,11 @@
 # Every check that needs a GPU, in one run on the GPU machine (bench/gpu/README.md):
 #   the CUDA path of training and inference (bench/gpu/cuda_path.py), the training throughput
 #   ratios (bench/train_throughput.py) and batched inference (bench/inference_speed.py).
-# Run from the repository root. Logs and a summary go to $OUT (default /tmp/nerveseg-gpu-check).
+# Run from the repository root. Logs and a summary go to $OUT (default gpu-check-logs/, ignored by git).
 # QUICK=1 tries the script itself on any machine in about a minute: tiny sizes, no compile, and the
 # CUDA-path checks on the CPU (tests/test_bench_scripts.py runs it so).
 set -uo pipefail
-OUT=${OUT:-/tmp/nerveseg-gpu-check}
+OUT=${OUT:-gpu-check-logs}
 PY=${PY:-python3}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
