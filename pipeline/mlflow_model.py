@@ -2,11 +2,13 @@
 model's definition, so nothing is unpickled at load; the weights are read with
 ``torch.load(weights_only=True)``).
 
-Input: 8-bit frames, (N, H, W) or (H, W), any size. Output: (N, H, W) uint8 masks in {0, 1}
-at the input's size, with the presence rule and post-processing frozen at registration.
+Input, told apart by its type (``pipeline.serving``): uint8 frames, (N, H, W) or (H, W), any size
+(the tensor form); or a column ``image`` of PNG/TIFF/JPEG files, base64 in JSON (the image form).
+Output: masks at the input's size, with the presence rule and post-processing frozen at registration,
+as the ``output`` parameter asks: ``tensor`` ((N, H, W) uint8 in {0, 1}), ``png`` or ``rle``; by
+default in the form of the request.
 """
 
-import numpy as np
 from mlflow.pyfunc import PythonModel
 
 import mlflow
@@ -20,11 +22,15 @@ class NerveSegmentationModel(PythonModel):
         self.predictor = Predictor.from_bundle(context.artifacts["bundle"])
 
     def predict(self, context, model_input, params=None):
-        if isinstance(model_input, dict):  # named tensor from a serving request
-            model_input = next(iter(model_input.values()))
-        if hasattr(model_input, "to_numpy"):
-            model_input = model_input.to_numpy()
-        return self.predictor.predict(np.asarray(model_input))
+        from pipeline import serving
+
+        images = serving.image_values(model_input)
+        output = serving.output_form(params, images is not None)
+        if images is None:
+            masks = self.predictor.predict(serving.tensor_frames(model_input))
+        else:
+            masks = serving.predict_images(self.predictor, images)
+        return serving.answer(masks, output)
 
 
 mlflow.models.set_model(NerveSegmentationModel())
