@@ -1,7 +1,8 @@
 """``nerveseg``: the operator's command line.
 
 Exit codes: 0 done; 1 the job failed (data validation, a flow step, a model that cannot
-load); 2 bad usage or settings (a wrong option, ``params.yaml`` breaking a rule, a missing file).
+load); 2 bad usage or settings (a wrong option, ``params.yaml`` breaking a rule, a missing file);
+3 some inputs failed and the others were done (``predict``: unreadable frames, listed).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from flows.cli_options import EXIT_USAGE, ParamsOpt, ProjectOpt
+from flows.cli_options import EXIT_FAILED, EXIT_PARTIAL, EXIT_USAGE, ParamsOpt, ProjectOpt
 from flows.cli_options import fail as _fail
 from flows.data_cli import data_app
 from flows.environment import configure_environment
@@ -236,56 +237,47 @@ def _print_validation(checked, doc: dict, reports_dir: Path) -> None:
 
 @app.command()
 def predict(
-    inputs: Annotated[list[Path], typer.Argument(help="Frames (PNG, JPEG, TIFF) or folders of them.")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for masks and overlays.")] = Path("predictions"),
-    model: Annotated[str, typer.Option("--model", "-m", help="MLflow model URI.")] =
-        "models:/nerve-segmentation@champion",
+    inputs: Annotated[list[Path], typer.Argument(help="Frames (PNG, JPEG, TIFF) or folders of them (searched "
+                                                      "recursively; *_mask.* files are skipped).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for masks, overlays and "
+                                                          "predict_failures.csv.")] = Path("predictions"),
+    model: Annotated[Optional[str], typer.Option(
+        "--model", "-m", help="MLflow model URI (default: models:/NAME@champion, NAME from "
+                              "registry.model_name).")] = None,
     submission: Annotated[Optional[Path], typer.Option(
-        "--submission", help="Also write the competition's run-length-encoded CSV (img,pixels).")] = None,
+        "--submission", help="Also write the competition's run-length-encoded CSV (img,pixels): one row per "
+                             "frame written, img its NAME.")] = None,
+    batch_size: Annotated[int, typer.Option(
+        "--batch-size", min=1, help="Frames per model call (frames of one size share a batch).")] = 16,
     project: ProjectOpt = Path("."),
     params_file: ParamsOpt = "params.yaml",
 ) -> None:
-    """Segment frames with a registered model: writes NAME_mask.png and NAME_overlay.png."""
+    """Segment frames with a registered model: writes OUT/NAME_mask.png and OUT/NAME_overlay.png.
+
+    NAME (also the submission's img) is the frame's path relative to the input folder it was found in,
+    without the extension; for a file given by itself, its name without the extension.
+    Frames that would share a NAME get their folders prepended until they differ (a/1_1, b/1_1), then the extension.
+    Unreadable frames are listed with the reason in OUT/predict_failures.csv, the rest still written: exit code 3.
+    """
     params, paths = _load(project, params_file)
-    from tqdm import tqdm
+    from pipeline import batch_predict, registry
 
-    from pipeline import registry
-    from pipeline.figures import outline_overlay
-    from pipeline.imageio import ImageReadError, read_gray, write_image
-
-    files = []
-    for item in inputs:
-        if item.is_dir():
-            files += sorted(p for p in item.rglob("*") if p.suffix.lower() in {".tif", ".tiff", ".png", ".jpg", ".jpeg"}
-                            and not p.stem.endswith("_mask"))
-        elif item.is_file():
-            files.append(item)
-        else:
-            _fail(f"{item}: no such file or folder", EXIT_USAGE)
-    if not files:
-        _fail("no frames found in the given inputs", EXIT_USAGE)
+    try:
+        frames = batch_predict.collect_frames(inputs, out)
+    except batch_predict.PredictInputError as exc:
+        _fail(str(exc), EXIT_USAGE)
+    uri = model or registry.champion_uri(params.registry.model_name)
     registry.configure(paths.mlflow_dir, params.registry.experiment)
     try:
-        loaded = registry.load_model(model)
+        loaded = registry.load_model(uri)
     except Exception as exc:  # MLflow raises several types for a missing model or alias
-        _fail(f"cannot load model {model}: {exc}. List the registered versions with `nerveseg models`.")
-    out.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for path in tqdm(files, desc="predict"):
-        try:
-            frame = read_gray(path)
-        except ImageReadError as exc:
-            _fail(str(exc))
-        mask = loaded.predict(frame[None])[0]
-        write_image(out / f"{path.stem}_mask.png", (mask > 0).astype("uint8") * 255)
-        write_image(out / f"{path.stem}_overlay.png", outline_overlay(frame, None, mask))
-        rows.append((path.stem, mask))
-    typer.echo(f"wrote {len(files)} masks and overlays to {out}")
-    if submission is not None:
-        from pipeline.rle import write_submission
-
-        write_submission(submission, rows)
-        typer.echo(f"wrote the run-length-encoded submission ({len(rows)} rows, header img,pixels) to {submission}")
+        _fail(f"cannot load model {uri}: {exc}. List the registered versions with `nerveseg models`.")
+    result = batch_predict.predict_frames(loaded, frames, out, batch_size=batch_size, submission=submission)
+    for line in result.summary():
+        typer.echo(line)
+    if result.failures:
+        _fail(f"{len(result.failures)} of {result.frames} frames could not be read",
+              EXIT_PARTIAL if result.written else EXIT_FAILED)
 
 
 @app.command()
@@ -464,10 +456,14 @@ def reject(
     _answer_approval(run_id, "reject", reason, actor, project)
 
 
+ModelUriArg = Annotated[Optional[str], typer.Argument(
+    help="models:/NAME@ALIAS, models:/NAME/VERSION or a version (default: models:/NAME@champion, NAME from "
+         "registry.model_name).", show_default=False)]
+
+
 @app.command()
 def audit(
-    model_uri: Annotated[str, typer.Argument(help="models:/NAME@ALIAS, models:/NAME/VERSION or a version.")] =
-        "models:/nerve-segmentation@champion",
+    model_uri: ModelUriArg = None,
     as_json: Annotated[bool, typer.Option("--json", help="JSON on stdout.")] = False,
     project: ProjectOpt = Path("."),
     params_file: ParamsOpt = "params.yaml",
@@ -475,7 +471,9 @@ def audit(
     """The lineage of a model: run, code, parameters, data version, validation, metrics, promotions."""
     params, paths = _with_registry(project, params_file)
     from pipeline import audit as audit_lib
+    from pipeline.registry import champion_uri
 
+    model_uri = model_uri or champion_uri(params.registry.model_name)
     try:
         record = audit_lib.lineage(model_uri, params.registry.model_name, paths.root)
     except audit_lib.AuditError as exc:
@@ -509,8 +507,7 @@ def ledger(
 
 @app.command()
 def card(
-    model_uri: Annotated[str, typer.Argument(help="models:/NAME@ALIAS, models:/NAME/VERSION or a version.")] =
-        "models:/nerve-segmentation@champion",
+    model_uri: ModelUriArg = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="The HTML file to write.")] = Path("model_card.html"),
     project: ProjectOpt = Path("."),
     params_file: ParamsOpt = "params.yaml",
@@ -519,7 +516,9 @@ def card(
     params, paths = _with_registry(project, params_file)
     from pipeline import audit as audit_lib
     from pipeline.model_card import write_card
+    from pipeline.registry import champion_uri
 
+    model_uri = model_uri or champion_uri(params.registry.model_name)
     try:
         write_card(model_uri, params.registry.model_name, out, paths.root)
     except audit_lib.AuditError as exc:
@@ -571,32 +570,16 @@ def cv(
     as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
 ) -> None:
     """Subject-grouped k-fold cross-validation (split.folds) on data/prepared; each fold to MLflow."""
-    import mlflow
-
-    from pipeline.cross_validation import cross_validate
-
     params, paths = _with_registry(project, params_file)
     if params.split.folds < 2:
         _fail(f"{params_file}: split.folds is {params.split.folds}; set it to 2 or more for cross-validation",
               EXIT_USAGE)
+    from pipeline.cv_tracking import logged_cross_validation
     from pipeline.preprocess import ARRAYS
 
     if not (paths.prepared_dir / ARRAYS).is_file():
         _fail(f"{paths.prepared_dir}: not prepared; run `nerveseg stage preprocess` first", EXIT_USAGE)
-    with mlflow.start_run(run_name=f"cv-{params.split.folds}-fold") as parent:
-        mlflow.log_params({"split.folds": params.split.folds, "params_digest": params.digest()})
-
-        def on_epoch_of(fold: int):
-            return lambda epoch, row: mlflow.log_metrics(
-                {f"fold{fold}.{k}": float(v) for k, v in row.items() if k != "epoch"}, step=epoch,
-                run_id=parent.info.run_id)
-
-        def on_fold(fold: int, result) -> None:
-            mlflow.log_metric("fold_val_dice", result.best_val_dice, step=fold, run_id=parent.info.run_id)
-
-        outcome = cross_validate(paths.prepared_dir, paths.models_dir / "cv", params, progress=not as_json,
-                                 on_fold=on_fold, on_epoch_of=on_epoch_of)
-        mlflow.log_metrics({"cv_mean_dice": outcome.mean_dice, "cv_std_dice": outcome.std_dice})
+    outcome = logged_cross_validation(paths.prepared_dir, paths.models_dir / "cv", params, progress=not as_json)
     if as_json:
         typer.echo(json.dumps(outcome.to_dict(), indent=2))
         return

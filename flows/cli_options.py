@@ -13,6 +13,7 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="JSON on stdout.")]
 
 EXIT_FAILED = 1  # the job failed
 EXIT_USAGE = 2   # bad usage or settings
+EXIT_PARTIAL = 3  # some inputs failed, the others were done (predict: unreadable frames listed, the rest written)
 
 
 def fail(message: str, code: int = EXIT_FAILED) -> None:

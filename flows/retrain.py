@@ -18,7 +18,7 @@ from prefect.tasks import exponential_backoff
 from flows.approval import Answer, ApprovalTimeout, evidence_markdown, wait_for_approval
 from flows.notices import notify_failure, notify_no_champion
 from flows.runner import make_mapper
-from pipeline import launch, registry, release, stages, versioning
+from pipeline import distributed, launch, registry, release, stages, versioning
 from pipeline.config import Params, load_params
 from pipeline.credentials import install_log_redaction, redact
 from pipeline.promotion import PromotionDecision
@@ -156,7 +156,7 @@ def train_task(paths: ProjectPaths, params: Params, run_id: str, params_file: st
     else:
         result = stages.fit(paths, params, on_epoch=log_epoch)
     client.set_tag(run_id, "train.processes", str(result.world_size))
-    client.set_tag(run_id, "train.backend", launch.backend(result.device) if result.world_size > 1 else "none")
+    client.set_tag(run_id, "train.backend", distributed.backend(result.device) if result.world_size > 1 else "none")
     client.set_tag(run_id, "train.global_batch", str(params.train.batch_size))
     for key, value in result.__dict__.items():
         if isinstance(value, (int, float)) and value is not None:

@@ -37,7 +37,7 @@ from urllib.parse import urlsplit, urlunsplit
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from pipeline.credentials import SECRET_VARIABLES, CredentialError, redact, redact_url, secret, strip_password
-from pipeline.imageio import atomic_write_text
+from pipeline.atomic import atomic_write_text
 from pipeline.service_state import (SERVICES_DIR, client_auth_problems, process_identity, read_state,
                                     same_process, state_path)
 

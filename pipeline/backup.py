@@ -38,7 +38,7 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 import yaml
 
 from pipeline import versioning
-from pipeline.imageio import atomic_write_text
+from pipeline.atomic import atomic_output, atomic_write_bytes, atomic_write_text
 
 FORMAT_NAME = "nerveseg-backup"
 FORMAT_VERSION = 1
@@ -191,13 +191,8 @@ def _copy_tree(src: Path, dst: Path, progress: bool, desc: str) -> dict:
 
 def _copy_atomic(src: Path, dst: Path) -> None:
     """Copy under a temporary name, then rename: a reader (DVC, GX) never sees half a file."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
-    try:
+    with atomic_output(dst) as tmp:
         shutil.copy2(src, tmp)
-        os.replace(tmp, dst)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _write_json_atomic(path: Path, doc: dict) -> None:
@@ -311,16 +306,12 @@ def sqlite_holds_records(db: Path, tables: tuple[str, ...]) -> bool:
 def restore_sqlite(src: Path, dest: Path, old_root: str, new_root: str) -> dict:
     """Put a snapshot in place at ``dest``, with the workspace path rewritten, under a temporary name
     first, so ``dest`` is always either the old store or the whole new one."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.restore-{os.getpid()}.tmp")
-    try:
+    with atomic_output(dest) as tmp:
+        tmp.unlink()  # the snapshot creates its own database file
         sqlite_snapshot(src, tmp)
         changed = rewrite_sqlite_prefix(tmp, old_root, new_root)
         for stale in (dest.with_name(dest.name + "-wal"), dest.with_name(dest.name + "-shm")):
             stale.unlink(missing_ok=True)  # a WAL of the replaced store would be replayed into the new one
-        os.replace(tmp, dest)
-    finally:
-        tmp.unlink(missing_ok=True)
     return {"rewritten_values": changed}
 
 
@@ -452,11 +443,11 @@ def _note_uncommitted(root: Path, dest: Path, echo: Echo) -> dict | None:
     if not status.strip():
         return None
     lines = status.splitlines()
-    (dest / UNCOMMITTED_NOTE).write_text(
+    atomic_write_text(dest / UNCOMMITTED_NOTE, 
         "The work tree differed from HEAD when this backup was taken. workspace.bundle holds only commits;\n"
         f"{UNCOMMITTED_PATCH} holds the changes to tracked files (apply with `git apply --binary`);\n"
         "untracked files (??) are listed but not saved.\n\n" + status)
-    (dest / UNCOMMITTED_PATCH).write_bytes(_git_bytes(root, "diff", "HEAD", "--binary"))
+    atomic_write_bytes(dest / UNCOMMITTED_PATCH, _git_bytes(root, "diff", "HEAD", "--binary"))
     untracked = sum(1 for line in lines if line.startswith("??"))
     echo(f"WARNING: {len(lines)} uncommitted changes ({untracked} untracked files) are not in the git bundle; "
          f"listed in {UNCOMMITTED_NOTE}, tracked changes saved as {UNCOMMITTED_PATCH}. Commit what should be kept.")
@@ -544,9 +535,7 @@ def temporary_remotes(root: Path, remotes: dict[str, str]) -> Iterator[None]:
         if before is None:
             local.unlink(missing_ok=True)
         else:
-            tmp = local.with_name(".config.local.tmp")
-            tmp.write_bytes(before)
-            os.replace(tmp, local)
+            atomic_write_bytes(local, before)
 
 
 def default_remote(root: Path) -> tuple[str, str] | None:

@@ -255,7 +255,7 @@ def compare_versions(paths, params, versions: list[str] | None = None, progress:
 
     from pipeline import versioning
     from pipeline.evaluate import load_native
-    from pipeline.imageio import atomic_write_text
+    from pipeline.atomic import atomic_write_text
     from pipeline.promotion import paired_bootstrap
     from pipeline.release import holdout_table, score_version
 

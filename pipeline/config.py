@@ -324,7 +324,6 @@ def load_params(path: Path | str) -> Params:
 
 def write_params(params: Params, path: Path | str) -> None:
     """Write settings back as YAML (used by tests and tools that derive a variant)."""
-    path = Path(path)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False))
-    tmp.replace(path)
+    from pipeline.atomic import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False))

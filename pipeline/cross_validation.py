@@ -16,20 +16,12 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.config import Params
-from pipeline.imageio import atomic_write_text
+from pipeline.atomic import atomic_write_text
 from pipeline.model import ModelConfig
 from pipeline.preprocess import PreparedData, load_prepared
 from pipeline.split import fold_parts
-from pipeline.train import (
-    Distributed,
-    EpochCallback,
-    TrainResult,
-    finished_metrics,
-    fit,
-    model_config,
-    process_group,
-    rank_device,
-)
+from pipeline.distributed import Distributed, process_group, rank_device
+from pipeline.train import EpochCallback, TrainResult, finished_metrics, fit, model_config
 
 REPORT = "cv.json"
 
@@ -70,7 +62,7 @@ def cross_validate(prepared_dir: Path, out_dir: Path, params: Params, progress: 
     subjects = data.frames["subject"].to_numpy()
     config = model_config(params, data.summary.height, data.summary.width, data.summary.intensity_mean,
                           data.summary.intensity_std)
-    # Under torchrun the ranks join one process group for all folds (see pipeline.train.join_process_group).
+    # Under torchrun the ranks join one process group for all folds (see pipeline.distributed.join_process_group).
     dist = Distributed.from_env()
     with process_group(dist, rank_device(params.train.device, dist)):
         results = _train_folds(data, subjects, config, params, out_dir, progress, on_fold, on_epoch_of)

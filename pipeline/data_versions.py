@@ -19,7 +19,7 @@ from pathlib import Path
 import yaml
 
 from pipeline import versioning
-from pipeline.imageio import atomic_write_text
+from pipeline.atomic import atomic_write_text
 
 META_KEY = "nerveseg"
 _TRAIN_FRAME = re.compile(r"^train/(?P<subject>\d+)_(?P<n>\d+)\.tif$")

@@ -24,23 +24,13 @@ import torch
 
 from pipeline.config import Params
 from pipeline.cross_validation import cross_validate
-from pipeline.imageio import atomic_write_text
+from pipeline.atomic import atomic_write_text
 from pipeline.model import FoldEnsemble, ModelConfig
 from pipeline.split import fold_parts
-from pipeline.train import (
-    CONFIG,
-    HISTORY,
-    METRICS,
-    WEIGHTS,
-    Distributed,
-    EpochCallback,
-    TrainResult,
-    load_trained,
-    pick_device,
-    precision_name,
-    save_atomic,
-    use_autocast,
-)
+from pipeline.checkpoints import CONFIG, WEIGHTS, load_trained, save_atomic
+from pipeline.devices import pick_device, precision_name, use_autocast
+from pipeline.distributed import Distributed
+from pipeline.train import HISTORY, METRICS, EpochCallback, TrainResult
 
 FOLDS_DIR = "folds"
 

@@ -51,7 +51,7 @@ def environment_key(root: Path, train) -> EnvironmentKey:
     """The key here and now; ``train`` is the run's :class:`pipeline.config.TrainParams`."""
     import torch
 
-    from pipeline.train import pick_device, precision_name, use_autocast
+    from pipeline.devices import pick_device, precision_name, use_autocast
 
     device = pick_device(train.device)
     kind = f"cuda {torch.cuda.get_device_name(device)}" if device.type == "cuda" else "cpu"

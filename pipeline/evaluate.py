@@ -18,11 +18,13 @@ import numpy as np
 import pandas as pd
 
 from pipeline.config import Params
-from pipeline.imageio import atomic_write_text, read_gray
+from pipeline.atomic import atomic_write_text
+from pipeline.checkpoints import load_trained
+from pipeline.imageio import read_gray
 from pipeline.inference import Postprocess, Predictor
 from pipeline.metrics import FAILURES, dice_per_frame, frame_outcomes, full_summary, iou_per_frame
 from pipeline.preprocess import FRAMES
-from pipeline.train import HISTORY, load_trained
+from pipeline.train import HISTORY
 
 POSTPROCESS = "postprocess.json"
 METRICS = "holdout_metrics.json"

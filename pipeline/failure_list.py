@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from pipeline.imageio import atomic_write_text
+from pipeline.atomic import atomic_write_text
 
 COLUMNS = ["file", "frame_id", "check", "severity", "reason", "imported_as"]
 # Manifest columns that say more about an offending file than the checked flag does.

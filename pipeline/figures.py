@@ -9,6 +9,8 @@ import cv2
 import numpy as np
 import pandas as pd
 
+from pipeline.atomic import atomic_output
+
 TRUE_COLOUR = (0, 200, 0)      # BGR: green, the annotator's outline
 PRED_COLOUR = (0, 0, 230)      # BGR: red, the model's outline
 
@@ -55,7 +57,8 @@ def draw_overlays(images, masks, preds, table: pd.DataFrame, path: Path, count: 
         ax.set_title(f"{row.frame_id}  Dice {row.dice:.2f}", fontsize=9)
     fig.suptitle("holdout frames, worst and best: green = true nerve, red = predicted", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=80)
+    with atomic_output(path, suffix=Path(path).suffix) as tmp:  # matplotlib picks the format by suffix
+        fig.savefig(tmp, dpi=80)
     plt.close(fig)
 
 
@@ -76,7 +79,8 @@ def draw_training_curves(history: pd.DataFrame, path: Path) -> None:
     right.set_ylim(0, 1)
     right.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=80)
+    with atomic_output(path, suffix=Path(path).suffix) as tmp:  # matplotlib picks the format by suffix
+        fig.savefig(tmp, dpi=80)
     plt.close(fig)
 
 
@@ -91,5 +95,6 @@ def draw_threshold_curve(curve: pd.DataFrame, chosen: float, path: Path) -> None
     ax.set_ylim(0, 1)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=80)
+    with atomic_output(path, suffix=Path(path).suffix) as tmp:  # matplotlib picks the format by suffix
+        fig.savefig(tmp, dpi=80)
     plt.close(fig)

@@ -19,7 +19,7 @@ import pandas as pd
 
 from pipeline import failure_list
 from pipeline.config import ValidationParams
-from pipeline.imageio import atomic_write_text
+from pipeline.atomic import atomic_write_text
 from pipeline.importers import IMAGE_EXTENSIONS, ImportProblem, stage_import
 from pipeline.validation import ValidationReport, validate_data_dir
 

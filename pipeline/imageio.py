@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import cv2
 import numpy as np
+
+from pipeline.atomic import atomic_write_bytes
 
 
 class ImageReadError(ValueError):
@@ -40,32 +40,9 @@ def read_gray(path: Path | str) -> np.ndarray:
 
 
 def write_image(path: Path | str, image: np.ndarray) -> None:
-    """Write PNG/TIFF/JPEG by suffix, to a temporary name first so no reader sees half a file."""
+    """Write PNG/TIFF/JPEG by suffix, whole or not at all."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     ok, encoded = cv2.imencode(path.suffix or ".png", image)
     if not ok:
         raise OSError(f"{path}: could not encode image")
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(encoded.tobytes())
-    os.replace(tmp, path)
-
-
-def atomic_write_text(path: Path | str, text: str, mode: int | None = None) -> None:
-    """Write ``text`` whole or not at all: a temporary file beside ``path``, flushed to disk, then renamed.
-    ``mode`` (e.g. 0o600 for a file only its owner may read) is set before the file gets its name."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        if mode is not None:
-            os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(path, encoded.tobytes())

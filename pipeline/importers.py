@@ -40,6 +40,7 @@ import cv2
 import numpy as np
 import pandas as pd
 
+from pipeline.atomic import atomic_write_text
 from pipeline.decode_errors import quiet_decoders
 from pipeline.imageio import ImageReadError, read_gray
 from pipeline.layout import FRAME_NAME
@@ -650,9 +651,8 @@ def stage_import(
         manifest_rel = f"{MANIFEST_DIR}/{name}.csv"
         (result_root / MANIFEST_DIR).mkdir(exist_ok=True)
         manifest_file = result_root / manifest_rel
-        if manifest_file.exists():
-            manifest_file.unlink()  # a hard link to the old manifest: never write through it
-        manifest.to_csv(manifest_file, index=False)
+        # A new file renamed over the name: never written through the hard link to the old manifest.
+        atomic_write_text(manifest_file, manifest.to_csv(index=False))
         staged.swap()
     except BaseException:
         staged.rollback()

@@ -193,9 +193,11 @@ def write_bundle(bundle_dir: Path, weights: Path, config: ModelConfig, post: Pos
     """Gather what the registered model needs into one folder."""
     import shutil
 
+    from pipeline.atomic import atomic_write_text
+
     bundle_dir = Path(bundle_dir)
     bundle_dir.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(weights, bundle_dir / BUNDLE_WEIGHTS)
-    (bundle_dir / BUNDLE_CONFIG).write_text(json.dumps(config.to_dict(), indent=2))
-    (bundle_dir / BUNDLE_POSTPROCESS).write_text(json.dumps(post.to_dict(), indent=2))
+    atomic_write_text(bundle_dir / BUNDLE_CONFIG, json.dumps(config.to_dict(), indent=2))
+    atomic_write_text(bundle_dir / BUNDLE_POSTPROCESS, json.dumps(post.to_dict(), indent=2))
     return bundle_dir

@@ -30,6 +30,7 @@ import cv2
 import numpy as np
 import pandas as pd
 
+from pipeline.atomic import atomic_write_text
 from pipeline.decode_errors import opencv_log_silenced, quiet_decoders, why_undecodable
 
 TRAIN_SUBDIR = "train"
@@ -256,10 +257,7 @@ def _load_cache(cache_file: Path | None) -> dict:
 
 
 def _save_cache(cache_file: Path, files: dict) -> None:
-    cache_file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache_file.with_name(cache_file.name + f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({"version": CACHE_VERSION, "files": files}, separators=(",", ":")))
-    tmp.replace(cache_file)
+    atomic_write_text(cache_file, json.dumps({"version": CACHE_VERSION, "files": files}, separators=(",", ":")))
 
 
 def build_manifest(

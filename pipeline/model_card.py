@@ -16,7 +16,7 @@ import pandas as pd
 from pipeline import registry
 from pipeline.identity import describe
 from pipeline.audit import lineage, presence_line
-from pipeline.imageio import atomic_write_text
+from pipeline.atomic import atomic_write_text
 from pipeline.metrics import FAILURES, presence_statement
 from pipeline.promotion import paired_bootstrap
 

@@ -55,6 +55,7 @@ import pandas as pd
 from PIL import Image
 from tqdm import tqdm
 
+from pipeline.atomic import atomic_output, atomic_write_bytes
 from pipeline.layout import FRAME_NAME, IMAGE_SUFFIX, MASK_SUFFIX
 
 __all__ = ["DEFECT_KINDS", "PhantomSpec", "generate_phantom", "plant_defects", "synth_frame"]
@@ -692,21 +693,8 @@ def _log_compress(intensity: np.ndarray, gain_db: float) -> np.ndarray:
 def _write_tiff_atomic(path: Path, array: np.ndarray) -> None:
     """Write a TIFF (8-bit grayscale, or whatever ``array``'s dtype/shape says) via a
     temporary file in the same folder, then rename."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    with atomic_output(path) as tmp:
         Image.fromarray(array).save(tmp, format="TIFF")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _write_bytes_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------------------
@@ -792,7 +780,7 @@ def _plant_one(kind: str, frame: Path, mask: Path, s: int, n: int, next_n: dict[
     train = frame.parent
     if kind == "unreadable_frame":
         data = frame.read_bytes()
-        _write_bytes_atomic(frame, b"not a TIFF: " + bytes(rng.integers(0, 256, 64, dtype=np.uint8)) + data[:16])
+        atomic_write_bytes(frame, b"not a TIFF: " + bytes(rng.integers(0, 256, 64, dtype=np.uint8)) + data[:16])
         return [frame], f"{frame.name} overwritten with bytes that are not an image"
     if kind == "wrong_size":
         image = _read_array(frame)

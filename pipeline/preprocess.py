@@ -28,9 +28,17 @@ import pandas as pd
 from tqdm import tqdm
 
 from pipeline.config import Params
-from pipeline.imageio import atomic_write_text, read_gray
+from pipeline.atomic import atomic_output, atomic_write_text
+from pipeline.imageio import read_gray
 from pipeline.layout import list_frame_pairs
-from pipeline.split import PARTS, SubjectAssignment, create_assignment, split_frames, subjects_by_part
+from pipeline.split import (
+    PARTS,
+    SubjectAssignment,
+    assert_no_subject_leak,
+    create_assignment,
+    split_frames,
+    subjects_by_part,
+)
 
 ARRAYS = "arrays.npz"
 FRAMES = "frames.csv"
@@ -91,8 +99,6 @@ def preprocess(data_dir: Path, out_dir: Path, params: Params, progress: bool = T
         assignment = create_assignment(frames["subject"].tolist(), params.split)
     frames = split_frames(frames, assignment, params.split.fold)
     # The split is by subject by construction; check it anyway, since a leak would inflate every score.
-    from pipeline.validation import assert_no_subject_leak
-
     assert_no_subject_leak(frames)
     h, w = params.preprocess.height, params.preprocess.width
 
@@ -132,9 +138,8 @@ def preprocess(data_dir: Path, out_dir: Path, params: Params, progress: bool = T
     )
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir / (ARRAYS + ".tmp.npz")
-    np.savez_compressed(tmp, images=images, masks=masks, coverage=coverage)
-    tmp.replace(out_dir / ARRAYS)
+    with atomic_output(out_dir / ARRAYS, suffix=".npz") as tmp:  # np.savez adds .npz to any other name
+        np.savez_compressed(tmp, images=images, masks=masks, coverage=coverage)
     atomic_write_text(out_dir / FRAMES, frames.to_csv(index=False))
     atomic_write_text(out_dir / SUMMARY, json.dumps(asdict(summary), indent=2))
     return summary

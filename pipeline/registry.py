@@ -1,4 +1,4 @@
-"""MLflow: the tracking store, runs, the registered model ``nerve-segmentation`` and its aliases.
+"""MLflow: the tracking store, runs, the registered model (``registry.model_name``) and its aliases.
 
 By default a SQLite store under ``mlflow/`` in the project; ``MLFLOW_TRACKING_URI`` overrides it.
 """
@@ -92,12 +92,27 @@ def client():
 
 
 def signature():
+    """Only the ``output`` parameter: an MLflow schema holds tensors or columns, never both, and every
+    tensor is required, so no input schema admits both the frames tensor and the ``image`` column.
+    The model checks its input itself (``pipeline.serving``; docs/decisions/0019-compact-serving-form.md)."""
     from mlflow.models import ModelSignature
-    from mlflow.types import Schema, TensorSpec
+    from mlflow.types import DataType, ParamSchema, ParamSpec
 
-    frames = TensorSpec(np.dtype(np.uint8), (-1, -1, -1), name="frames")
-    masks = TensorSpec(np.dtype(np.uint8), (-1, -1, -1), name="masks")
-    return ModelSignature(inputs=Schema([frames]), outputs=Schema([masks]))
+    from pipeline.serving import OUTPUT_PARAM
+
+    return ModelSignature(params=ParamSchema([ParamSpec(OUTPUT_PARAM, DataType.string, "auto")]))
+
+
+# What the signature cannot say, in the model's MLmodel file for whoever serves it.
+SERVING_FORMS = {
+    "inputs": {
+        "tensor": "uint8 frames (N, H, W) or (H, W): {\"inputs\": [[[0, 12, ...]]]}",
+        "image": "a column 'image' of PNG/TIFF/JPEG files, base64 in JSON: {\"inputs\": {\"image\": [\"<base64>\"]}} "
+                 "or dataframe_split / dataframe_records with that column",
+    },
+    "output": "params.output: tensor ((N, H, W) uint8 in {0, 1}), png (base64 PNG, 0/255) or rle "
+              "(competition run-length encoding); auto (default): tensor for frames, png for images",
+}
 
 
 def pip_requirements() -> list[str]:
@@ -125,6 +140,7 @@ def log_model(run_id: str, bundle_dir: Path, input_example: np.ndarray) -> str:
             signature=signature(),
             input_example=input_example,
             pip_requirements=pip_requirements(),
+            metadata={"nerveseg.serving": SERVING_FORMS},
         )
     return info.model_uri
 
@@ -135,6 +151,11 @@ def register(model_uri: str, name: str, tags: dict[str, str]) -> str:
 
     version = mlflow.register_model(model_uri, name, tags={k: str(v) for k, v in tags.items()})
     return str(version.version)
+
+
+def champion_uri(name: str) -> str:
+    """``models:/NAME@champion``: what the commands load or describe when given no model."""
+    return f"models:/{name}@{CHAMPION}"
 
 
 def version_by_alias(name: str, alias: str):

@@ -26,7 +26,7 @@ from pipeline.metrics import dice_per_frame
 from pipeline.paths import ProjectPaths
 from pipeline.preprocess import FRAMES
 from pipeline.promotion import FrameScores, PromotionDecision, decide
-from pipeline.train import WEIGHTS, load_model_config
+from pipeline.checkpoints import WEIGHTS, load_model_config
 
 EVENT_PREFIX = "event."
 PREVIOUS_CHAMPION = "champion.previous_version"

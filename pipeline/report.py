@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline.imageio import atomic_write_text
+from pipeline.atomic import atomic_write_text
 from pipeline.inference import Postprocess
 
 METRIC_NAMES = {

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline.imageio import atomic_write_text
+from pipeline.atomic import atomic_write_text
 
 HEIGHT = 420
 WIDTH = 580
@@ -147,10 +147,11 @@ def read_rle_csv(path: Path | str) -> pd.DataFrame:
     })
 
 
-def write_submission(path: Path | str, rows: Iterable[tuple[str, np.ndarray]]) -> int:
+def write_submission(path: Path | str, rows: Iterable[tuple[str, np.ndarray | str]]) -> int:
     """Write a submission CSV (header ``img,pixels``) from ``(img, mask)`` pairs, atomically.
 
     ``img`` is the frame's name as the competition numbers it (e.g. ``"1"`` for ``test/1.tif``).
+    A mask may come already encoded (a string), so a long batch need not keep every mask in memory.
     Returns the number of rows written.
     """
     buffer = io.StringIO()
@@ -158,7 +159,7 @@ def write_submission(path: Path | str, rows: Iterable[tuple[str, np.ndarray]]) -
     writer.writerow(["img", "pixels"])
     count = 0
     for img, mask in rows:
-        writer.writerow([str(img), rle_encode(mask)])
+        writer.writerow([str(img), mask if isinstance(mask, str) else rle_encode(mask)])
         count += 1
     atomic_write_text(path, buffer.getvalue())
     return count

@@ -24,6 +24,8 @@ grows: a subject that moved from the holdout into training would make every late
 With ``folds = k > 1`` non-holdout subjects are recorded as fold groups ``fold0 .. fold{k-1}``;
 ``split.fold`` picks the group that validates (:func:`part_of`), so moving between folds needs no
 resplit, and the holdout is the same for every fold.
+
+:func:`assert_no_subject_leak` checks a split frame table before anything is prepared from it.
 """
 
 from __future__ import annotations
@@ -202,7 +204,7 @@ def load_assignment(path: Path) -> SubjectAssignment | None:
 
 
 def save_assignment(path: Path, assignment: SubjectAssignment) -> Path:
-    from pipeline.imageio import atomic_write_text
+    from pipeline.atomic import atomic_write_text
 
     atomic_write_text(path, HEADER + yaml.safe_dump(assignment.to_dict(), sort_keys=False))
     return Path(path)
@@ -348,6 +350,45 @@ def fold_parts(frames: pd.DataFrame, fold: int, folds: int) -> np.ndarray:
 
 def subjects_by_part(frames: pd.DataFrame) -> dict[str, list[int]]:
     return {p: sorted(int(s) for s in frames.loc[frames["split"] == p, "subject"].unique()) for p in PARTS}
+
+
+# --------------------------------------------------------------------------------------------
+# The leak check: a subject in two parts would let training see frames that evaluation scores
+# --------------------------------------------------------------------------------------------
+class SubjectLeakError(ValueError):
+    """A subject has frames in more than one of train, validation and holdout."""
+
+
+def check_split(frames: pd.DataFrame) -> pd.DataFrame:
+    """Subjects found in more than one part of a split (``subject``, ``split`` columns).
+
+    Returns one row per leaking subject: ``subject``, ``parts`` ("holdout,train"), ``frames``
+    (frame ids or image paths, when present). Empty when the split is clean.
+    """
+    if frames.empty:
+        return pd.DataFrame(columns=["subject", "parts", "frames"])
+    name = "frame_id" if "frame_id" in frames else ("image_path" if "image_path" in frames else None)
+    rows = []
+    for subject, group in frames.groupby("subject", sort=True):
+        parts = sorted(set(group["split"].dropna().astype(str)))
+        if len(parts) > 1:
+            rows.append({
+                "subject": subject,
+                "parts": ",".join(parts),
+                "frames": group[name].astype(str).tolist() if name else [],
+            })
+    return pd.DataFrame(rows, columns=["subject", "parts", "frames"])
+
+
+def assert_no_subject_leak(frames: pd.DataFrame) -> None:
+    """Raise :class:`SubjectLeakError` naming each subject found in two or more parts."""
+    leaks = check_split(frames)
+    if len(leaks):
+        text = "; ".join(
+            f"subject {r.subject} in {r.parts} ({', '.join(r.frames[:5])}"
+            f"{' ...' if len(r.frames) > 5 else ''})" for r in leaks.itertuples()
+        )
+        raise SubjectLeakError(f"subjects in more than one of train, validation, holdout: {text}")
 
 
 # --------------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ import json
 
 from pipeline.config import Params
 from pipeline.evaluate import EvaluationResult, evaluate
-from pipeline.imageio import atomic_write_text
+from pipeline.atomic import atomic_write_text
 from pipeline.paths import ProjectPaths
 from pipeline.preprocess import PreparedSummary, preprocess
 from pipeline.train import EpochCallback, TrainResult, train

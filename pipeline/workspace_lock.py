@@ -15,6 +15,8 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
+from pipeline.atomic import atomic_write_text
+
 LOCK_NAME = ".nerveseg-run.lock"
 HOLDER_NAME = ".nerveseg-run.holder"
 
@@ -37,7 +39,7 @@ def exclusive_run(root: Path, label: str):
             "try again when it has finished"
         ) from None
     try:
-        (root / HOLDER_NAME).write_text(json.dumps({
+        atomic_write_text(root / HOLDER_NAME, json.dumps({
             "run": label, "pid": os.getpid(), "host": socket.gethostname(),
             "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }))

@@ -3,8 +3,8 @@
 #   the CUDA path of training and inference (bench/gpu/cuda_path.py), the training throughput
 #   ratios (bench/train_throughput.py) and batched inference (bench/inference_speed.py).
 # Run from the repository root. Logs and a summary go to $OUT (default gpu-check-logs/, ignored by git).
-# QUICK=1 tries the script itself on any machine in about a minute: tiny sizes, no compile, and the
-# CUDA-path checks on the CPU (tests/test_bench_scripts.py runs it so).
+# QUICK=1 tries the script itself on any machine in seconds: params.yaml's recipe on a tiny network and working
+# size, few frames and steps, no compile, and the CUDA-path checks on the CPU (tests/test_bench_scripts.py runs it so).
 set -uo pipefail
 OUT=${OUT:-gpu-check-logs}
 PY=${PY:-python3}
@@ -12,8 +12,14 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 source bench/gpu/carried_wheels.sh
 if [ "${QUICK:-0}" = 1 ]; then
-    cuda_path=(--device cpu --frames 90 --epochs 3 --no-compile); throughput=(--steps 3 --batch 8 --workers 1 --no-compile)
-    inference=(--frames 20 --batch 8 --no-compile)
+    # params.yaml's recipe (its norm, its precision rule) on a tiny network and working size: it proves the plumbing
+    quick="$OUT/quick-params.yaml"
+    "$PY" -c 'import sys, yaml; p = yaml.safe_load(open("params.yaml")); p["preprocess"].update(height=32, width=48)
+p["model"].update(depth=2, base_width=8); p["train"]["batch_size"] = 8
+yaml.safe_dump(p, open(sys.argv[1], "w"), sort_keys=False)' "$quick"
+    cuda_path=(--params "$quick" --device cpu --frames 30 --epochs 3 --no-compile)
+    throughput=(--params "$quick" --steps 2 --batch 4 --workers 1 --no-compile)
+    inference=(--params "$quick" --frames 4 --batch 4 --no-compile)
 else
     cuda_path=(); throughput=(--steps 50 --batch 64 --workers 4); inference=(--frames 300 --batch 256 --no-compile)
 fi
