@@ -24,10 +24,13 @@ browser:
 	@command -v chromium >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
 	  apt-get install -y -qq chromium >/dev/null; } 2>/dev/null || echo "chromium not installed: the card rendering check will skip"
 
-# Command 2: set up and run the whole test suite (what .ci/run runs).
+# Command 2: set up and run the whole test suite (what .ci/run runs). Test modules run in parallel
+# processes (pytest-xdist), a module's tests together so its fixtures are built once: most of the
+# suite's time is spent waiting on servers and subprocesses, so more workers than cores pays.
+TEST_WORKERS ?= 4
 test: setup browser
 	$(BIN)/python -m pip check
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 # Re-resolve the lock from pyproject.toml's pins in a throw-away venv.
 lock:

@@ -18,6 +18,12 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "datasets" / "kaggle-uns"
 
+# Under `make test` the modules run in parallel worker processes (pytest-xdist) on a few cores: one torch
+# thread each (inherited by the CLI and torchrun processes they start), so they share the cores rather
+# than each claiming all of them. Set before anything imports torch.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 # Before anything imports Prefect: a throw-away Prefect home, no telemetry, no outside server,
 # and no tracking server inherited from the developer's shell.
 _PREFECT_HOME = tempfile.mkdtemp(prefix="nerveseg-prefect-home-")
@@ -192,3 +198,89 @@ def prepare_again(paths, params) -> None:
 
     paths.split_file.unlink(missing_ok=True)
     stages.prepare(paths, params, progress=False)
+
+
+# --- Set-ups built once per session (once per xdist worker) and copied into each test ---
+
+
+def run_cli(root: Path, *args: str, check: bool = True):
+    """``nerveseg ARGS`` as an operator runs it in ``root`` (the folder is the current one, the project's own
+    Prefect home, no tracking server or Prefect API inherited from the test process: what
+    ``tests.service_helpers.nerveseg`` gives a separate process), but in this process, through typer's
+    CliRunner: the same commands, without the seconds of imports of a new interpreter. Returns
+    ``returncode``, ``stdout`` and ``stderr`` like ``subprocess.run``."""
+    from types import SimpleNamespace
+
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    env = {name: None for name in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+    env["PREFECT_HOME"] = str(Path(root) / ".prefect")
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        result = CliRunner().invoke(app, list(args), env=env)
+    finally:
+        os.chdir(cwd)
+    done = SimpleNamespace(returncode=result.exit_code, stdout=result.stdout, stderr=result.stderr,
+                           exception=result.exception)
+    if check and result.exit_code != 0:
+        import traceback
+
+        trace = "".join(traceback.format_exception(*result.exc_info)) if result.exc_info else ""
+        raise AssertionError(f"nerveseg {' '.join(args)} exited {result.exit_code}\nstdout:\n{result.stdout[-4000:]}\n"
+                             f"stderr:\n{result.stderr[-6000:]}\n{trace[-6000:]}")
+    return done
+
+
+@pytest.fixture(scope="session")
+def mlflow_store_template(tmp_path_factory) -> Path:
+    """An empty MLflow SQLite store made by this MLflow (its schema migrations take seconds per store),
+    once per session: ``seed_mlflow_store`` puts a copy where a test's store goes. What the copy holds is
+    what MLflow writes into a new store (the schema at head and its Default experiment), so the code under
+    test finds an existing, empty store instead of creating one; its own experiment and everything after
+    are written by the code under test."""
+    import mlflow
+
+    db = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+    mlflow.MlflowClient(tracking_uri=f"sqlite:///{db}").search_experiments()
+    return db
+
+
+def seed_mlflow_store(mlflow_dir: Path, template: Path) -> Path:
+    """A copy of ``template`` (``mlflow_store_template``) as ``mlflow_dir``/mlflow.db, the project's default
+    embedded store; refuses to replace a store that is there."""
+    import sqlite3
+
+    mlflow_dir = Path(mlflow_dir)
+    mlflow_dir.mkdir(parents=True, exist_ok=True)
+    target = mlflow_dir / "mlflow.db"
+    assert not target.exists(), f"{target} exists already"
+    source, copy = sqlite3.connect(template), sqlite3.connect(target)
+    try:
+        source.backup(copy)  # consistent even if MLflow's own connection to the template is still open
+    finally:
+        source.close()
+        copy.close()
+    return target
+
+
+@pytest.fixture(scope="session")
+def project_copy(tmp_path_factory):
+    """``make_project(dest, settings, with_data)`` at the cost of a folder copy: each distinct
+    (settings, with_data) is built once per session by ``make_project`` and copied (git history, DVC cache,
+    its local remote and ``.dvc/config`` hold no absolute path; DVC's hash cache is keyed by the folder's
+    path, so a copy starts with none)."""
+    import json
+
+    built: dict[tuple[str, bool], Path] = {}
+
+    def copy(dest: Path, settings: dict | None = None, with_data: bool = True) -> Path:
+        key = (json.dumps(TINY_SETTINGS if settings is None else settings, sort_keys=True), with_data)
+        if key not in built:
+            built[key] = make_project(tmp_path_factory.mktemp("project-template") / "project", settings, with_data)
+        shutil.copytree(built[key], dest, symlinks=True)
+        return Path(dest)
+
+    return copy

@@ -48,6 +48,29 @@ def last_json(text: str) -> dict:
     return json.loads(text[start + 1 if start >= 0 else text.index("{"):])
 
 
+# MLflow 3's server starts a job runner and seven huey consumers beside its web worker, for MLflow's own
+# server-side jobs (GenAI scorers and periodic maintenance), which nerveseg never uses: some 10 s of CPU at
+# every start on a 2-core machine, polling afterwards, and a server that has run for a minute then takes
+# 20-25 s to stop instead of ~5. The servers these tests start go without them (MLflow's documented
+# switch); everything the tests check goes through the web worker.
+LEAN_SERVER_ENV = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+
+
+@contextmanager
+def lean_server_env():
+    """``LEAN_SERVER_ENV`` in this process's environment for the block (``up`` passes it on to the servers)."""
+    saved = {name: os.environ.get(name) for name in LEAN_SERVER_ENV}
+    os.environ.update(LEAN_SERVER_ENV)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
 @contextmanager
 def services(root: Path, profile: str | None = None, worker: bool = False, **settings):
     """Both servers of ``root`` up on free ports for the block; always down afterwards."""
@@ -55,10 +78,40 @@ def services(root: Path, profile: str | None = None, worker: bool = False, **set
 
     config = load_config(root, profile=profile, prefect_port=free_port(), mlflow_port=free_port(), **settings)
     try:
-        state = up(root, config, worker=worker, echo=lambda _: None)
+        with lean_server_env():
+            state = up(root, config, worker=worker, echo=lambda _: None)
         yield state, config
     finally:
         down(root, config, echo=lambda _: None)
+
+
+# MLflow's basic-auth app checks the password of every request against the user's stored hash
+# (werkzeug's default: scrypt, ~0.4 s of CPU per check here), and a retraining run alone makes
+# some 500 requests. Once the server has created a user (and its stored hash has been checked to be
+# the default kind and to match the password), a test may store a hash of the SAME password made by
+# werkzeug's PBKDF2 with 1000 iterations: every request still goes through the server's same
+# check_password_hash call, right and wrong passwords get the same answers, at a fraction of the CPU.
+CHEAP_HASH_METHOD = "pbkdf2:sha256:1000"
+
+
+def cheapen_logins(auth_database: str, logins: dict[str, str]) -> None:
+    """Store a cheap hash of each user's own password in MLflow's user store ``auth_database`` (PostgreSQL)."""
+    import psycopg2
+    from werkzeug.security import check_password_hash, generate_password_hash
+
+    conn = psycopg2.connect(f"{POSTGRES}/{auth_database}", connect_timeout=5)
+    try:
+        with conn, conn.cursor() as cur:
+            for user, password in logins.items():
+                cur.execute("SELECT password_hash FROM users WHERE username = %s", (user,))
+                row = cur.fetchone()
+                assert row, f"MLflow has no user {user}"
+                assert not row[0].startswith(CHEAP_HASH_METHOD) and check_password_hash(row[0], password), (
+                    f"the server stored no hash of {user}'s password of its own")
+                cur.execute("UPDATE users SET password_hash = %s WHERE username = %s",
+                            (generate_password_hash(password, method=CHEAP_HASH_METHOD), user))
+    finally:
+        conn.close()
 
 
 def postgres_reachable(host: str = "127.0.0.1", port: int = 5432) -> bool:

@@ -12,13 +12,18 @@ import time
 import pytest
 from typer.testing import CliRunner
 
-from tests.conftest import TINY_SETTINGS, deep_update, make_project, write_settings
+from tests.conftest import TINY_SETTINGS, deep_update, make_project, seed_mlflow_store, write_settings
 
 pytestmark = pytest.mark.e2e
 
 MODEL = "nerve-segmentation"
-FAST = deep_update(TINY_SETTINGS, {"train": {"epochs": 1}, "evaluate": {"overlays": 1},
-                                   "promotion": {"require_approval": True, "approval_timeout_s": 240}})
+# What is trained does not matter here, only the pause and the answers: one epoch, three frames a subject (the
+# 6 subjects keep the split's holdout; 18 frames clear validation.min_frames). The flow checks for an answer every
+# max(1, min(5, timeout // 20)) s: a timeout under 40 s has it resume within a second of the answer, and 30 s
+# is still ample for the tests to answer in.
+FAST = deep_update(TINY_SETTINGS, {"data": {"synth": {"frames_per_subject": 3}}, "train": {"epochs": 1},
+                                   "evaluate": {"overlays": 1},
+                                   "promotion": {"require_approval": True, "approval_timeout_s": 30}})
 
 
 def _registry(root):
@@ -62,13 +67,15 @@ def _wait_paused(thread, out, limit: float = 600.0):  # generous: a loaded CI ma
         if runs:
             assert len(runs) == 1
             return runs[0]
-        time.sleep(1)
+        time.sleep(0.25)
     pytest.fail(f"no paused flow run within {limit} s")
 
 
 @pytest.fixture(scope="module")
-def approval_project(tmp_path_factory, prefect_server):
-    return make_project(tmp_path_factory.mktemp("approval") / "project", FAST)
+def approval_project(tmp_path_factory, prefect_server, mlflow_store_template):
+    root = make_project(tmp_path_factory.mktemp("approval") / "project", FAST)
+    seed_mlflow_store(root / "mlflow", mlflow_store_template)  # an empty store: MLflow's migrations done once
+    return root
 
 
 def _events(root):
@@ -120,7 +127,7 @@ def test_unanswered_approval_times_out_without_promotion(approval_project):
     from pipeline import versioning
 
     root = approval_project
-    write_settings(root, deep_update(FAST, {"promotion": {"approval_timeout_s": 3}}))
+    write_settings(root, deep_update(FAST, {"promotion": {"approval_timeout_s": 1}}))
     versioning.git_commit(root, ["params.yaml"], "params: a short approval timeout")
     thread, out = _start(root, force=True)
     thread.join(240)
@@ -130,7 +137,7 @@ def test_unanswered_approval_times_out_without_promotion(approval_project):
     assert str(registry.version_by_alias(MODEL, registry.CHALLENGER).version) == "2"
     last = _events(root)[-1]
     assert (last["version"], last["action"], last["actor"]) == ("2", "reject", "timeout")
-    assert "no answer within 3 s" in last["reason"] and last["approval"]["answer"] == "timeout"
+    assert "no answer within 1 s" in last["reason"] and last["approval"]["answer"] == "timeout"
     assert registry.client().get_model_version(MODEL, "2").tags["promotion.approval"] == "timeout"
 
 

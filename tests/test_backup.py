@@ -1,7 +1,11 @@
 """``nerveseg backup`` and ``nerveseg restore`` on a real workspace: two data versions, two trained
 versions (one flow run in this process, one as an operator runs it, so the project's own Prefect database
 holds it), a manual promotion; then the backup, the workspace deleted with every store, a fresh clone
-elsewhere, the restore, and the operator's views must be what they were. Real git, DVC, MLflow, Prefect."""
+elsewhere, the restore, and the operator's views must be what they were. Real git, DVC, MLflow, Prefect.
+
+The operator's commands run in this process (``run_cli``: the project's folder and Prefect home, as
+`nerveseg` has them), except ``nerveseg run``, which must record its flow run in the project's own Prefect
+database, and the refusals, whose exit codes are checked on the real executable."""
 
 from __future__ import annotations
 
@@ -14,14 +18,16 @@ from types import SimpleNamespace
 
 import pytest
 
-from tests.conftest import TINY_SETTINGS, deep_update, make_project, subject_batch
+from tests.conftest import TINY_SETTINGS, deep_update, make_project, run_cli, seed_mlflow_store, subject_batch
 from tests.service_helpers import (
     POSTGRES, last_json, nerveseg, postgres_admin, postgres_reachable, temporary_databases,
 )
 
 e2e = pytest.mark.e2e
-# What is trained does not matter here, only that versions exist: one epoch keeps the two flow runs short.
-SETTINGS = deep_update(TINY_SETTINGS, {"train": {"epochs": 1}})
+# What is trained does not matter here, only that versions exist: one epoch, one overlay and three frames a
+# subject keep the two flow runs short (6 subjects keep the split's holdout; 18 frames clear validation.min_frames).
+SETTINGS = deep_update(TINY_SETTINGS, {"data": {"synth": {"frames_per_subject": 3}}, "train": {"epochs": 1},
+                                       "evaluate": {"overlays": 1}})
 
 MODEL = "nerve-segmentation"
 WORKSPACE = "<WORKSPACE>"
@@ -34,9 +40,9 @@ def _digests(folder: Path) -> dict[str, str]:
 
 def _views(root: Path) -> dict[str, str]:
     """What an operator reads about the registry, with the workspace's path (which moved) normalised."""
-    views = {"models": nerveseg(root, "models", "--json").stdout,
-             "audit": nerveseg(root, "audit", "--json").stdout,
-             "ledger": nerveseg(root, "ledger", "--json").stdout}
+    views = {"models": run_cli(root, "models", "--json").stdout,
+             "audit": run_cli(root, "audit", "--json").stdout,
+             "ledger": run_cli(root, "ledger", "--json").stdout}
     return {name: text.replace(str(root), WORKSPACE) for name, text in views.items()}
 
 
@@ -46,7 +52,7 @@ def _flow_runs(root: Path) -> list[tuple]:
 
 
 @pytest.fixture(scope="module")
-def backed_up(tmp_path_factory, prefect_server):
+def backed_up(tmp_path_factory, prefect_server, mlflow_store_template):
     """A workspace with history, backed up, then deleted with its stores; a bare copy of its repository
     stands for the team's git server."""
     from flows.retrain import retrain
@@ -55,21 +61,22 @@ def backed_up(tmp_path_factory, prefect_server):
 
     base = tmp_path_factory.mktemp("backup")
     root = make_project(base / "project", SETTINGS)
+    seed_mlflow_store(root / "mlflow", mlflow_store_template)  # an empty store: MLflow's migrations done once
     first_revision = versioning.git(root, "log", "-n", "1", "--format=%H", "--", "data/raw.dvc").stdout.strip()
     first_files = _digests(root / "data" / "raw")
     first = retrain(project_dir=str(root))  # version 1, on the test session's Prefect server
 
-    generate_phantom(base / "more", PhantomSpec(subjects=8, frames_per_subject=6, seed=7))
-    nerveseg(root, "data", "add", str(subject_batch(base / "more", base / "batch", (7, 8))), "--no-trigger")
+    generate_phantom(base / "more", PhantomSpec(subjects=8, frames_per_subject=3, seed=7))
+    run_cli(root, "data", "add", str(subject_batch(base / "more", base / "batch", (7, 8))), "--no-trigger")
     # Version 2, as an operator runs it: its flow run is recorded in the project's own .prefect/prefect.db.
     second = last_json(nerveseg(root, "run", "--json").stdout)
     other = first["version"] if second["decision"]["promote"] else second["version"]
-    nerveseg(root, "promote", other, "--reason", "chosen by hand before the backup", "--actor", "ops")
+    run_cli(root, "promote", other, "--reason", "chosen by hand before the backup", "--actor", "ops")
 
     before = _views(root)
     flow_runs = _flow_runs(root)
     backup_dir = base / "backup-1"
-    done = nerveseg(root, "backup", "--out", str(backup_dir))
+    done = run_cli(root, "backup", "--out", str(backup_dir))
     versioning.git(base, "clone", "-q", "--bare", str(root), str(base / "origin.git"))
     shutil.rmtree(root)  # the workspace, the MLflow store, the Prefect home, the DVC cache and remote
     return SimpleNamespace(base=base, old_root=root, backup=backup_dir, output=done.stdout + done.stderr,
@@ -86,7 +93,7 @@ def restored(backed_up):
     clone = backed_up.base / "elsewhere" / "restored"
     clone.parent.mkdir()
     versioning.git(clone.parent, "clone", "-q", str(backed_up.base / "origin.git"), str(clone))
-    done = nerveseg(clone, "restore", str(backed_up.backup))
+    done = run_cli(clone, "restore", str(backed_up.backup))
     return SimpleNamespace(root=clone, output=done.stdout + done.stderr)
 
 
@@ -127,9 +134,9 @@ def test_a_fresh_clone_restored_shows_what_the_workspace_showed(backed_up, resto
 def test_the_restored_champion_serves_and_its_card_renders(restored):
     root = restored.root
     frames = sorted(p for p in (root / "data" / "raw" / "train").glob("*.tif") if not p.stem.endswith("_mask"))[:3]
-    nerveseg(root, "predict", *map(str, frames), "--out", str(root / "predictions"))
+    run_cli(root, "predict", *map(str, frames), "--out", str(root / "predictions"))
     assert len(list((root / "predictions").glob("*_mask.png"))) == 3
-    nerveseg(root, "card", "--out", str(root / "card.html"))
+    run_cli(root, "card", "--out", str(root / "card.html"))
     assert MODEL in (root / "card.html").read_text()
 
 
@@ -140,7 +147,7 @@ def test_an_earlier_data_version_checks_out_with_the_same_files(backed_up, resto
     for version in manifest["parts"]["dvc"]["data_versions"]:  # in the default remote too, not only the cache
         md5 = version["dvc_hash"]
         assert (root / "dvc-remote" / "files" / "md5" / md5[:2] / md5[2:]).is_file()
-    nerveseg(root, "data", "checkout", backed_up.first_revision)
+    run_cli(root, "data", "checkout", backed_up.first_revision)
     assert _digests(root / "data" / "raw") == backed_up.first_files
 
 

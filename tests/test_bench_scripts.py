@@ -11,7 +11,7 @@ import sys
 import pytest
 import yaml
 
-from pipeline.train import cpu_has_native_bf16
+from pipeline.devices import cpu_has_native_bf16
 
 from .conftest import REPO, tiny_model_config
 
@@ -139,21 +139,38 @@ def test_promotion_noise_judges_twins_from_any_dice_column_of_the_frame_files(tm
     assert missing.returncode != 0 and "no column 'dice_tta'" in missing.stderr
 
 
-def test_phantom_seeds_trains_each_norm_and_seed_and_reports_each_holdout_subjects_empty_frames(tmp_path):
+def test_phantom_seeds_trains_each_norm_and_seed_and_reports_each_holdout_subjects_empty_frames(tmp_path, capsys,
+                                                                                                monkeypatch):
     """``bench/phantom_seeds.py`` on a 6-subject phantom, one epoch per run: one row per (norm, seed)
-    with the settings it says, and the holdout subjects' empty-frame presence in every row."""
+    with the settings it says, and the holdout subjects' empty-frame presence in every row. Its ``main``
+    runs in this process (its imports cost more than its runs), with the command line it would be given."""
+    import importlib.util
     import json
+
+    import torch
 
     out = tmp_path / "seeds.json"
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["train"]["augment"]["elastic_p"] = 0.55  # --params is honoured, and the result records what ran
     params["promotion"]["min_nerve_dice"] = 0.99  # out of one epoch's reach: every run must be refused
+    # the script's plumbing, not the recipe's size: a tiny network at a tiny working size, two overlays
+    params["preprocess"].update(height=32, width=48)
+    params["model"].update(depth=2, base_width=8)
+    params["evaluate"]["overlays"] = 2
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    done = subprocess.run([sys.executable, str(BENCH / "phantom_seeds.py"), "--seeds", "3,5", "--norms", "batch,instance",
-                           "--epochs", "1", "--threads", "1", "--subjects", "6", "--frames-per-subject", "8", "--amp-cpu",
-                           "false", "--params", str(tmp_path / "params.yaml"), "--keep", str(tmp_path / "work"), "--out", str(out)],
-                          cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout + done.stderr
+    spec = importlib.util.spec_from_file_location("bench_phantom_seeds", BENCH / "phantom_seeds.py")
+    script = importlib.util.module_from_spec(spec)
+    monkeypatch.setattr(sys, "path", list(sys.path))  # the script puts the repository and bench/ first
+    threads = torch.get_num_threads()
+    try:
+        spec.loader.exec_module(script)
+        code = script.main(["--seeds", "3,5", "--norms", "batch,instance", "--epochs", "1", "--threads", "1",
+                            "--subjects", "6", "--frames-per-subject", "8", "--amp-cpu", "false",
+                            "--params", str(tmp_path / "params.yaml"), "--keep", str(tmp_path / "work"), "--out", str(out)])
+    finally:
+        torch.set_num_threads(threads)  # --threads 1 set this process's torch threads
+    printed = capsys.readouterr().out
+    assert code == 0, printed
     result = json.loads(out.read_text())
     assert result["augment"] == params["train"]["augment"]
     runs = result["runs"]
@@ -164,7 +181,7 @@ def test_phantom_seeds_trains_each_norm_and_seed_and_reports_each_holdout_subjec
     assert result["train_overrides"]["amp_cpu"] is False and all(r["precision"] == "fp32" for r in runs)
     config = json.loads((tmp_path / "work" / "instance-5" / "models" / "model_config.json").read_text())
     assert config["norm"] == "instance"
-    assert "| instance | 2 |" in done.stdout  # the summary row
+    assert "| instance | 2 |" in printed  # the summary row
 
 
 def test_promotion_floor_replays_recorded_phantom_runs_through_the_gates_floor(tmp_path):
@@ -204,24 +221,22 @@ def test_every_real_cv_settings_file_resolves_to_valid_params():
     must keep its base's settings while changing what it says it changes."""
     import json
 
-    script = """
-import importlib.util, json, sys
-spec = importlib.util.spec_from_file_location("real_cv", "bench/real_cv.py")
-real_cv = importlib.util.module_from_spec(spec); spec.loader.exec_module(real_cv)
-out = {}
-for path in sys.argv[1:]:
-    p = real_cv.load_settings(path)
-    out[path.rsplit("/", 1)[-1]] = {"size": [p.preprocess.height, p.preprocess.width], "depth": p.model.depth,
-                                    "ema_decay": p.train.ema_decay, "amp_cpu": p.train.amp_cpu, "epochs": p.train.epochs,
-                                    "deep_supervision": p.model.deep_supervision, "upsample": p.model.upsample,
-                                    "norm": p.model.norm, "augment": p.train.augment.model_dump(mode="json")}
-print(json.dumps(out))
-"""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_real_cv", BENCH / "real_cv.py")
+    real_cv = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(real_cv)
     files = sorted(str(f.relative_to(REPO)) for f in BENCH.glob("real_cv*.yaml"))
     assert len(files) >= 12
-    done = subprocess.run([sys.executable, "-c", script, *files], cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stdout + done.stderr
-    resolved = json.loads(done.stdout.strip().splitlines()[-1])
+    resolved = {}
+    for path in files:  # the benchmark's own loader, in this process
+        p = real_cv.load_settings(str(REPO / path))
+        resolved[path.rsplit("/", 1)[-1]] = {
+            "size": [p.preprocess.height, p.preprocess.width], "depth": p.model.depth, "ema_decay": p.train.ema_decay,
+            "amp_cpu": p.train.amp_cpu, "epochs": p.train.epochs, "deep_supervision": p.model.deep_supervision,
+            "upsample": p.model.upsample, "norm": p.model.norm, "augment": p.train.augment.model_dump(mode="json")}
+    # what JSON makes of them, as when this ran in a script of its own (tuples become lists)
+    resolved = json.loads(json.dumps(resolved))
     assert set(resolved) == {f.rsplit("/", 1)[-1] for f in files}
     # Every recorded recipe says what it trained in, not params.yaml's machine-dependent "auto".
     assert all(r["amp_cpu"] in (True, False) for r in resolved.values()), resolved

@@ -1,18 +1,10 @@
-import pytest
+import yaml
 from typer.testing import CliRunner
 
 from flows.cli import app
-from tests.conftest import REPO, write_simple_dataset
+from tests.conftest import REPO, deep_update, write_simple_dataset
 
 runner = CliRunner()
-
-
-@pytest.mark.parametrize("command", [[], ["quickstart"], ["run"], ["validate"], ["predict"], ["models"],
-                                     ["stage", "train"], ["data", "synth"]])
-def test_help_on_everything(command):
-    out = runner.invoke(app, [*command, "--help"])
-    assert out.exit_code == 0, out.output
-    assert "Usage" in out.output
 
 
 def test_bad_params_exit_2_naming_the_file(tmp_path):
@@ -27,18 +19,21 @@ def test_validate_passes_on_good_data_and_exits_1_naming_bad_files(tmp_path):
     data = write_simple_dataset(tmp_path / "data" / "raw", subjects=3, frames=4)
     good = runner.invoke(app, ["validate", str(data), "-C", str(tmp_path)])
     assert good.exit_code == 0, good.output
-    assert "validation passed" in good.output
+    assert "validation passed" in good.output and "12 frames of 3 subjects" in good.output
     (data / "train" / "2_2_mask.tif").unlink()
     bad = runner.invoke(app, ["validate", str(data), "-C", str(tmp_path)])
     assert bad.exit_code == 1
-    assert "2_2" in bad.output
+    # the frame without its mask, and only it, with the check it fails
+    assert "train/2_2.tif: [mask_for_frame]" in bad.output and "1 files fail a blocking check" in bad.output
 
 
 def test_models_on_an_empty_store_says_what_to_do(tmp_path):
-    (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
+    settings = deep_update(yaml.safe_load((REPO / "params.yaml").read_text()), {"registry": {"model_name": "my-nerves"}})
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(settings))
     out = runner.invoke(app, ["models", "-C", str(tmp_path)])
-    assert out.exit_code == 0
-    assert "no versions" in out.output
+    assert out.exit_code == 0, out.output
+    # the model the settings name, and the commands that make a first version of it
+    assert "no versions of my-nerves yet; run `nerveseg quickstart` or `nerveseg run`" in out.output.splitlines()
 
 
 def test_predict_with_a_missing_model_fails_clearly(tmp_path):

@@ -11,7 +11,7 @@ from pipeline import registry, versioning
 from pipeline.comparison import comparison_set, recover_split
 from pipeline.config import load_params
 from pipeline.split import legacy_groups, part_of
-from tests.conftest import make_project
+from tests.conftest import seed_mlflow_store
 
 
 def _legacy_run(root, params, holdout: list[int]):
@@ -30,8 +30,9 @@ def _legacy_run(root, params, holdout: list[int]):
     return SimpleNamespace(run_id=run_id, tags=tags)
 
 
-def test_an_earlier_split_is_recovered_from_the_run_and_its_data_version(tmp_path):
-    root = make_project(tmp_path / "project")
+def test_an_earlier_split_is_recovered_from_the_run_and_its_data_version(tmp_path, project_copy, mlflow_store_template):
+    root = project_copy(tmp_path / "project")
+    seed_mlflow_store(root / "mlflow", mlflow_store_template)  # an empty store: MLflow's migrations done once
     params = load_params(root / "params.yaml")
     subjects = list(range(1, params.data.synth.subjects + 1))
     earlier = {s: part_of(g) for s, g in legacy_groups(subjects, params.split).items()}

@@ -5,11 +5,16 @@ from pipeline.config import Params, ParamsError, load_params, write_params
 from tests.conftest import REPO
 
 
-def test_repository_params_load_and_are_typed():
-    params = load_params(REPO / "params.yaml")
-    assert params.registry.model_name == "nerve-segmentation"
-    assert isinstance(params.train.learning_rate, float)
-    assert params.preprocess.height % 2**params.model.depth == 0
+def test_values_are_typed_when_read(tmp_path):
+    # YAML reads 2e-3 as a string: the settings make it the number it means, and refuse what is not one.
+    path = tmp_path / "params.yaml"
+    path.write_text("train: {learning_rate: 2e-3, epochs: '5'}\n")
+    train = load_params(path).train
+    assert (train.learning_rate, train.epochs) == (0.002, 5)
+    assert isinstance(train.learning_rate, float) and isinstance(train.epochs, int)
+    path.write_text("train: {learning_rate: fast}\n")
+    with pytest.raises(ParamsError, match="train.learning_rate"):
+        load_params(path)
 
 
 def _differences(code: dict, file: dict, prefix: str = "") -> list[str]:
@@ -27,6 +32,8 @@ def test_code_defaults_are_the_repository_params(tmp_path):
     partial = load_params(tmp_path / "params.yaml")
     assert partial.train.epochs == 3
     assert partial.train.augment == load_params(REPO / "params.yaml").train.augment
+    repository = load_params(REPO / "params.yaml")
+    assert repository.preprocess.height % 2**repository.model.depth == 0  # the recipe's working size fits its network
 
 
 def test_unknown_key_is_an_error_naming_file_and_key(tmp_path):

@@ -51,7 +51,9 @@ def test_redaction_covers_url_passwords_webhook_tokens_and_known_values():
 def test_every_log_record_of_the_process_is_redacted(monkeypatch, caplog):
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "mlf-pass-99")
     install_log_redaction()
-    install_log_redaction()  # idempotent
+    factory = logging.getLogRecordFactory()
+    install_log_redaction()  # idempotent: a second call does not wrap the factory again
+    assert logging.getLogRecordFactory() is factory
     logger = logging.getLogger("some.library")
     with caplog.at_level(logging.INFO):
         logger.info("login with %s", "mlf-pass-99")

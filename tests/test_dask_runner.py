@@ -67,9 +67,12 @@ def test_preprocess_on_an_existing_dask_cluster_equals_the_serial_one(dataset, t
 
 
 def _slow_square(x: int) -> int:
+    """x * x, slowly; in the folder $NERVESEG_TEST_RUNNING names, a file says which process ran it."""
     import time
+    from pathlib import Path
 
-    time.sleep(0.3)
+    Path(os.environ["NERVESEG_TEST_RUNNING"], f"{os.getpid()}-{x}").touch()
+    time.sleep(0.1)
     return x * x
 
 
@@ -85,21 +88,25 @@ def test_manifest_with_worker_processes_equals_the_serial_one(dataset, prefect_s
     pd.testing.assert_frame_equal(mapped, serial)
 
 
-@pytest.fixture
-def dask_processes(tmp_path):
-    """`dask scheduler` and two `dask worker` processes on loopback, as on a real cluster."""
+@pytest.fixture(scope="module")
+def dask_processes(tmp_path_factory):
+    """`dask scheduler` and two `dask worker` processes on loopback, as on a real cluster (one cluster for
+    the module: the test that kills a worker comes last, and one worker would do for the others too)."""
     import subprocess
     import sys
     from pathlib import Path
 
     from tests.service_helpers import free_port, wait_for
 
+    tmp_path = tmp_path_factory.mktemp("dask-cluster")
     dask = str(Path(sys.executable).with_name("dask"))
     port = free_port()
     address = f"tcp://127.0.0.1:{port}"
     logs = [open(tmp_path / f"dask-{i}.log", "w") for i in range(3)]
+    running = tmp_path / "running"
+    running.mkdir()
     # scheduler and workers import the project's code (and these tests' functions), as on any cluster
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "NERVESEG_TEST_RUNNING": str(running)}
     scheduler = subprocess.Popen([dask, "scheduler", "--host", "127.0.0.1", "--port", str(port),
                                   "--dashboard-address", ":0", "--no-show"], stdout=logs[0], stderr=subprocess.STDOUT,
                                  env=env)
@@ -116,8 +123,8 @@ def dask_processes(tmp_path):
             except OSError:
                 return False
 
-        wait_for(ready, timeout=90, interval=1, what="the Dask scheduler and its two workers")
-        yield address, workers
+        wait_for(ready, timeout=90, interval=0.2, what="the Dask scheduler and its two workers")
+        yield address, workers, running
     finally:
         for process in (*workers, scheduler):
             process.kill()
@@ -132,7 +139,7 @@ def test_manifest_against_a_separate_scheduler_and_workers_equals_the_serial_one
     from pipeline.config import RunnerParams
     from pipeline.manifest import build_manifest
 
-    address, _ = dask_processes
+    address, _, _ = dask_processes
     serial = build_manifest(dataset)
     mapped = build_manifest(dataset, mapper=make_mapper(RunnerParams(kind="dask", dask_address=address, workers=2),
                                                         "validate"))
@@ -140,23 +147,36 @@ def test_manifest_against_a_separate_scheduler_and_workers_equals_the_serial_one
 
 
 def test_a_worker_killed_mid_run_leaves_no_silent_gap(dask_processes, prefect_server):
-    """One of two workers dies while its chunks run: the scheduler gives them to the other (or the
-    chunk's retry runs them), and every item comes back, in order."""
+    """One of two workers dies while it runs a chunk (killed as soon as it starts one of the items): the
+    scheduler gives its chunks to the other (or the chunk's retry runs them), and every item comes back,
+    in order."""
     import threading
     import time
 
     from flows.runner import make_mapper
     from pipeline.config import RunnerParams
 
-    address, workers = dask_processes
+    address, workers, running = dask_processes
+    victim, seen = workers[0], []
     mapper = make_mapper(RunnerParams(kind="dask", dask_address=address, workers=2), "validate")
-    killer = threading.Timer(2.0, workers[0].kill)
+    done = threading.Event()
+
+    def kill_when_it_runs_an_item():
+        while not done.is_set():
+            seen[:] = [p.name for p in running.iterdir() if p.name.startswith(f"{victim.pid}-")]
+            if seen:
+                victim.kill()
+                return
+            time.sleep(0.02)
+
+    killer = threading.Thread(target=kill_when_it_runs_an_item, daemon=True)
     killer.start()
     began = time.monotonic()
     try:
         results = mapper(_slow_square, list(range(40)))
     finally:
-        killer.cancel()
-    assert workers[0].poll() is not None, "the worker was not killed while the chunks ran"
+        done.set()
+        killer.join(timeout=10)
+    assert seen and victim.poll() is not None, "the worker was not killed while the chunks ran"
     assert results == [x * x for x in range(40)]
     assert time.monotonic() - began < 120

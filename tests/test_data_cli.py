@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from flows.cli import app
 from pipeline import versioning
-from tests.conftest import make_project, write_simple_dataset
+from tests.conftest import seed_mlflow_store, write_simple_dataset
 
 runner = CliRunner()
 
@@ -30,8 +30,9 @@ def _raw_files(root: Path) -> list[str]:
     return sorted(p.relative_to(raw).as_posix() for p in raw.rglob("*") if p.is_file()) if raw.exists() else []
 
 
-def _register_model(root: Path, data_hash: str) -> str:
-    """A registered version that says it was trained on ``data_hash`` (no training needed)."""
+def _register_model(root: Path, data_hash: str, store_template: Path) -> str:
+    """A registered version that says it was trained on ``data_hash`` (no training needed), in the project's
+    store (a copy of the session's empty store when there is none yet)."""
     import mlflow
     from pipeline import registry
     from pipeline.config import load_params
@@ -39,6 +40,8 @@ def _register_model(root: Path, data_hash: str) -> str:
 
     params = load_params(root / "params.yaml")
     paths = ProjectPaths.of(root, params)
+    if not (paths.mlflow_dir / "mlflow.db").exists():
+        seed_mlflow_store(paths.mlflow_dir, store_template)
     experiment = registry.configure(paths.mlflow_dir, params.registry.experiment)
 
     class Echo(mlflow.pyfunc.PythonModel):
@@ -52,11 +55,11 @@ def _register_model(root: Path, data_hash: str) -> str:
 
 
 @pytest.fixture
-def project(tmp_path) -> Path:
-    return make_project(tmp_path / "project", with_data=False)
+def project(tmp_path, project_copy) -> Path:
+    return project_copy(tmp_path / "project", with_data=False)
 
 
-def test_add_twice_lists_two_versions_with_the_model_of_the_first(project, tmp_path):
+def test_add_twice_lists_two_versions_with_the_model_of_the_first(project, tmp_path, mlflow_store_template):
     first = write_simple_dataset(tmp_path / "first", subjects=4, frames=4)
     result = _invoke("data", "add", str(first / "train"), "-C", str(project))
     assert result.exit_code == 0, result.output
@@ -64,7 +67,7 @@ def test_add_twice_lists_two_versions_with_the_model_of_the_first(project, tmp_p
     first_hash = versioning.read_dvc_file(project / "data" / "raw.dvc")["md5"]
     assert (project / "dvc-remote").is_dir() and any((project / "dvc-remote").rglob("*.dir"))  # pushed
     assert "train/1_1.tif" in _raw_files(project) and "manifests/train.csv" in _raw_files(project)
-    model_version = _register_model(project, first_hash)
+    model_version = _register_model(project, first_hash, mlflow_store_template)
 
     # new frames of new subjects, in the competition's layout (masks from train_masks.csv)
     second = tmp_path / "second"
@@ -153,10 +156,10 @@ def test_bad_input_and_failed_validation_leave_the_version_alone(project, tmp_pa
     assert sorted(p.name for p in (project / "data").iterdir()) == [".gitignore", "raw", "raw.dvc", "split.yaml"]
 
 
-def test_versions_made_without_figures_count_from_the_dvc_cache(tmp_path):
+def test_versions_made_without_figures_count_from_the_dvc_cache(tmp_path, project_copy):
     from pipeline.data_versions import list_data_versions
 
-    root = make_project(tmp_path / "plain", with_data=False)
+    root = project_copy(tmp_path / "plain", with_data=False)
     write_simple_dataset(root / "data" / "raw", subjects=3, frames=2)
     versioning.version_data(root, root / "data" / "raw", "data: plain dvc add", push=False)  # as quickstart
     (row,) = list_data_versions(root, root / "data" / "raw")
@@ -215,7 +218,7 @@ def test_add_judges_drift_against_the_version_it_replaces_and_commits_the_profil
     assert profile["intensity_mean"] < load_profile(project, second_hash)["intensity_mean"] - 30
 
 
-def test_add_measures_the_profile_of_a_version_made_without_one(tmp_path):
+def test_add_measures_the_profile_of_a_version_made_without_one(tmp_path, project_copy):
     """A version from `quickstart` or a plain `dvc add` has no profile: `data add` measures the data it
     replaces, judges drift against it and commits both profiles, so the flow finds them too."""
     from pipeline import stages
@@ -223,7 +226,7 @@ def test_add_measures_the_profile_of_a_version_made_without_one(tmp_path):
     from pipeline.paths import ProjectPaths
     from pipeline.validation import load_profile
 
-    root = make_project(tmp_path / "plain", with_data=False)
+    root = project_copy(tmp_path / "plain", with_data=False)
     write_simple_dataset(root / "data" / "raw", subjects=3, frames=2)
     first = versioning.version_data(root, root / "data" / "raw", "data: plain dvc add", push=False)
     assert load_profile(root, first.dvc_hash) is None
@@ -244,14 +247,14 @@ def test_add_measures_the_profile_of_a_version_made_without_one(tmp_path):
     assert report.drift_note == ""
 
 
-def test_audit_and_card_say_when_false_alarms_were_not_measured(project):
+def test_audit_and_card_say_when_false_alarms_were_not_measured(project, mlflow_store_template):
     """A version whose holdout had no frame without a nerve (real data from positives-256): `audit` and
     the model card warn that presence accuracy only counts nerve frames found."""
     from pipeline import registry
     from pipeline.audit import lineage, to_text
     from pipeline.model_card import build_card
 
-    version = _register_model(project, "0123abcd.dir")
+    version = _register_model(project, "0123abcd.dir", mlflow_store_template)
     registry.set_tags("nerve-segmentation", version, {"holdout.dice": "0.79", "holdout.empty_baseline_dice": "0.0"})
     record = lineage(f"models:/nerve-segmentation/{version}", "nerve-segmentation")
     assert any(w.startswith("no holdout frame is without a nerve") for w in record["warnings"])
@@ -259,6 +262,6 @@ def test_audit_and_card_say_when_false_alarms_were_not_measured(project):
     assert "no holdout frame is without a nerve" in build_card(f"models:/nerve-segmentation/{version}",
                                                                "nerve-segmentation")
 
-    other = _register_model(project, "0123abcd.dir")
+    other = _register_model(project, "0123abcd.dir", mlflow_store_template)
     registry.set_tags("nerve-segmentation", other, {"holdout.empty_baseline_dice": "0.6889"})
     assert lineage(f"models:/nerve-segmentation/{other}", "nerve-segmentation")["warnings"] == []

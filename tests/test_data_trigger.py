@@ -11,10 +11,13 @@ import shutil
 import pytest
 from typer.testing import CliRunner
 
-from tests.conftest import make_project, write_simple_dataset
+from tests.conftest import TINY_SETTINGS, deep_update, make_project, write_simple_dataset
 from tests.service_helpers import services, wait_for
 
 pytestmark = pytest.mark.e2e
+
+# What is trained does not matter here, only which run starts and that it ends: one epoch, one overlay.
+SETTINGS = deep_update(TINY_SETTINGS, {"train": {"epochs": 1}, "evaluate": {"overlays": 1}})
 
 RUN_ID = re.compile(r"started retraining run ([0-9a-f-]{36})")
 
@@ -45,7 +48,7 @@ def test_data_add_starts_a_deployment_run_only_when_the_services_and_deployment_
     from flows.cli import app
 
     monkeypatch.delenv("PREFECT_API_URL", raising=False)
-    root = make_project(tmp_path / "project", with_data=False)
+    root = make_project(tmp_path / "project", SETTINGS, with_data=False)
 
     out = _add(root, _subjects(tmp_path, 1, 3))  # no services for this project
     assert "no retraining run started: no Prefect server runs for this project" in out
@@ -85,7 +88,7 @@ def test_data_add_starts_a_deployment_run_only_when_the_services_and_deployment_
                 current = client.read_flow_run(match.group(1))
                 return current if current.state.is_final() else None
 
-            done = wait_for(finished, timeout=600, interval=2, what="the triggered run to finish")
+            done = wait_for(finished, timeout=600, interval=1, what="the triggered run to finish")
         assert done.state.type.value == "COMPLETED", done.state
 
         out = _add(root, _subjects(tmp_path, 5, 1), "--no-trigger")

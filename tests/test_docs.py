@@ -230,17 +230,36 @@ def test_the_command_check_catches_what_it_should():
     assert "--reasons" not in _option_names(paths[0][1])
 
 
-def test_documented_subcommands_answer_help():
-    """Every subcommand the docs use renders its --help (what an operator types first)."""
-    seen = set()
+def test_documented_subcommands_answer_help_with_what_the_docs_use():
+    """Every subcommand the docs use renders its --help (what an operator types first), listed in its
+    group's help, and its help shows every option the docs use with it (none of them hidden)."""
+    flags_of: dict[tuple[str, ...], set[str]] = {}
     for command in documented_commands():
-        paths, _, wrong = resolve(command.text)
+        paths, flags, wrong = resolve(command.text)
         if not wrong:
-            seen.update(tuple(p) for p, c in paths if not _subcommands(c))
+            for path, leaf in paths:
+                if not _subcommands(leaf):
+                    flags_of.setdefault(tuple(path), set()).update(flags)
     runner = CliRunner()
-    for path in sorted(seen):
-        result = runner.invoke(app, [*path, "--help"])
-        assert result.exit_code == 0, f"nerveseg {' '.join(path)} --help: {result.output}"
+    helps: dict[tuple[str, ...], str] = {}
+
+    def help_of(path: tuple[str, ...]) -> str:
+        if path not in helps:
+            result = runner.invoke(app, [*path, "--help"], env={"COLUMNS": "200"})
+            assert result.exit_code == 0, f"nerveseg {' '.join(path)} --help: {result.output}"
+            helps[path] = result.output
+        return helps[path]
+
+    problems = []
+    for path, flags in sorted(flags_of.items()):
+        for depth in range(len(path)):  # `nerveseg --help` lists data, `nerveseg data --help` lists add, ...
+            if not re.search(rf"^\W*{re.escape(path[depth])}\s", help_of(path[:depth]), re.M):
+                problems.append(f"`{' '.join(['nerveseg', *path[:depth], '--help'])}` does not list {path[depth]}")
+        shown = help_of(path)
+        problems += [f"`nerveseg {' '.join(path)} --help` does not show {flag}, which the docs use"
+                     for flag in sorted(flags) if not re.search(rf"(?<![\w-]){re.escape(flag)}(?![\w-])", shown)]
+    assert len(flags_of) > 20 and any(flags_of.values()), "the extraction is broken"
+    assert not problems, "\n".join(problems)
 
 
 def _make_targets() -> set[str]:

@@ -5,13 +5,12 @@ import json
 import pytest
 
 from pipeline import versioning
-from tests.conftest import make_project
 
 pytestmark = pytest.mark.e2e
 
 
-def test_dvc_repro_runs_every_stage_and_leaves_a_clean_status(tmp_path):
-    root = make_project(tmp_path / "project")
+def test_dvc_repro_runs_every_stage_and_leaves_a_clean_status(tmp_path, project_copy):
+    root = project_copy(tmp_path / "project")
     versioning.dvc(root, "repro", "-q")
     assert versioning.pipeline_status(root) == {}
     metrics = json.loads((root / "reports" / "holdout_metrics.json").read_text())

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
+from pathlib import Path
 
 import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from pipeline.train import cpu_has_native_bf16
+from pipeline.devices import cpu_has_native_bf16
 from tests.conftest import TINY_SETTINGS, deep_update, make_project, write_settings
 
 pytestmark = pytest.mark.e2e
@@ -19,10 +21,22 @@ MODEL = "nerve-segmentation"
 
 
 @pytest.fixture(scope="module")
-def flow_project(tmp_path_factory, prefect_server):
+def tiny_project(tmp_path_factory) -> Path:
+    """A tiny project with its first data version and nothing else, made once for the module: the tests
+    that need a fresh one run in a copy of their own (:func:`_fresh_copy`)."""
+    return make_project(tmp_path_factory.mktemp("e2e-template") / "project")
+
+
+def _fresh_copy(project: Path, dest: Path) -> Path:
+    """A copy of ``project``, git, DVC cache and remote included: the files `make_project` would make again."""
+    return Path(shutil.copytree(project, dest, symlinks=True))
+
+
+@pytest.fixture(scope="module")
+def flow_project(tmp_path_factory, tiny_project, prefect_server):
     from flows.retrain import retrain
 
-    root = make_project(tmp_path_factory.mktemp("e2e") / "project")
+    root = _fresh_copy(tiny_project, tmp_path_factory.mktemp("e2e") / "project")
     result = retrain(project_dir=str(root))
     return root, result
 
@@ -144,12 +158,12 @@ def test_predict_writes_masks_and_overlays(flow_project, tmp_path):
         assert (tmp_path / "pred" / f"{frame.stem}_overlay.png").is_file()
 
 
-def test_flow_stops_on_invalid_data_before_training(tmp_path, prefect_server):
+def test_flow_stops_on_invalid_data_before_training(tmp_path, tiny_project, prefect_server):
     from flows.retrain import retrain
     from pipeline import versioning
     from pipeline.validation import DataValidationError
 
-    root = make_project(tmp_path / "bad")
+    root = _fresh_copy(tiny_project, tmp_path / "bad")
     broken = root / "data" / "raw" / "train" / "2_3.tif"
     broken.write_bytes(b"not an image")
     versioning.version_data(root, root / "data" / "raw", "data: a broken frame")
@@ -221,7 +235,7 @@ def test_served_champion_answers_http_requests(flow_project):
                 with urllib.request.urlopen(request, timeout=30) as response:
                     answer = json.loads(response.read())
             except OSError:
-                time.sleep(1)
+                time.sleep(0.2)
         assert answer is not None, "the model server did not answer within 120 s"
         masks = np.asarray(answer["predictions"])
         assert masks.shape == (1, 420, 580) and set(np.unique(masks)) <= {0, 1}
@@ -266,7 +280,6 @@ CARD_SECTIONS = ("intended-use", "no-nerve", "data", "training", "metrics", "pic
 
 
 def test_model_card_is_logged_and_renders_in_chromium(flow_project, tmp_path):
-    import shutil
     import subprocess
 
     from flows.cli import app

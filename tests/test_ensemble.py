@@ -10,12 +10,14 @@ import pytest
 import torch
 
 from pipeline import stages
+from pipeline.checkpoints import WEIGHTS, load_trained
+from pipeline.devices import cpu_has_native_bf16
 from pipeline.ensemble import FOLDS_DIR, out_of_fold_members
 from pipeline.evaluate import load_native, load_postprocess, tune_on_probabilities
 from pipeline.inference import Postprocess, Predictor, write_bundle
 from pipeline.model import FoldEnsemble, ModelConfig, UNet, build_model
 from pipeline.preprocess import FRAMES
-from pipeline.train import HISTORY, METRICS, WEIGHTS, cpu_has_native_bf16, load_trained
+from pipeline.train import HISTORY, METRICS
 
 from .conftest import prepare_again, with_settings
 
@@ -85,7 +87,9 @@ def test_the_train_stage_registers_the_fold_models_as_one(prepared, tiny_params,
 
     # The evaluate stage and the inference path take the ensemble like any model.
     evaluation = stages.score(prepared, params)
-    assert 0.0 <= evaluation.metrics["dice"] <= 1.0
+    holdout = frames[frames["split"] == "holdout"]
+    assert evaluation.per_frame["frame_id"].tolist() == holdout["frame_id"].tolist()
+    assert evaluation.metrics["dice"] == pytest.approx(evaluation.per_frame["dice"].mean())
     # The thresholds were tuned on the out-of-fold probabilities (each frame scored by the member
     # that did not train on it), not on the ensemble's view of the validation part.
     base = Postprocess.from_params(params.postprocess)

@@ -14,15 +14,6 @@ from pipeline.imageio import read_gray
 from pipeline.importers import DataImportError, detect_format, import_source, letterbox_rows
 from pipeline.rle import rle_encode
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "kaggle-uns"
-
-
-@pytest.fixture
-def shared() -> Path:
-    if not SHARED_DATA.is_dir():
-        pytest.skip(f"{SHARED_DATA} is absent (real frames are only on development and CI machines)")
-    return SHARED_DATA
-
 
 def _frame(seed: int, nerve: bool) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
@@ -182,37 +173,37 @@ def test_bad_input_is_named_and_nothing_is_touched(tmp_path, case, words):
 
 
 @pytest.mark.realdata
-def test_real_train_and_test(shared, tmp_path):
+def test_real_train_and_test(shared_data, tmp_path):
     raw = tmp_path / "raw"
-    train = import_source(shared / "train", raw)
+    train = import_source(shared_data / "train", raw)
     assert train.format == "folders" and train.n_train == 56 and train.manifest.subject.nunique() == 7
     for row in train.manifest.itertuples():  # canonical TIFFs are copied byte for byte
-        assert (raw / row.image_path).read_bytes() == (shared / "train" / row.source_image).read_bytes()
-        assert (raw / row.mask_path).read_bytes() == (shared / "train" / row.source_mask).read_bytes()
+        assert (raw / row.image_path).read_bytes() == (shared_data / "train" / row.source_image).read_bytes()
+        assert (raw / row.mask_path).read_bytes() == (shared_data / "train" / row.source_mask).read_bytes()
     assert int((train.manifest.mask_area == 0).sum()) == 26
-    test = import_source(shared / "test", raw)
+    test = import_source(shared_data / "test", raw)
     assert test.format == "unlabeled" and test.n_test == 50 and test.n_train == 0
     assert len(list((raw / "test").glob("*.tif"))) == 50
     assert sorted(p.name for p in (raw / "manifests").iterdir()) == ["test.csv", "train.csv"]
 
 
 @pytest.mark.realdata
-def test_real_competition_root_takes_masks_from_files(shared, tmp_path):
-    result = import_source(shared, tmp_path / "raw", name="kaggle")
+def test_real_competition_root_takes_masks_from_files(shared_data, tmp_path):
+    result = import_source(shared_data, tmp_path / "raw", name="kaggle")
     assert result.format == "competition" and result.n_train == 56 and result.n_test == 50
     assert (tmp_path / "raw" / "manifests" / "kaggle.csv").is_file()
 
 
 @pytest.mark.realdata
-def test_real_positives_256_undoes_the_letterbox(shared, tmp_path):
+def test_real_positives_256_undoes_the_letterbox(shared_data, tmp_path):
     raw = tmp_path / "raw"
-    result = import_source(shared / "positives-256", raw)
+    result = import_source(shared_data / "positives-256", raw)
     m = result.manifest
     assert result.n_train == 2323 and m.subject.nunique() == 47
     assert m.letterboxed.all() and (m.mask_area > 0).all()
     assert m.mask_area.median() == pytest.approx(6976, rel=0.05)
     # frames present at full resolution in train/ too: the import matches them
-    originals = sorted(p for p in (shared / "train").glob("*_mask.tif") if read_gray(p).any())
+    originals = sorted(p for p in (shared_data / "train").glob("*_mask.tif") if read_gray(p).any())
     assert len(originals) >= 20
     for mask_path in originals:
         frame_id = mask_path.name.removesuffix("_mask.tif")
@@ -220,7 +211,7 @@ def test_real_positives_256_undoes_the_letterbox(shared, tmp_path):
         got = read_gray(raw / "train" / f"{frame_id}_mask.tif") > 0
         assert 2 * (truth & got).sum() / (truth.sum() + got.sum()) > 0.95, frame_id
         a = read_gray(raw / "train" / f"{frame_id}.tif").astype(float).ravel()
-        b = read_gray(shared / "train" / f"{frame_id}.tif").astype(float).ravel()
+        b = read_gray(shared_data / "train" / f"{frame_id}.tif").astype(float).ravel()
         assert np.corrcoef(a, b)[0, 1] > 0.97, frame_id
 
 

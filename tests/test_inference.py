@@ -1,14 +1,17 @@
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 
 from pipeline import stages
+from pipeline.checkpoints import WEIGHTS, load_model_config, load_trained
 from pipeline.evaluate import load_postprocess
 from pipeline.inference import Postprocess, Predictor, write_bundle
 from pipeline.metrics import FAILURES
 from pipeline.model import build_model
-from pipeline.train import WEIGHTS, load_model_config
+from pipeline.preprocess import FRAMES
 
 from .conftest import tiny_model_config, with_settings
 
@@ -26,9 +29,14 @@ def test_native_frame_in_native_mask_out(prepared, tiny_params, tmp_path):
     predictor = Predictor.from_bundle(bundle)
     frames = np.random.default_rng(0).integers(0, 255, (3, 420, 580), dtype=np.uint8)
     masks = predictor.predict(frames)
-    assert masks.shape == (3, 420, 580) and masks.dtype == np.uint8
-    assert predictor.predict(frames[0]).shape == (1, 420, 580)  # one (H, W) frame is accepted
+    assert masks.shape == (3, 420, 580) and masks.dtype == np.uint8 and set(np.unique(masks)) <= {0, 1}
+    single = predictor.predict(frames[0])  # one (H, W) frame is accepted, and gets its mask in the batch
+    assert single.shape == (1, 420, 580) and np.array_equal(single[0], masks[0])
     assert predictor.post == result.postprocess  # tuned thresholds travel with the bundle
+    # ... and so do the trained weights and their config: the bundle computes what the trained network does.
+    model, config = load_trained(prepared.models_dir)
+    direct = Predictor(model, config, result.postprocess, fuse=False, channels_last=False)
+    assert np.allclose(predictor.probabilities(frames)[0], direct.probabilities(frames)[0], atol=1e-4)
 
 
 def test_presence_rule_and_min_area_clear_masks(prepared, tiny_params, tmp_path):
@@ -47,11 +55,18 @@ def test_evaluation_writes_reports(prepared, tiny_params, tmp_path):
     for name in ("holdout_metrics.json", "holdout_frames.csv", "overlays.png", "postprocess.json",
                  "training_curves.png"):
         assert (prepared.reports_dir / name).is_file(), name
-    assert result.metrics["n_frames"] == len(result.per_frame) > 0
-    assert 0 <= result.metrics["dice"] <= 1
-    # Every frame's outcome is in the per-frame table, and the report's failure counts add up to it.
+    # Every holdout frame, in order, scored against its own native mask.
+    holdout = pd.read_csv(prepared.prepared_dir / FRAMES).query("split == 'holdout'")
+    assert result.per_frame["frame_id"].tolist() == holdout["frame_id"].tolist()
+    assert result.per_frame["true_area"].tolist() == holdout["mask_area"].tolist()
+    assert result.metrics["n_frames"] == len(holdout) == len(result.per_frame)
+    assert result.metrics["dice"] == pytest.approx(result.per_frame["dice"].mean())
+    stored = json.loads((prepared.reports_dir / "holdout_metrics.json").read_text())
+    assert stored["n_frames"] == len(holdout) and stored["dice"] == pytest.approx(result.metrics["dice"], abs=1e-6)
+    pd.testing.assert_frame_equal(pd.read_csv(prepared.reports_dir / "holdout_frames.csv")[["frame_id", "dice"]],
+                                  result.per_frame[["frame_id", "dice"]].reset_index(drop=True), check_dtype=False)
+    # The report's failure counts are the per-frame table's outcomes.
     outcomes = result.per_frame["outcome"].value_counts()
-    assert outcomes.sum() == len(result.per_frame)
     assert result.metrics["false_alarms"] == outcomes.get("false alarm", 0)
     assert result.metrics["nerve_frames_missed"] == outcomes.get("missed", 0)
     assert "false alarms" in (prepared.reports_dir / "evaluation.html").read_text()

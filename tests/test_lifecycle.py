@@ -12,12 +12,19 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from tests.conftest import TINY_SETTINGS, deep_update, make_project, subject_batch, write_settings
+from tests.conftest import (
+    TINY_SETTINGS, deep_update, make_project, seed_mlflow_store, subject_batch, write_settings,
+)
 
 pytestmark = pytest.mark.e2e
 
 MODEL = "nerve-segmentation"
 BATCHES = (range(1, 9), range(9, 15), range(15, 21))  # subjects of the three imports
+# What is trained does not matter here, only which subjects each model saw and was scored on: one epoch, one
+# overlay, and two frames a subject (the parts are whole subjects; the 8 subjects of the first import clear the
+# validation minimums of 6 frames and 3 subjects).
+SETTINGS = deep_update(TINY_SETTINGS, {"train": {"epochs": 1}, "evaluate": {"overlays": 1}})
+FRAMES_PER_SUBJECT = 2
 
 
 def _cli(*args: str):
@@ -42,15 +49,16 @@ def _split_history(root: Path) -> list[tuple[str, str, dict[int, str]]]:
 
 
 @pytest.fixture(scope="module")
-def lifecycle(tmp_path_factory, prefect_server):
+def lifecycle(tmp_path_factory, prefect_server, mlflow_store_template):
     from flows.retrain import retrain
     from pipeline import registry, versioning
     from pipeline.phantom import PhantomSpec, generate_phantom
 
     base = tmp_path_factory.mktemp("lifecycle")
     source = base / "phantom"
-    generate_phantom(source, PhantomSpec(subjects=20, frames_per_subject=4, seed=11))
-    root = make_project(base / "project", with_data=False)
+    generate_phantom(source, PhantomSpec(subjects=20, frames_per_subject=FRAMES_PER_SUBJECT, seed=11))
+    root = make_project(base / "project", SETTINGS, with_data=False)
+    seed_mlflow_store(root / "mlflow", mlflow_store_template)  # an empty store: MLflow's migrations done once
     runs, notes = [], {}
 
     def add(*args: str) -> None:
@@ -90,7 +98,7 @@ def lifecycle(tmp_path_factory, prefect_server):
     notes["skipped"] = retrain(project_dir=str(root))
 
     # The split is changed on purpose: a bigger holdout, recorded, then the flow.
-    settings = deep_update(TINY_SETTINGS, {"split": {"holdout_fraction": 0.5}})
+    settings = deep_update(SETTINGS, {"split": {"holdout_fraction": 0.5}})
     write_settings(root, settings)
     versioning.git_commit(root, ["params.yaml"], "params: a bigger holdout")
     notes["mismatch"] = _cli("run", "-C", str(root))  # refused until the split is changed on purpose

@@ -7,13 +7,6 @@ from pipeline.losses import deep_supervision_weights, lovasz_hinge_loss, segment
 from pipeline.model import ModelConfig, UNet, build_model
 
 
-def test_unet_returns_mask_and_presence():
-    net = UNet(depth=3, base_width=4)
-    mask, presence = net(torch.randn(2, 1, 32, 48))
-    assert mask.shape == (2, 1, 32, 48)
-    assert presence.shape == (2,)
-
-
 def test_working_size_must_fit_the_depth():
     config = ModelConfig(depth=4, base_width=4, dropout=0.0, height=40, width=48, intensity_mean=0.5,
                          intensity_std=0.2)
@@ -88,8 +81,9 @@ def test_deep_supervision_adds_coarse_mask_heads_in_training_only():
     assert mask.shape == (2, 1, 32, 48) and presence.shape == (2,)
     assert [c.shape for c in coarse] == [(2, 1, 16, 24), (2, 1, 8, 12)]  # finest first
     outputs = net.eval()(x)  # validation, inference and export see the plain network
-    assert len(outputs) == 2 and outputs[0].shape == (2, 1, 32, 48)
-    assert len(UNet(depth=3, base_width=4).train()(x)) == 2  # off: no third item
+    assert len(outputs) == 2 and outputs[0].shape == (2, 1, 32, 48) and outputs[1].shape == (2,)
+    plain = UNet(depth=3, base_width=4).train()(x)  # off: the plain pair, no third item
+    assert [o.shape for o in plain] == [(2, 1, 32, 48), (2,)]
     with pytest.raises(ValueError, match=r"model.deep_supervision must be between 0 and model.depth - 1 = 2"):
         UNet(depth=3, base_width=4, deep_supervision=3)
 

@@ -66,11 +66,15 @@ def test_failed_run_posts_its_notice_with_link_task_error_and_data_version(broke
     data = versioning.read_dvc_file(root / "data" / "raw.dvc")
     assert notice["failed_task"] == "validate"
     assert frame_id in notice["error"] and "DataValidationError" in notice["error"]
-    assert notice["data_version"]["dvc_hash"] == data["md5"] and notice["data_version"]["git_revision"]
+    assert notice["data_version"]["dvc_hash"] == data["md5"]
+    # the commit that made this data version (the broken frame's), not just any revision
+    made = versioning.git(root, "log", "-n1", "--format=%H %s", "--", "data/raw.dvc").stdout.split(maxsplit=1)
+    assert made[1].strip() == "data: an unreadable frame"
+    assert notice["data_version"]["git_revision"] == made[0]
     assert notice["flow"] == "retrain" and notice["state"] == "Failed"
     run_id = notice["flow_run_id"]
     assert notice["url"].endswith(f"/runs/flow-run/{run_id}") and notice["url"].startswith("http://127.0.0.1:")
-    assert run_id in notice["text"] or notice["url"] in notice["text"]
+    assert notice["url"] in notice["text"] and data["md5"] in notice["text"] and "in task validate" in notice["text"]
 
     from prefect import get_client
 
@@ -114,10 +118,10 @@ def test_unreachable_webhook_never_masks_the_error(broken_project, monkeypatch):
         sock.bind(("127.0.0.1", 0))
         dead = f"http://127.0.0.1:{sock.getsockname()[1]}/gone"
     monkeypatch.setenv("NERVESEG_WEBHOOK_URL", dead)
-    root, _ = broken_project
+    root, frame_id = broken_project
     write_settings(root, deep_update(TINY_SETTINGS, {"notify": {"timeout_s": 1}}))
     began = time.monotonic()
-    with pytest.raises(DataValidationError):
+    with pytest.raises(DataValidationError, match=frame_id):  # the run's own error, naming the bad frame
         retrain(project_dir=str(root))
     assert time.monotonic() - began < 120
 

@@ -252,8 +252,10 @@ def test_each_defect_does_what_it_says(damaged):
     assert 0 < diff.max() <= 2
     assert not _read(twin_mask).any() and _read(mask("contradicting_duplicate")).any()
     assert not list(train.glob(".*.tmp"))  # atomic writes leave nothing behind
-    for r in report:
-        assert r["description"] and r["files"]
+    for r in report:  # each record names the files it touched, as they are now, and says what it did to them
+        assert all(f.startswith("train/") for f in r["files"])
+        assert all((out / f).exists() for f in r["files"]) == (r["kind"] != "missing_mask"), r
+        assert Path(r["files"][0]).name in r["description"], r
 
 
 def test_defects_are_deterministic_and_checked(tmp_path):

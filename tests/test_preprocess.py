@@ -1,7 +1,9 @@
 import numpy as np
 import pytest
 
+from pipeline.imageio import read_gray
 from pipeline.preprocess import load_prepared
+from pipeline.split import load_assignment
 
 
 def test_prepared_arrays_match_working_size_and_split(prepared, tiny_params):
@@ -13,13 +15,24 @@ def test_prepared_arrays_match_working_size_and_split(prepared, tiny_params):
     assert data.frames.groupby("subject")["split"].nunique().max() == 1
     # the masks of frames with a nerve survive the resize
     assert (data.masks.reshape(24, -1).sum(1) > 0).tolist() == data.frames["has_nerve"].tolist()
-    assert 0 < data.summary.intensity_mean < 1 and data.summary.intensity_std > 0
+    # The network's normalisation: the train frames' intensity (0-1 scale), not the validation or holdout frames'.
+    train, _, _ = data.part("train")
+    assert data.summary.intensity_mean == pytest.approx(train.mean() / 255, abs=1e-6)
+    assert data.summary.intensity_std == pytest.approx((train / 255).std(), abs=1e-6)
 
 
 def test_split_is_recorded_with_native_areas(prepared):
     data = load_prepared(prepared.prepared_dir)
-    assert data.summary.subjects["holdout"]
-    assert data.frames.loc[data.frames.has_nerve, "mask_area"].min() > 5000  # native pixels, 55x40 ellipse
+    # The parts are the recorded split's, and the summary lists each part's subjects.
+    recorded = load_assignment(prepared.split_file).parts()
+    assert data.frames.groupby("subject")["split"].first().to_dict() == recorded
+    assert data.summary.subjects == {part: sorted(s for s, p in recorded.items() if p == part)
+                                     for part in ("train", "validation", "holdout")}
+    assert all(data.summary.subjects.values())
+    # Areas in native pixels, counted on the 420x580 masks, not the working-size ones.
+    native = [int((read_gray(prepared.raw_dir / path) > 0).sum()) for path in data.frames["mask_path"]]
+    assert data.frames["mask_area"].tolist() == native
+    assert min(a for a in native if a) > 5000  # a 55x40 ellipse
 
 
 def test_mask_coverage_keeps_the_outline_that_the_working_grid_rounds_off(prepared):

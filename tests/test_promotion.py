@@ -24,7 +24,8 @@ def test_clearly_better_model_is_promoted():
     rng = np.random.default_rng(0)
     champion = rng.uniform(0.4, 0.7, 40)
     d = decide("2", scores(champion + 0.1), "1", scores(champion), RULES, True)
-    assert d.promote and d.interval_low > 0 and "better" in d.reason
+    assert d.promote and d.alias == "champion" and d.interval_low > 0 and "better" in d.reason
+    assert d.dice_difference == pytest.approx(0.1) and d.champion_dice == pytest.approx(champion.mean())
 
 
 def test_equal_or_noisy_model_is_not_promoted():
@@ -51,19 +52,32 @@ def test_frames_must_be_the_same():
         decide("2", scores([0.5] * 40), "1", FrameScores(IDS[::-1], np.full(40, 0.5), *[np.ones(40, bool)] * 2), RULES, True)
 
 
-def test_bootstrap_interval_contains_the_mean_and_is_seeded():
+def test_bootstrap_interval_is_the_mean_with_its_sampling_spread_and_is_seeded():
     diff = np.random.default_rng(2).normal(0.02, 0.05, 200)
     mean, low, high = paired_bootstrap(diff, 2000, 0.95, seed=0)
-    assert low < mean < high
+    assert mean == pytest.approx(diff.mean(), abs=1e-12)
+    # A percentile interval of the mean of 200 draws: about mean -+ 1.96 standard errors, centred on it.
+    half = 1.96 * diff.std(ddof=1) / np.sqrt(len(diff))
+    assert low == pytest.approx(mean - half, abs=0.15 * half) and high == pytest.approx(mean + half, abs=0.15 * half)
+    narrower = paired_bootstrap(diff, 2000, 0.5, seed=0)
+    assert low < narrower[1] < mean < narrower[2] < high  # the confidence sets the interval's width
     assert paired_bootstrap(diff, 2000, 0.95, seed=0) == (mean, low, high)
+    assert paired_bootstrap(diff, 2000, 0.95, seed=1) != (mean, low, high)  # the seed chooses the draws
 
 
 def test_decision_is_recorded_as_tags_and_markdown():
+    # Every frame gains exactly 0.1: every resample's mean is 0.1, so the interval is [0.1, 0.1].
     d = decide("2", scores([0.6] * 40), "1", scores([0.5] * 40), RULES, True)
     tags = d.tags()
-    assert tags["promotion.champion_dice_same_frames"] == "0.500000"
-    assert tags["promotion.interval"].startswith("[")
+    assert tags["promotion.decision"] == "promoted" and tags["promotion.reason"] == d.reason
+    assert (tags["promotion.challenger_dice"], tags["promotion.champion_dice_same_frames"],
+            tags["promotion.dice_difference"]) == ("0.600000", "0.500000", "0.100000")
+    assert tags["promotion.champion_version"] == "1" and tags["promotion.n_frames"] == "40"
+    assert tags["promotion.interval"] == "[0.100000, 0.100000] at 0.95"
     assert "champion v1" in d.to_markdown()
+    refused = decide("2", scores([0.5] * 40), "1", scores([0.5] * 40), RULES, True).tags()
+    assert refused["promotion.decision"] == "not_promoted"
+    assert refused["promotion.interval"] == "[0.000000, 0.000000] at 0.95"
 
 
 def clustered(offsets: list[float], frames_per_subject: int, seed: int = 3) -> tuple[np.ndarray, list[str]]:

@@ -15,7 +15,7 @@ from pipeline import registry, release, stages
 from pipeline.audit import lineage
 from pipeline.config import Params
 from pipeline.paths import ProjectPaths
-from tests.conftest import TINY_SETTINGS, deep_update, write_simple_dataset
+from tests.conftest import TINY_SETTINGS, deep_update, seed_mlflow_store, write_simple_dataset
 
 NAME = "nerve-segmentation"
 WORSE = {"train": {"learning_rate": 0.0, "epochs": 1}, "postprocess": {"tune": False, "presence_threshold": 0.0}}
@@ -42,10 +42,12 @@ def trained(tmp_path_factory):
 
 
 @pytest.fixture
-def store(trained, tmp_path):
-    """The trained models with a fresh MLflow store of their own."""
+def store(trained, tmp_path, mlflow_store_template):
+    """The trained models with a fresh MLflow store of their own (a copy of the session's empty store:
+    MLflow's schema migrations once, not per test)."""
     paths, params, bundles = trained
     paths = dataclasses.replace(paths, mlflow_dir=tmp_path / "mlflow")
+    seed_mlflow_store(paths.mlflow_dir, mlflow_store_template)
     registry.configure(paths.mlflow_dir, params.registry.experiment)
 
     def register(label: str, validation: str = "true") -> str:

@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 
 from pipeline.rle import RLEError, read_rle_csv, rle_decode, rle_encode, write_submission
-
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "kaggle-uns"
 
 
 def test_column_major_one_indexed():
@@ -65,19 +61,12 @@ def test_read_both_headers_and_write_submission(tmp_path):
         read_rle_csv(tmp_path / "bad.csv")
 
 
-@pytest.fixture
-def shared() -> Path:
-    if not SHARED_DATA.is_dir():
-        pytest.skip(f"{SHARED_DATA} is absent (real frames are only on development and CI machines)")
-    return SHARED_DATA
-
-
 @pytest.mark.realdata
-def test_real_csv_reproduces_every_train_mask(shared):
+def test_real_csv_reproduces_every_train_mask(shared_data):
     from pipeline.imageio import read_gray
 
-    table = read_rle_csv(shared / "train_masks.csv").set_index("frame_id")
-    masks = sorted((shared / "train").glob("*_mask.tif"))
+    table = read_rle_csv(shared_data / "train_masks.csv").set_index("frame_id")
+    masks = sorted((shared_data / "train").glob("*_mask.tif"))
     assert len(masks) == 56
     for path in masks:
         truth = read_gray(path)
@@ -89,8 +78,8 @@ def test_real_csv_reproduces_every_train_mask(shared):
 
 
 @pytest.mark.realdata
-def test_real_csv_round_trips_all_rows(shared):
-    table = read_rle_csv(shared / "train_masks.csv")
+def test_real_csv_round_trips_all_rows(shared_data):
+    table = read_rle_csv(shared_data / "train_masks.csv")
     assert len(table) == 5635 and table.subject.nunique() == 47
     assert (table.pixels == "").sum() == 3312
     for frame_id, pixels in zip(table.frame_id, table.pixels):

@@ -10,10 +10,13 @@ from datetime import datetime, timezone
 import pytest
 from typer.testing import CliRunner
 
-from tests.conftest import make_project
+from tests.conftest import TINY_SETTINGS, deep_update, make_project
 from tests.service_helpers import services, wait_for
 
 pytestmark = pytest.mark.e2e
+
+# What is trained does not matter here, only how the runs are scheduled: one epoch, one overlay.
+SETTINGS = deep_update(TINY_SETTINGS, {"train": {"epochs": 1}, "evaluate": {"overlays": 1}})
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +25,7 @@ def served_project(tmp_path_factory):
     a run that waits for the concurrency slot is retried after 3 s instead of 30)."""
     from flows.services import start_worker
 
-    root = make_project(tmp_path_factory.mktemp("schedule") / "project")
+    root = make_project(tmp_path_factory.mktemp("schedule") / "project", SETTINGS)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("PREFECT_WORKER_QUERY_SECONDS", "1")
         mp.setenv("PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS", "3")
@@ -73,7 +76,7 @@ def test_runs_triggered_through_the_api_run_on_the_worker_one_at_a_time(served_p
             runs = [client.read_flow_run(i) for i in (first, second)]
             return runs if all(r.state.is_final() for r in runs) else None
 
-        runs = wait_for(finished, timeout=420, interval=2, what="both deployment runs to finish")
+        runs = wait_for(finished, timeout=420, interval=1, what="both deployment runs to finish")
         assert [r.state.type.value for r in runs] == ["COMPLETED", "COMPLETED"], [r.state for r in runs]
         assert all(r.work_pool_name == "nerveseg" for r in runs)
         assert "reason:test: new data" in runs[0].tags

@@ -9,10 +9,13 @@ import httpx
 import pytest
 import yaml
 
-from tests.conftest import make_project
+from tests.conftest import TINY_SETTINGS, deep_update, make_project
 from tests.service_helpers import (
-    POSTGRES, free_port, last_json, nerveseg, postgres_reachable, services, temporary_databases,
+    LEAN_SERVER_ENV, POSTGRES, free_port, last_json, nerveseg, postgres_reachable, services, temporary_databases,
 )
+
+# What is trained does not matter here, only where the run's records go: one epoch, one overlay.
+SETTINGS = deep_update(TINY_SETTINGS, {"train": {"epochs": 1}, "evaluate": {"overlays": 1}})
 
 
 def test_services_settings_precedence_and_never_in_the_training_digest(tmp_path, monkeypatch):
@@ -58,7 +61,7 @@ def test_up_status_down_with_stores_in_the_project(tmp_path):
     prefect_port, mlflow_port = free_port(), free_port()
     try:
         up = nerveseg(root, "services", "up", "--prefect-port", str(prefect_port), "--mlflow-port", str(mlflow_port),
-                      timeout=240)
+                      timeout=240, **LEAN_SERVER_ENV)
         assert f"http://127.0.0.1:{prefect_port}" in up.stdout and f"http://127.0.0.1:{mlflow_port}" in up.stdout
         status = json.loads(nerveseg(root, "services", "status", "--json").stdout)
         assert status["prefect"]["state"] == status["mlflow"]["state"] == "up"
@@ -118,7 +121,7 @@ def test_postgres_profile_runs_the_flow_with_both_backends_in_postgres(tmp_path)
 
     from pipeline.config import load_params
 
-    root = make_project(tmp_path / "project")
+    root = make_project(tmp_path / "project", SETTINGS)
     digest = load_params(root / "params.yaml").digest()
     with temporary_databases("mlflow", "prefect") as db:
         (root / "services.yaml").write_text(yaml.safe_dump({

@@ -19,7 +19,9 @@ import pytest
 import yaml
 
 from tests.conftest import TINY_SETTINGS, deep_update, make_project, write_settings
-from tests.service_helpers import free_port, nerveseg, postgres_admin, postgres_reachable, wait_for
+from tests.service_helpers import (
+    LEAN_SERVER_ENV, cheapen_logins, free_port, nerveseg, postgres_admin, postgres_reachable, wait_for,
+)
 
 pytestmark = [pytest.mark.e2e,
               pytest.mark.skipif(not postgres_reachable(), reason="needs PostgreSQL on 127.0.0.1:5432")]
@@ -56,6 +58,9 @@ class Deployment:
             self.server_env[f"{name}_FILE"] = str(path)
         self.server_env["NERVESEG_WEBHOOK_URL"] = f"http://127.0.0.1:9/hooks/{self.webhook_token}"
         self.server_env["PREFECT_API_AUTH_STRING"] = f"ops:{self.prefect_password}"
+        self.server_env.update(LEAN_SERVER_ENV)  # `services up` passes it on to the MLflow server
+        self.server_env["PREFECT_WORKER_QUERY_SECONDS"] = "1"  # the worker polls for runs every second, not 10
+        self.auth_database = ""  # MLflow's user store (set by the fixture)
         self.logins = {"admin": self.admin_password, "ops": self.ops_password, "viewer": self.viewer_password}
 
     @property
@@ -94,6 +99,7 @@ def deployment(tmp_path_factory):
     root = make_project(base / "project", SETTINGS)
     d = Deployment(root, secret_dir, tag)
     databases = {key: f"nerveseg_test_{tag}_{key}" for key in ("mlflow", "prefect", "auth")}
+    d.auth_database = databases["auth"]
     (root / "services.yaml").write_text(yaml.safe_dump({
         "profile": "postgres", "auth": True, "prefect_port": free_port(), "mlflow_port": free_port(),
         "mlflow_database": databases["mlflow"], "prefect_database": databases["prefect"],
@@ -101,6 +107,8 @@ def deployment(tmp_path_factory):
     postgres_admin(f"CREATE ROLE {d.role} LOGIN CREATEDB PASSWORD '{d.db_password}'")
     try:
         d.cli("services", "up", "--worker", timeout=300)
+        # the admin the server created from MLFLOW_AUTH_ADMIN_PASSWORD_FILE: a cheap hash of the same password
+        cheapen_logins(d.auth_database, {"admin": d.admin_password})
         yield d
     finally:
         nerveseg(root, "services", "down", check=False, timeout=120)
@@ -114,8 +122,13 @@ def test_anonymous_requests_are_refused_and_commands_without_a_login_stop(deploy
     anonymous = [httpx.get(f"{mlflow_url}/api/2.0/mlflow/registered-models/search", timeout=TIMEOUT),
                  httpx.post(f"{mlflow_url}/api/2.0/mlflow/experiments/create", json={"name": "x"}, timeout=TIMEOUT),
                  httpx.post(f"{prefect_api}/flow_runs/filter", json={}, timeout=TIMEOUT),
-                 httpx.post(f"{prefect_api}/flow_runs/filter", json={}, auth=("ops", "wrong"), timeout=TIMEOUT)]
-    assert [r.status_code for r in anonymous] == [401, 401, 401, 401]
+                 httpx.post(f"{prefect_api}/flow_runs/filter", json={}, auth=("ops", "wrong"), timeout=TIMEOUT),
+                 httpx.get(f"{mlflow_url}/api/2.0/mlflow/registered-models/search", auth=("admin", "wrong"),
+                           timeout=TIMEOUT)]
+    assert [r.status_code for r in anonymous] == [401, 401, 401, 401, 401]
+    admin = httpx.get(f"{mlflow_url}/api/2.0/mlflow/registered-models/search", auth=("admin", d.admin_password),
+                      timeout=TIMEOUT)
+    assert admin.status_code == 200
     assert d.prefect("POST", "/flow_runs/filter", json={}).status_code == 200
 
     refused = d.cli("models", user=None, check=False)
@@ -144,6 +157,7 @@ def _create_users(d: Deployment) -> None:
         users.create_user("viewer", d.viewer_password)
         users.grant_user_permission("ops", "registered_model", MODEL, "EDIT")
         users.grant_user_permission("viewer", "registered_model", MODEL, "READ")
+    cheapen_logins(d.auth_database, {"ops": d.ops_password, "viewer": d.viewer_password})
 
 
 def test_worker_run_approved_by_a_logged_in_user_then_promote_and_a_reader_who_cannot(deployment):
@@ -155,11 +169,11 @@ def test_worker_run_approved_by_a_logged_in_user_then_promote_and_a_reader_who_c
     def state() -> str:
         return d.prefect("GET", f"/flow_runs/{run_id}").json()["state"]["type"]
 
-    wait_for(lambda: state() == "PAUSED", timeout=420, interval=2, what="the worker's run to wait for approval")
+    wait_for(lambda: state() == "PAUSED", timeout=420, interval=1, what="the worker's run to wait for approval")
     _create_users(d)  # the model exists now: registered by the worker's run, as admin
     approved = d.cli("approve", run_id, "--reason", "overlays reviewed", "--actor", "Dr Chen", user="ops")
     assert "approved" in approved.stdout
-    wait_for(lambda: state() in ("COMPLETED", "FAILED", "CRASHED"), timeout=300, interval=2, what="the run to end")
+    wait_for(lambda: state() in ("COMPLETED", "FAILED", "CRASHED"), timeout=300, interval=1, what="the run to end")
     assert state() == "COMPLETED"
 
     ledger = json.loads(d.cli("ledger", "--json", user="viewer").stdout)
@@ -193,10 +207,11 @@ def test_worker_run_approved_by_a_logged_in_user_then_promote_and_a_reader_who_c
     # EDIT on the model: the promotion goes through, recorded under the login, --actor beside it.
     moved = d.cli("promote", other, "--reason", "ward asked for it", "--actor", "Dr Chen", user="ops")
     assert "recorded: ops (on behalf of Dr Chen)" in moved.stdout
-    event = json.loads(d.cli("ledger", "--json", user="viewer").stdout)["events"][-1]
+    after = json.loads(d.cli("ledger", "--json", user="viewer").stdout)
+    event = after["events"][-1]
     assert (event["version"], event["actor"], event["identity"], event["on_behalf_of"]) == (
         other, "ops", "mlflow-login", "Dr Chen")
-    assert not json.loads(d.cli("ledger", "--json", user="viewer").stdout)["warnings"]
+    assert not after["warnings"]
 
     # A move made outside the project's commands, with an admin login, is still flagged.
     with pytest.MonkeyPatch.context() as mp:

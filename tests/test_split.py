@@ -27,8 +27,10 @@ def _holdout(assignment) -> set[int]:
 
 def test_every_subject_in_exactly_one_part_and_each_part_used():
     frames = pd.DataFrame({"subject": [s for s in range(1, 11) for _ in range(4)]})
-    out = split_frames(frames, create_assignment(list(range(1, 11)), SplitParams(seed=3)))
+    assignment = create_assignment(list(range(1, 11)), SplitParams(seed=3))
+    out = split_frames(frames, assignment)
     assert (out.groupby("subject")["split"].nunique() == 1).all()
+    assert out.groupby("subject")["split"].first().to_dict() == assignment.parts()  # the assignment's part
     assert set(out["split"]) == {"train", "validation", "holdout"}
 
 
@@ -85,8 +87,10 @@ def test_settings_that_no_longer_match_are_an_error_not_a_reshuffle(tmp_path):
     with pytest.raises(SplitError, match="split.seed"):
         check_rule(load_assignment(path), SplitParams(seed=7), str(path))
     # Which fold validates is not part of the rule: no resplit needed to move between folds.
-    folds = save_assignment(tmp_path / "folds.yaml", create_assignment(list(range(1, 13)), SplitParams(folds=3)))
-    ensure_assignment(folds, list(range(1, 13)), SplitParams(folds=3, fold=2))
+    recorded = create_assignment(list(range(1, 13)), SplitParams(folds=3))
+    folds = save_assignment(tmp_path / "folds.yaml", recorded)
+    same, placed, created = ensure_assignment(folds, list(range(1, 13)), SplitParams(folds=3, fold=2))
+    assert same.groups == recorded.groups and placed == [] and not created
 
 
 def test_resplit_is_recorded_with_who_why_and_what_moved(tmp_path):
@@ -105,7 +109,8 @@ def test_resplit_is_recorded_with_who_why_and_what_moved(tmp_path):
     save_assignment(tmp_path / "split.yaml", new)
     back = load_assignment(tmp_path / "split.yaml")
     assert back == new and back.digest() == new.digest()
-    ensure_assignment(tmp_path / "split.yaml", list(range(1, 21)), changed)  # the new settings now match
+    current, placed, created = ensure_assignment(tmp_path / "split.yaml", list(range(1, 21)), changed)
+    assert current.groups == new.groups and not placed and not created  # the new settings now match
 
 
 def test_fold_groups_validate_each_subject_once_and_share_the_holdout():

@@ -18,12 +18,13 @@ import pytest
 import torch
 
 from pipeline import stages
+from pipeline.checkpoints import WEIGHTS, load_trained
 from pipeline.config import AugmentParams, TrainParams, load_params
+from pipeline.devices import _cpu_flags_have_bf16, cpu_has_native_bf16, use_autocast
 from pipeline.inference import Postprocess, Predictor, fuse_conv_bn
 from pipeline.model import ModelConfig, ResizeConv, build_model
 from pipeline.preprocess import load_prepared
-from pipeline.train import (METRICS, WEIGHTS, _cpu_flags_have_bf16, _validation_scores, cpu_has_native_bf16,
-                            load_trained, lr_factor, predict_prepared, stop_early, use_autocast)
+from pipeline.train import METRICS, _validation_scores, lr_factor, predict_prepared, stop_early
 from pipeline.weight_average import WeightAverage
 
 from .conftest import REPO, prepare_again, tiny_model_config, with_settings
@@ -483,7 +484,7 @@ def test_bf16_autocast_on_the_cpu_trains_only_where_the_cpu_has_native_bf16(prep
     fp32_loss = pd.read_csv(prepared.models_dir / "history.csv")["loss"].iloc[0]
     shutil.rmtree(prepared.models_dir)
     bf16 = with_settings(tiny_params, {"train": {"epochs": 1, "amp": True, "amp_cpu": True}})
-    with caplog.at_level(logging.WARNING, logger="pipeline.train"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.devices"):
         result = stages.fit(prepared, bf16, progress=False)
     bf16_loss = pd.read_csv(prepared.models_dir / "history.csv")["loss"].iloc[0]
     assert result.epochs_run == 1 and np.isfinite(bf16_loss)
@@ -502,7 +503,7 @@ def test_the_default_trains_bf16_exactly_where_the_cpu_has_it(prepared, tiny_par
     """``amp_cpu: auto`` (the default) is the fast path on a CPU with native bf16 and silent fp32 elsewhere."""
     assert TrainParams().amp_cpu == "auto" and load_params(REPO / "params.yaml").train.amp_cpu == "auto"
     auto = with_settings(tiny_params, {"train": {"epochs": 1, "amp": True, "amp_cpu": "auto"}})
-    with caplog.at_level(logging.WARNING, logger="pipeline.train"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.devices"):
         result = stages.fit(prepared, auto, progress=False)
     assert result.precision == ("bf16" if cpu_has_native_bf16() else "fp32")
     assert "bf16" not in caplog.text  # nothing to warn about either way
@@ -560,10 +561,10 @@ def test_the_cpu_flags_tell_native_bf16_as_onednn_does(tmp_path):
 def test_autocast_rule_on_either_kind_of_cpu(caplog, native):
     """The rule on both kinds of CPU, whichever this one is."""
     cpu = torch.device("cpu")
-    with caplog.at_level(logging.WARNING, logger="pipeline.train"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.devices"):
         assert use_autocast(TrainParams(amp=True, amp_cpu="auto"), cpu, native) is native
     assert caplog.text == ""
-    with caplog.at_level(logging.WARNING, logger="pipeline.train"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.devices"):
         assert use_autocast(TrainParams(amp=True, amp_cpu=True), cpu, native) is native
     assert ("no native bf16" in caplog.text) is (not native)
     assert use_autocast(TrainParams(amp=True, amp_cpu=False), cpu, native) is False

@@ -24,12 +24,12 @@ from pipeline.validation import (
     validate_data_dir,
     validate_manifest,
 )
+from pipeline.validation.checks import BY_NAME
 
 H, W = 420, 580
 # 3 subjects x 2 frames; min_frames 5 so that removing one frame breaks only the pairing rule.
 RULES = ValidationParams(min_frames=5, min_subjects=3)
 FLAGS = ["name_ok", "image_exists", "mask_exists", "image_decodes", "mask_decodes"]
-REAL = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "kaggle-uns"
 
 
 def noise_frame(seed: int, shape: tuple[int, ...] = (H, W)) -> np.ndarray:
@@ -191,7 +191,8 @@ def test_defect_fails_and_names_the_file(tmp_path, gx_dir, defect, column, path)
     failure = report.failures[0]
     assert failure.files == [path]
     assert failure.details["unexpected_count"] == 1
-    assert failure.description  # plain words from the suite, e.g. "every frame has its mask"
+    # plain words from the table of checks, e.g. "every frame has its mask", with these rules' figures
+    assert failure.description.startswith(BY_NAME[failure.check].describe(RULES))
 
     error = DataValidationError(report)
     assert error.report is report
@@ -306,9 +307,8 @@ def test_gx_project_is_stable_reusable_and_follows_the_rules(tmp_path):
 # Real frames
 # --------------------------------------------------------------------------------------------
 @pytest.mark.realdata
-@pytest.mark.skipif(not (REAL / "train").is_dir(), reason=f"{REAL} not present")
-def test_real_frames_manifest_and_validation(tmp_path):
-    manifest, report = validate_data_dir(REAL, ValidationParams(), tmp_path, build_docs=False)
+def test_real_frames_manifest_and_validation(shared_data, tmp_path):
+    manifest, report = validate_data_dir(shared_data, ValidationParams(), tmp_path, build_docs=False)
 
     assert len(manifest) == 56
     assert list(manifest.columns) == list(COLUMNS)
@@ -325,9 +325,9 @@ def test_real_frames_manifest_and_validation(tmp_path):
     assert len(nonempty) == 30 and nonempty.min() > 2000 and nonempty.max() < 20000
     assert manifest["intensity_std"].min() > 20 and manifest["intensity_mean"].max() < 200
     first = manifest.iloc[0]
-    frame_bytes = (REAL / first["image_path"]).read_bytes()
+    frame_bytes = (shared_data / first["image_path"]).read_bytes()
     assert first["content_sha1"] == hashlib.sha1(frame_bytes).hexdigest()
-    mask = np.asarray(Image.open(REAL / first["mask_path"]))
+    mask = np.asarray(Image.open(shared_data / first["mask_path"]))
     assert first["mask_area"] == int((mask > 0).sum())
 
     assert isinstance(report, ValidationReport)

@@ -1,5 +1,6 @@
-"""The checks beyond single files: near-duplicates with contradicting masks, severities chosen in
-params.yaml, the manifest cache, subject leakage across the split, and drift between versions."""
+"""The table of checks (each name travels with its rule), and the checks beyond single files:
+near-duplicates with contradicting masks, severities chosen in params.yaml, the manifest cache, subject
+leakage across the split, and drift between versions."""
 
 from __future__ import annotations
 
@@ -13,16 +14,15 @@ from pydantic import ValidationError
 
 from pipeline.config import ValidationParams
 from pipeline.manifest import build_manifest
+from pipeline.split import SubjectLeakError, assert_no_subject_leak, check_split
 from pipeline.validation import (
-    SubjectLeakError,
-    assert_no_subject_leak,
-    check_split,
     compare_profiles,
     compute_profile,
     find_contradicting_pairs,
     validate_data_dir,
     validate_manifest,
 )
+from pipeline.validation.checks import BY_NAME, CHECKS
 from tests.test_validation import RULES, blob_mask, make_dataset, noise_frame, write
 
 H, W = 420, 580
@@ -214,3 +214,93 @@ def test_drift_against_a_previous_profile_warns_with_the_figures(tmp_path, gx_di
         manifest, blocking, gx_dir, build_docs=False, previous_profile=darker
     ).success
     assert compare_profiles(profile, profile, RULES)["drifted"] is False
+
+
+# --------------------------------------------------------------------------------------------
+# The table of checks: a name always reaches the report with its own rule and severity
+# --------------------------------------------------------------------------------------------
+NAMES = [c.name for c in CHECKS]
+# Every second check warns, so a name shifted by one place onto its neighbour's rule would show up
+# in the severity as well as in the column.
+MIXED = RULES.model_copy(update={"warning_checks": tuple(NAMES[1::2])})
+
+
+
+def _of(manifest: pd.DataFrame, frame_id: str, column: str):
+    return manifest.loc[manifest["frame_id"] == frame_id, column].iloc[0]
+
+
+# For each declared check: what to change in row 2_1 (a frame with a nerve; a function of the manifest
+# or a value), in the rules, or in the previous version's profile so that this check, and no other, fails.
+BREAK = {
+    "row_count": ({}, {"min_frames": 7}, {}),
+    "subject_count": ({}, {"min_subjects": 4}, {}),
+    "names": ({"name_ok": False}, {}, {}),
+    "unique_ids": ({"frame_id": "1_1"}, {}, {}),
+    "mask_for_frame": ({"mask_exists": False}, {}, {}),
+    "frame_for_mask": ({"image_exists": False}, {}, {}),
+    "frame_decodes": ({"image_decodes": False}, {}, {}),
+    "mask_decodes": ({"mask_decodes": False}, {}, {}),
+    "frame_height": ({"height": H - 20}, {}, {}),
+    "frame_width": ({"width": W - 20}, {}, {}),
+    "frame_channels": ({"channels": 3}, {}, {}),
+    "frame_dtype": ({"dtype": "uint16"}, {}, {}),
+    "mask_height": ({"mask_height": H - 20}, {}, {}),
+    "mask_width": ({"mask_width": W - 20}, {}, {}),
+    "mask_channels": ({"mask_channels": 3}, {}, {}),
+    "mask_binary": ({"mask_binary": False}, {}, {}),
+    "mask_area": ({"mask_area": 100}, {}, {}),
+    "not_blank": ({"intensity_std": 0.5}, {}, {}),
+    "not_saturated": ({"intensity_mean": 252.0}, {}, {}),
+    "contradicting_duplicates": ({"phash": lambda m: _of(m, "2_2", "phash")}, {}, {}),  # 2_2's mask is empty
+    "drift": ({}, {}, {"intensity_mean": 40.0}),
+}
+
+
+def test_each_check_is_declared_once_and_params_name_only_declared_checks():
+    assert len(NAMES) == len(set(NAMES))
+    assert set(ValidationParams().warning_checks) <= set(NAMES)
+    # config.py keeps its own list to reject unknown names in params.yaml: it must be this table's.
+    assert ValidationParams.CHECKS == tuple(NAMES)
+    assert set(BREAK) == set(NAMES)  # a new check gets a case below
+
+
+def test_suite_expectations_carry_their_own_check():
+    from pipeline.validation import build_expectations
+
+    expectations = build_expectations(MIXED)
+    gx_checks = [c for c in CHECKS if c.expectation]
+    assert [e.meta["check"] for e in expectations] == [c.name for c in gx_checks]
+    for expectation, check in zip(expectations, gx_checks, strict=True):
+        assert getattr(expectation, "column", None) == check.column
+        assert expectation.description == check.describe(MIXED)
+        assert expectation.severity.value == ("warning" if check.name in MIXED.warning_checks else "critical")
+
+
+@pytest.fixture(scope="module")
+def clean_manifest(tmp_path_factory) -> pd.DataFrame:
+    return build_manifest(make_dataset(tmp_path_factory.mktemp("table")))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_breaking_one_rule_fails_that_check_by_name_with_its_severity(name, clean_manifest, tmp_path_factory):
+    row_changes, rule_changes, drifted = BREAK[name]
+    manifest = clean_manifest.copy()
+    row = manifest.index[manifest["frame_id"] == "2_1"][0]
+    for column, value in row_changes.items():
+        manifest.loc[row, column] = value(manifest) if callable(value) else value
+    rules = MIXED.model_copy(update=rule_changes)
+    profile = compute_profile(clean_manifest)
+    previous = {**profile, **{k: profile[k] + v for k, v in drifted.items()}, "dvc_hash": "feed"} if drifted else None
+
+    gx_dir = tmp_path_factory.getbasetemp() / "gx_table"  # one project: the suite is stored once
+    report = validate_manifest(manifest, rules, gx_dir, build_docs=False, previous_profile=previous)
+
+    check = BY_NAME[name]
+    expected = "warning" if name in MIXED.warning_checks else "blocking"
+    assert [(f.check, f.severity) for f in report.failures] == [(name, expected)], report.format_failures()
+    failure = report.failures[0]
+    assert failure.description.startswith(check.describe(rules))
+    if check.expectation:
+        assert failure.column == check.column
+    assert report.success is (expected == "warning")

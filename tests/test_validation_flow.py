@@ -122,34 +122,18 @@ def _contradicting_duplicate(t: Path) -> str:
     return f"train/{subject}_99.tif"
 
 
-# (defect, the check that must name its file). Three flow runs of five defects each (in files of
-# their own, so they do not mask one another) keep this under ~90 s; tests/test_validation.py
-# plants each kind alone and checks that exactly its expectation fails.
-DEFECT_GROUPS = [
-    [(_contradicting_duplicate, "contradicting_duplicates"), (_missing_mask, "mask_for_frame"),
-     (_garbage_frame, "frame_decodes"), (_wrong_size, "frame_height"),
-     (_mask_wrong_size, "mask_width")],
-    [(_mask_without_frame, "frame_for_mask"), (_empty_mask_file, "mask_decodes"),
-     (_rgb_frame, "frame_channels"), (_non_binary_mask, "mask_binary"),
-     (_blank_frame, "not_blank")],
-    [(_bad_name, "names"), (_sixteen_bit_frame, "frame_dtype"),
-     (_saturated_frame, "not_saturated"), (_tiny_mask, "mask_area"), (_huge_mask, "mask_area")],
+# (defect, the check that must name its file), each in files of its own so that none hides another: one
+# data version holding all of them goes through the flow once, and every one must be named (planted in
+# this order: the duplicate copies a frame before any other defect touches the files).
+# tests/test_validation.py plants each kind alone and checks that exactly its expectation fails.
+DEFECTS = [
+    (_contradicting_duplicate, "contradicting_duplicates"), (_missing_mask, "mask_for_frame"),
+    (_garbage_frame, "frame_decodes"), (_wrong_size, "frame_height"), (_mask_wrong_size, "mask_width"),
+    (_mask_without_frame, "frame_for_mask"), (_empty_mask_file, "mask_decodes"), (_rgb_frame, "frame_channels"),
+    (_non_binary_mask, "mask_binary"), (_blank_frame, "not_blank"),
+    (_bad_name, "names"), (_sixteen_bit_frame, "frame_dtype"), (_saturated_frame, "not_saturated"),
+    (_tiny_mask, "mask_area"), (_huge_mask, "mask_area"),
 ]
-DEFECTS = [d for group in DEFECT_GROUPS for d, _ in group]
-
-
-def _snapshot(train: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in train.iterdir()}
-
-
-def _restore(train: Path, snapshot: dict[str, bytes]) -> None:
-    for p in train.iterdir():
-        if p.name not in snapshot:
-            p.unlink()
-    for name, data in snapshot.items():
-        path = train / name
-        if not path.is_file() or path.read_bytes() != data:
-            path.write_bytes(data)
 
 
 def test_defect_corpus_stops_the_flow_before_training(tmp_path, prefect_server):
@@ -162,27 +146,24 @@ def test_defect_corpus_stops_the_flow_before_training(tmp_path, prefect_server):
     settings = deep_update(TINY_SETTINGS, {"validation": {"warning_checks": ["drift"]}})
     root = make_project(tmp_path / "project", settings)
     raw, train = root / "data" / "raw", root / "data" / "raw" / "train"
-    clean = _snapshot(train)
+    planted = [(defect, check, defect(train)) for defect, check in DEFECTS]
+    assert len({expected for _, _, expected in planted}) == len(DEFECTS)  # each in a file of its own
+    versioning.version_data(root, raw, "data: " + ", ".join(d.__name__ for d, _ in DEFECTS), push=False)
+    with pytest.raises(DataValidationError) as info:
+        retrain(project_dir=str(root))
+    report = info.value.report
+    assert not report.success
+    by_check: dict[str, set[str]] = {}
+    for failure in report.blocking:
+        by_check.setdefault(failure.check, set()).update(failure.files)
     caught: dict[str, str] = {}
-    for group in DEFECT_GROUPS:
-        planted = [(defect, check, defect(train)) for defect, check in group]
-        versioning.version_data(root, raw, "data: " + ", ".join(d.__name__ for d, _ in group),
-                                push=False)
-        with pytest.raises(DataValidationError) as info:
-            retrain(project_dir=str(root))
-        report = info.value.report
-        assert not report.success
-        by_check: dict[str, set[str]] = {}
-        for failure in report.blocking:
-            by_check.setdefault(failure.check, set()).update(failure.files)
-        for defect, check, expected in planted:
-            assert expected in by_check.get(check, set()), (defect.__name__, report.format_failures())
-            assert expected in str(info.value)  # what the CLI and the flow's error print
-            caught[defect.__name__] = check
-        # Stopped before preprocessing: nothing prepared, trained or registered.
-        assert not (root / "data" / "prepared").exists()
-        assert not (root / "models" / "model.pt").exists()
-        _restore(train, clean)
+    for defect, check, expected in planted:
+        assert expected in by_check.get(check, set()), (defect.__name__, report.format_failures())
+        assert expected in str(info.value)  # what the CLI and the flow's error print
+        caught[defect.__name__] = check
+    # Stopped before preprocessing: nothing prepared, trained or registered.
+    assert not (root / "data" / "prepared").exists()
+    assert not (root / "models" / "model.pt").exists()
 
     assert len(caught) == len(DEFECTS) >= 12
     assert len(set(caught.values())) == 14
@@ -192,18 +173,25 @@ def test_defect_corpus_stops_the_flow_before_training(tmp_path, prefect_server):
     assert registry.version_by_alias(MODEL, registry.CHAMPION) is None
     assert registry.version_by_alias(MODEL, registry.CHALLENGER) is None
     runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
-    assert len(runs) == len(DEFECT_GROUPS)
+    assert len(runs) == 1
     assert {r.info.status for r in runs} == {"FAILED"}
     assert {r.data.tags.get(registry.TAG_VALIDATION) for r in runs} == {"false"}
 
 
-def test_drift_against_the_previous_data_version(tmp_path):
+@pytest.fixture(scope="module")
+def versioned_project(tmp_path_factory) -> Path:
+    """A tiny project with its first data version, made once for the module: each drift test changes the
+    data of a copy of its own (git, DVC cache and remote included: the same files, without making them again)."""
+    return make_project(tmp_path_factory.mktemp("versioned") / "project")
+
+
+def test_drift_against_the_previous_data_version(tmp_path, versioned_project):
     from pipeline import stages, versioning
     from pipeline.config import load_params
     from pipeline.paths import ProjectPaths
     from pipeline.validation import load_profile, measure_profile
 
-    root = make_project(tmp_path / "project")
+    root = Path(shutil.copytree(versioned_project, tmp_path / "project", symlinks=True))
     params = load_params(root / "params.yaml")
     paths = ProjectPaths.of(root, params)
     first_hash = versioning.read_dvc_file(paths.raw_dvc_file)["md5"]
@@ -233,14 +221,14 @@ def test_drift_against_the_previous_data_version(tmp_path):
     assert "intensity_mean" in second.to_markdown()
 
 
-def test_drift_not_judged_is_said_not_silent(tmp_path):
+def test_drift_not_judged_is_said_not_silent(tmp_path, versioned_project):
     """The previous data version has no profile (made before profiles, or validated elsewhere): the
     report says drift was not checked and why, instead of reading like "no drift"."""
     from pipeline import stages, versioning
     from pipeline.config import load_params
     from pipeline.paths import ProjectPaths
 
-    root = make_project(tmp_path / "project")
+    root = Path(shutil.copytree(versioned_project, tmp_path / "project", symlinks=True))
     params = load_params(root / "params.yaml")
     paths = ProjectPaths.of(root, params)
     first_hash = versioning.read_dvc_file(paths.raw_dvc_file)["md5"]
