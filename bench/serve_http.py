@@ -315,8 +315,8 @@ def table(rows: list[dict]) -> str:
                      f"{r['http']['median_ms']:.1f} ms | {r['http']['p90_ms']:.1f} ms | "
                      f"{r['http_batch']['frames_per_s']:.1f} ({r['http_batch']['frames']} frames) |")
     steps = list(max((r["parts_median_ms"] for r in rows), key=len))
-    lines += ["", "where a request's time goes, median ms (rest: HTTP median less the scoring median and the "
-              "client's parts: HTTP, the server's hand-off to its worker thread)", "",
+    lines += ["", "where a request's time goes, median ms (rest: the HTTP median less the scoring median and the "
+              "client's parts)", "",
               "| form | " + " | ".join(steps) + " | rest |", "|---" * (len(steps) + 2) + "|"]
     for r in rows:
         part = r["parts_median_ms"]

@@ -10,7 +10,7 @@ import time
 import pandas as pd
 import pytest
 
-from tests.conftest import TINY_SETTINGS, deep_update, make_project, with_settings, write_settings
+from tests.conftest import TINY_SETTINGS, deep_update, make_project, seed_mlflow_store, with_settings, write_settings
 
 pytestmark = pytest.mark.e2e
 
@@ -24,10 +24,11 @@ LOSS_TOLERANCE = 0.15
 
 
 @pytest.fixture(scope="module")
-def two_process_run(tmp_path_factory, prefect_server):
+def two_process_run(tmp_path_factory, prefect_server, mlflow_store_template):
     from flows.retrain import retrain
 
     root = make_project(tmp_path_factory.mktemp("distributed") / "project", SETTINGS)
+    seed_mlflow_store(root / "mlflow", mlflow_store_template)  # an empty store: MLflow's migrations done once
     result = retrain(project_dir=str(root))
     return root, result, pd.read_csv(root / "models" / "history.csv")
 

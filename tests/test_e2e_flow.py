@@ -5,15 +5,13 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
-from pathlib import Path
 
 import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
 from pipeline.devices import cpu_has_native_bf16
-from tests.conftest import TINY_SETTINGS, deep_update, make_project, write_settings
+from tests.conftest import TINY_SETTINGS, deep_update, make_project, seed_mlflow_store, write_settings
 
 pytestmark = pytest.mark.e2e
 
@@ -21,22 +19,11 @@ MODEL = "nerve-segmentation"
 
 
 @pytest.fixture(scope="module")
-def tiny_project(tmp_path_factory) -> Path:
-    """A tiny project with its first data version and nothing else, made once for the module: the tests
-    that need a fresh one run in a copy of their own (:func:`_fresh_copy`)."""
-    return make_project(tmp_path_factory.mktemp("e2e-template") / "project")
-
-
-def _fresh_copy(project: Path, dest: Path) -> Path:
-    """A copy of ``project``, git, DVC cache and remote included: the files `make_project` would make again."""
-    return Path(shutil.copytree(project, dest, symlinks=True))
-
-
-@pytest.fixture(scope="module")
-def flow_project(tmp_path_factory, tiny_project, prefect_server):
+def flow_project(tmp_path_factory, project_copy, mlflow_store_template, prefect_server):
     from flows.retrain import retrain
 
-    root = _fresh_copy(tiny_project, tmp_path_factory.mktemp("e2e") / "project")
+    root = project_copy(tmp_path_factory.mktemp("e2e") / "project")
+    seed_mlflow_store(root / "mlflow", mlflow_store_template)  # an empty store: MLflow's migrations done once
     result = retrain(project_dir=str(root))
     return root, result
 
@@ -158,12 +145,13 @@ def test_predict_writes_masks_and_overlays(flow_project, tmp_path):
         assert (tmp_path / "pred" / f"{frame.stem}_overlay.png").is_file()
 
 
-def test_flow_stops_on_invalid_data_before_training(tmp_path, tiny_project, prefect_server):
+def test_flow_stops_on_invalid_data_before_training(tmp_path, project_copy, mlflow_store_template, prefect_server):
     from flows.retrain import retrain
     from pipeline import versioning
     from pipeline.validation import DataValidationError
 
-    root = _fresh_copy(tiny_project, tmp_path / "bad")
+    root = project_copy(tmp_path / "bad")
+    seed_mlflow_store(root / "mlflow", mlflow_store_template)
     broken = root / "data" / "raw" / "train" / "2_3.tif"
     broken.write_bytes(b"not an image")
     versioning.version_data(root, root / "data" / "raw", "data: a broken frame")
@@ -280,6 +268,7 @@ CARD_SECTIONS = ("intended-use", "no-nerve", "data", "training", "metrics", "pic
 
 
 def test_model_card_is_logged_and_renders_in_chromium(flow_project, tmp_path):
+    import shutil
     import subprocess
 
     from flows.cli import app
@@ -316,7 +305,8 @@ def test_model_card_is_logged_and_renders_in_chromium(flow_project, tmp_path):
     assert shot.is_file() and shot.stat().st_size > 20_000
 
 
-def test_quickstart_exits_1_when_the_floor_refuses_its_first_model(tmp_path, prefect_server, monkeypatch):
+def test_quickstart_exits_1_when_the_floor_refuses_its_first_model(tmp_path, prefect_server, monkeypatch,
+                                                                  mlflow_store_template):
     """The real quickstart command on a tiny phantom, with a floor that three epochs cannot reach: the
     model is registered and becomes challenger, no champion exists, the webhook hears of it, and the
     command exits 1 saying why."""
@@ -325,6 +315,7 @@ def test_quickstart_exits_1_when_the_floor_refuses_its_first_model(tmp_path, pre
 
     floor = deep_update(TINY_SETTINGS, {"promotion": {"min_nerve_dice": 0.99, "min_gain_over_empty": 0.0}})
     root = make_project(tmp_path / "project", floor, with_data=False)
+    seed_mlflow_store(root / "mlflow", mlflow_store_template)
     with Hook() as hook:
         monkeypatch.setenv("NERVESEG_WEBHOOK_URL", hook.url)
         out = CliRunner().invoke(app, ["quickstart", "-C", str(root)])

@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 
 from flows.cli import app
 from pipeline.decode_errors import why_undecodable
-from tests.conftest import REPO, make_project, write_simple_dataset
+from tests.conftest import REPO, write_simple_dataset
 
 runner = CliRunner()
 # Each kind of broken file and the words its reason must hold.
@@ -66,19 +66,6 @@ def add_broken_files(folder: Path, ids: int = 15, subject: int = 90) -> dict[str
             (folder / name).write_bytes(_broken(kind, good, i))
             written[name] = kind
     return written
-
-
-@pytest.fixture(scope="module")
-def empty_project(tmp_path_factory) -> Path:
-    """A project without data (git, DVC and its local remote), made once for the module: each test that
-    versions data does it in a copy of its own (:func:`_copy`)."""
-    return make_project(tmp_path_factory.mktemp("empty") / "project", with_data=False)
-
-
-def _copy(project: Path, dest: Path) -> Path:
-    """A copy of ``project``, git and DVC included: what `make_project` would make again, without running them."""
-    shutil.copytree(project, dest, symlinks=True)
-    return dest
 
 
 def _project(tmp_path: Path) -> Path:
@@ -153,8 +140,8 @@ def test_the_report_markdown_names_every_failing_file_with_its_reason(tmp_path):
     assert "| `train/90_1.tif` | frame_decodes | blocking | empty file (0 bytes) |" in markdown
 
 
-def test_data_add_refuses_a_broken_batch_and_writes_the_whole_list(tmp_path, capfd, empty_project):
-    project = _copy(empty_project, tmp_path / "project")
+def test_data_add_refuses_a_broken_batch_and_writes_the_whole_list(tmp_path, capfd, project_copy):
+    project = project_copy(tmp_path / "project", with_data=False)
     data = write_simple_dataset(tmp_path / "batch", subjects=3, frames=4)
     broken = add_broken_files(data / "train")
     capfd.readouterr()
@@ -205,7 +192,7 @@ def _snapshot(folder: Path) -> dict[str, bytes]:
 
 
 @pytest.mark.parametrize("shape", [_flat, _images_masks])
-def test_validate_reads_what_data_add_reads_and_agrees_on_the_count(tmp_path, shape, empty_project, monkeypatch):
+def test_validate_reads_what_data_add_reads_and_agrees_on_the_count(tmp_path, shape, project_copy, monkeypatch):
     data = write_simple_dataset(tmp_path / "made", subjects=3, frames=4)
     src = shape(data, tmp_path / "src")
     before = _snapshot(src)
@@ -223,7 +210,7 @@ def test_validate_reads_what_data_add_reads_and_agrees_on_the_count(tmp_path, sh
     assert _snapshot(src) == before  # read-only
     assert not list(temp.glob("nerveseg-validate-*"))  # its staging is gone
 
-    project = _copy(empty_project, tmp_path / "versioned")
+    project = project_copy(tmp_path / "versioned", with_data=False)
     added = runner.invoke(app, ["data", "add", str(src), "-C", str(project), "--no-push", "--no-trigger"])
     assert added.exit_code == 0, added.output
     assert _versioned_frames(project) == doc["frames"]
@@ -249,7 +236,7 @@ def test_validate_of_a_folder_to_import_names_failing_files_by_their_source_name
 
 
 @pytest.mark.realdata
-def test_real_frames_with_a_broken_batch(shared_data, tmp_path, capfd, empty_project):
+def test_real_frames_with_a_broken_batch(shared_data, tmp_path, capfd, project_copy):
     """The 56 real pairs plus 30 broken files, laid out flat: `validate` and `data add` both name all
     30 with a reason; on the real pairs alone they agree on 56 frames."""
     flat = tmp_path / "flat"
@@ -265,7 +252,7 @@ def test_real_frames_with_a_broken_batch(shared_data, tmp_path, capfd, empty_pro
     assert {f["file"] for f in doc["failures"] if f["severity"] == "blocking"} == set(broken)
     assert all(f["reason"] for f in doc["failures"])
 
-    project = _copy(empty_project, tmp_path / "versioned")
+    project = project_copy(tmp_path / "versioned", with_data=False)
     refused = runner.invoke(app, ["data", "add", str(flat), "-C", str(project), "--no-push", "--no-trigger"])
     assert refused.exit_code == 1
     assert {r["file"] for r in _csv_rows(project / "reports" / "data_add_failures.csv")} == set(broken)
@@ -293,8 +280,8 @@ def test_quiet_decoders_drops_decoder_lines_and_passes_the_rest_on(capfd):
     assert "after the block" in capfd.readouterr().err
 
 
-def test_data_add_refused_by_validation_names_source_files_and_table_checks(tmp_path, empty_project):
-    project = _copy(empty_project, tmp_path / "project")
+def test_data_add_refused_by_validation_names_source_files_and_table_checks(tmp_path, project_copy):
+    project = project_copy(tmp_path / "project", with_data=False)
     src = tmp_path / "tiny"
     src.mkdir()
     mask = np.zeros((420, 580), np.uint8)

@@ -11,19 +11,20 @@ import time
 
 import pytest
 
-from tests.conftest import TINY_SETTINGS, deep_update, make_project
+from tests.conftest import TINY_SETTINGS, deep_update, make_project, seed_mlflow_store
 from tests.service_helpers import NERVESEG, free_port, project_env, wait_for
 
 pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture
-def mlflow_server(tmp_path):
+def mlflow_server(tmp_path, project_copy, mlflow_store_template):
     """A tiny project whose MLflow tracking server (`services`, SQLite in the project) is up; always
     stopped afterwards. Prefect comes from the suite's server."""
     from flows.services import down, load_config, start_service
 
-    root = make_project(tmp_path / "project", with_data=False)  # the task under test logs settings only
+    root = project_copy(tmp_path / "project", with_data=False)  # the task under test logs settings only
+    seed_mlflow_store(root / "mlflow", mlflow_store_template)  # the server finds its store made: no migrations
     config = load_config(root, mlflow_port=free_port(), prefect_port=free_port())
     try:
         start_service(root, "mlflow", config)

@@ -27,7 +27,7 @@ from pipeline.preprocess import load_prepared
 from pipeline.train import METRICS, _validation_scores, lr_factor, predict_prepared, stop_early
 from pipeline.weight_average import WeightAverage
 
-from .conftest import REPO, prepare_again, tiny_model_config, with_settings
+from .conftest import REPO, prepare_again, seed_mlflow_store, tiny_model_config, with_settings
 
 
 @pytest.mark.parametrize("norm", ["batch", "instance", "group", "none"])
@@ -446,13 +446,14 @@ def test_convex_hull_fills_each_blob_out_and_runs_in_order_with_the_other_rules(
     assert Postprocess.from_params(PostprocessParams(convex_hull=True, min_area=7)) == Postprocess(min_area=7, convex_hull=True)
 
 
-def test_cv_command_logs_every_fold_to_mlflow(prepared, tiny_params):
+def test_cv_command_logs_every_fold_to_mlflow(prepared, tiny_params, mlflow_store_template):
     import mlflow
     from typer.testing import CliRunner
 
     from flows.cli import app
     from pipeline.config import write_params
 
+    seed_mlflow_store(prepared.mlflow_dir, mlflow_store_template)  # an empty store: MLflow's migrations done once
     two_folds = with_settings(tiny_params, {"split": {"folds": 2}, "train": {"epochs": 1}})
     write_params(two_folds, prepared.root / "params.yaml")
     prepare_again(prepared, two_folds)

@@ -12,7 +12,7 @@ import cv2
 import numpy as np
 import pytest
 
-from tests.conftest import TINY_SETTINGS, deep_update, make_project
+from tests.conftest import TINY_SETTINGS, deep_update, make_project, seed_mlflow_store
 
 pytestmark = pytest.mark.e2e
 
@@ -136,7 +136,7 @@ DEFECTS = [
 ]
 
 
-def test_defect_corpus_stops_the_flow_before_training(tmp_path, prefect_server):
+def test_defect_corpus_stops_the_flow_before_training(tmp_path, prefect_server, mlflow_store_template):
     import mlflow
     from flows.retrain import retrain
     from pipeline import registry, versioning
@@ -145,6 +145,7 @@ def test_defect_corpus_stops_the_flow_before_training(tmp_path, prefect_server):
     # Near-duplicates with contradicting masks block in this project (a warning by default).
     settings = deep_update(TINY_SETTINGS, {"validation": {"warning_checks": ["drift"]}})
     root = make_project(tmp_path / "project", settings)
+    seed_mlflow_store(root / "mlflow", mlflow_store_template)  # an empty store: MLflow's migrations done once
     raw, train = root / "data" / "raw", root / "data" / "raw" / "train"
     planted = [(defect, check, defect(train)) for defect, check in DEFECTS]
     assert len({expected for _, _, expected in planted}) == len(DEFECTS)  # each in a file of its own
@@ -178,20 +179,13 @@ def test_defect_corpus_stops_the_flow_before_training(tmp_path, prefect_server):
     assert {r.data.tags.get(registry.TAG_VALIDATION) for r in runs} == {"false"}
 
 
-@pytest.fixture(scope="module")
-def versioned_project(tmp_path_factory) -> Path:
-    """A tiny project with its first data version, made once for the module: each drift test changes the
-    data of a copy of its own (git, DVC cache and remote included: the same files, without making them again)."""
-    return make_project(tmp_path_factory.mktemp("versioned") / "project")
-
-
-def test_drift_against_the_previous_data_version(tmp_path, versioned_project):
+def test_drift_against_the_previous_data_version(tmp_path, project_copy):
     from pipeline import stages, versioning
     from pipeline.config import load_params
     from pipeline.paths import ProjectPaths
     from pipeline.validation import load_profile, measure_profile
 
-    root = Path(shutil.copytree(versioned_project, tmp_path / "project", symlinks=True))
+    root = project_copy(tmp_path / "project")
     params = load_params(root / "params.yaml")
     paths = ProjectPaths.of(root, params)
     first_hash = versioning.read_dvc_file(paths.raw_dvc_file)["md5"]
@@ -221,14 +215,14 @@ def test_drift_against_the_previous_data_version(tmp_path, versioned_project):
     assert "intensity_mean" in second.to_markdown()
 
 
-def test_drift_not_judged_is_said_not_silent(tmp_path, versioned_project):
+def test_drift_not_judged_is_said_not_silent(tmp_path, project_copy):
     """The previous data version has no profile (made before profiles, or validated elsewhere): the
     report says drift was not checked and why, instead of reading like "no drift"."""
     from pipeline import stages, versioning
     from pipeline.config import load_params
     from pipeline.paths import ProjectPaths
 
-    root = Path(shutil.copytree(versioned_project, tmp_path / "project", symlinks=True))
+    root = project_copy(tmp_path / "project")
     params = load_params(root / "params.yaml")
     paths = ProjectPaths.of(root, params)
     first_hash = versioning.read_dvc_file(paths.raw_dvc_file)["md5"]
