@@ -51,9 +51,11 @@ def start_run_task(paths: ProjectPaths, params: Params, tags: dict[str, str]) ->
     experiment_id = registry.configure(paths.mlflow_dir, params.registry.experiment)
     run = mlflow.MlflowClient().create_run(experiment_id, tags=tags, run_name=f"retrain-{flow_run.name or 'local'}")
     client = mlflow.MlflowClient()
-    for section, values in params.model_dump(mode="json").items():
-        for key, value in _flatten(values, section).items():
-            client.log_param(run.info.run_id, key, redact(value))  # params hold no credential; belt and braces
+    flat = [mlflow.entities.Param(key, redact(value))  # params hold no credential; belt and braces
+            for section, values in params.model_dump(mode="json").items()
+            for key, value in _flatten(values, section).items()]
+    for start in range(0, len(flat), 100):  # one request per 100 (MLflow's batch limit), not one per setting
+        client.log_batch(run.info.run_id, params=flat[start:start + 100])
     params_file = paths.root / "params.yaml"
     if params_file.is_file():
         client.log_artifact(run.info.run_id, str(params_file), "config")

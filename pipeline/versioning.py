@@ -1,15 +1,21 @@
 """Data and code versions: DVC for ``data/raw`` and stage outputs, git for ``.dvc`` files and code.
 
 DVC and git are driven through their command lines (the stable interface), in the project
-folder, with the interpreter's own ``bin`` first on PATH so ``dvc repro`` finds ``nerveseg``.
+folder, with the interpreter's own ``bin`` first on PATH so ``dvc repro`` finds ``nerveseg``. The two
+calls the flow makes around every stage, ``status`` and ``commit`` of one target, go through DVC's own
+``Repo`` API in-process instead (what its command line calls): a ``python -m dvc`` start costs about a
+second of CPU, some ten of them a run.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
+import threading
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -140,7 +146,7 @@ def current_data_version(root: Path, raw_dir: Path) -> DataVersion:
     dvc_file = raw_dir.with_name(raw_dir.name + ".dvc")
     out = read_dvc_file(dvc_file)
     rel = dvc_file.relative_to(root).as_posix()
-    status = json.loads(dvc(root, "status", "--json", rel).stdout or "{}")
+    status = dvc_status(root, rel)
     if status:
         raise DataVersionError(
             f"{raw_dir.relative_to(root)} differs from {rel} ({json.dumps(status)}): version the change with "
@@ -184,16 +190,75 @@ def commit_data_version(root: Path, raw_dir: Path, message: str, also: tuple[str
     return current_data_version(root, raw_dir)
 
 
+# DVC's API reads some paths against the process's folder (the run cache writes ``dvc.yaml`` from it), as
+# its command line does after changing into the project: these calls do the same, one at a time.
+_DVC_FOLDER_LOCK = threading.Lock()
+
+
+def _import_dvc_repo():
+    """``dvc.repo.Repo``, without what importing ``dvc`` does for DVC's own command line: its console handlers
+    on the ``dvc`` loggers (stdout at INFO, which would land in ``--json`` output) and colorama's wrappers
+    around ``sys.stdout``/``sys.stderr``. DVC's warnings then reach this process's logging like any other."""
+    out, err = sys.stdout, sys.stderr
+    import dvc.logger
+    from dvc.repo import Repo
+
+    sys.stdout, sys.stderr = out, err
+    for name in ("dvc", "dvc_objects", "dvc_data"):
+        logger = logging.getLogger(name)
+        for handler in [h for h in logger.handlers if isinstance(h, dvc.logger.LoggerHandler)]:
+            logger.removeHandler(handler)
+        logger.setLevel(logging.WARNING)
+    return Repo
+
+
+@contextmanager
+def _dvc_repo(root: Path):
+    Repo = _import_dvc_repo()  # noqa: N806 - a class
+
+    with _DVC_FOLDER_LOCK:
+        try:
+            before = os.getcwd()
+        except FileNotFoundError:  # the folder this process started in is gone
+            before = None
+        os.chdir(root)
+        try:
+            with Repo(str(root)) as repo:
+                yield repo
+        finally:
+            os.chdir(before or Path(root).anchor)
+
+
+def dvc_status(root: Path, target: str | None = None) -> dict:
+    """``dvc status --json [target]`` in ``root``: what differs from ``dvc.lock`` and the ``.dvc`` files ({} when
+    nothing); ``target`` is a stage name or a path relative to ``root``."""
+    from dvc.exceptions import DvcException
+
+    try:
+        with _dvc_repo(root) as repo:
+            return repo.status(targets=[target] if target else None)
+    except DvcException as exc:
+        raise CommandError(f"`dvc status {target or ''}` failed in {root}: {exc}") from exc
+
+
 def stage_is_current(root: Path, stage: str) -> bool:
-    """True when DVC says the stage's deps, params and outs match ``dvc.lock``."""
-    proc = dvc(root, "status", "--json", stage, check=False)
-    return proc.returncode == 0 and json.loads(proc.stdout or "{}") == {}
+    """True when DVC says the stage's deps, params and outs match ``dvc.lock`` (False when it cannot say)."""
+    try:
+        return dvc_status(root, stage) == {}
+    except CommandError:
+        return False
 
 
 def commit_stage(root: Path, stage: str) -> None:
-    """Record a stage that the flow ran in-process in ``dvc.lock`` and the DVC cache."""
-    dvc(root, "commit", "--force", "-q", stage)
+    """Record a stage that the flow ran in-process in ``dvc.lock`` and the DVC cache (``dvc commit --force``)."""
+    from dvc.exceptions import DvcException
+
+    try:
+        with _dvc_repo(root) as repo:
+            repo.commit(stage, force=True)
+    except DvcException as exc:
+        raise CommandError(f"`dvc commit --force {stage}` failed in {root}: {exc}") from exc
 
 
 def pipeline_status(root: Path) -> dict:
-    return json.loads(dvc(root, "status", "--json").stdout or "{}")
+    return dvc_status(root)
