@@ -26,12 +26,11 @@ browser:
 
 # Command 2: set up and run the whole test suite (what .ci/run runs). Test modules run in parallel
 # processes (pytest-xdist), a module's tests together so its fixtures are built once: most of the
-# suite's time is spent waiting on servers and subprocesses, so more workers than cores pays; the longest
-# modules start first (tests/conftest.py, LONGEST_MODULES).
+# suite's time is spent waiting on servers and subprocesses, so more workers than cores pays.
 TEST_WORKERS ?= 4
 test: setup browser
 	$(BIN)/python -m pip check
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 # Re-resolve the lock from pyproject.toml's pins in a throw-away venv.
 lock:

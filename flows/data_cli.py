@@ -125,8 +125,12 @@ def _trigger_retraining(root: Path, version: dict, params_file: str) -> str | No
                 why_not = ("no Prefect server runs for this project, or it holds no retraining deployment "
                            "(`nerveseg services up`, then `nerveseg schedule --cron ...`)")
             else:
+                from pipeline.versioning import git
+
+                # the commit that holds this data version: what a worker's own clone checks out
+                head = git(root, "rev-parse", "HEAD", check=False).stdout.strip()
                 run_id = trigger_run(root, reason=f"data add {version['dvc_hash'][:12]}",
-                                     parameters={"params_file": params_file})
+                                     parameters={"params_file": params_file, **({"revision": head} if head else {})})
                 ui = (api_url(root) or "").rstrip("/").removesuffix("/api")
                 typer.secho(f"started retraining run {run_id} for data version {version['dvc_hash']}",
                             fg=typer.colors.GREEN)

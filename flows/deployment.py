@@ -2,8 +2,10 @@
 
 ``schedule`` creates or updates the deployment ``retrain/<deployment>`` (names in ``services.yaml``,
 defaults ``nerveseg`` for both the deployment and the work pool) from the project folder on local disk
-(no image, no git pull), on a **process** work pool created when missing, with a deployment concurrency
-limit of 1 and collision strategy ENQUEUE: a second run waits for the first instead of colliding with it.
+(no image), on a **process** work pool created when missing, with a deployment concurrency limit of 1 and
+collision strategy ENQUEUE: a second run waits for the first instead of colliding with it. Its pull step
+(:mod:`flows.workspace_step`) runs each flow run in the worker's own workspace: the project folder itself
+for a worker beside the servers, a clone brought to the run's revision for a worker on another machine.
 
 ``trigger_run`` and ``deployment_exists`` are the entry points other commands use (``nerveseg data add``
 starts a retraining run through them when the services and the deployment are there).
@@ -18,6 +20,7 @@ from pathlib import Path
 
 FLOW_NAME = "retrain"
 ENTRYPOINT = "flows/retrain.py:retrain"
+PULL_STEP = "flows.workspace_step.prepare_workspace"
 
 
 class DeploymentUnavailable(RuntimeError):
@@ -99,7 +102,8 @@ def trigger_run(project_dir: Path, reason: str, parameters: dict | None = None) 
 
     Returns at once (a worker of the deployment's pool picks it up). ``reason`` becomes the run's
     name suffix and a tag; ``parameters`` override the deployment's (``project_dir``, ``params_file``,
-    ``force``). Raises :class:`DeploymentUnavailable` when the server or the deployment is not there.
+    ``force``, ``revision``: the commit a worker elsewhere checks out). Raises :class:`DeploymentUnavailable`
+    when the server or the deployment is not there.
     """
     project_dir = Path(project_dir).resolve()
     url = _require_api(project_dir)
@@ -154,6 +158,25 @@ def code_source(project_dir: Path) -> Path:
     return Path(__file__).resolve().parents[1]
 
 
+def entrypoint(project_dir: Path) -> str:
+    """The flow as the run loads it, from the folder the pull step changed into: the workspace's own
+    ``flows/retrain.py`` when it holds the code (this repository and its clones), else the installed one."""
+    source = code_source(project_dir)
+    if source == Path(project_dir).resolve():
+        return ENTRYPOINT
+    path, name = ENTRYPOINT.split(":")
+    return f"{source / path}:{name}"
+
+
+def pull_steps(project_dir: Path) -> list[dict]:
+    """The deployment's pull step: the folder, and the branch a worker's clone follows for scheduled runs."""
+    from pipeline import versioning
+
+    project_dir = Path(project_dir).resolve()
+    branch = versioning.git(project_dir, "rev-parse", "--abbrev-ref", "HEAD", check=False).stdout.strip()
+    return [{PULL_STEP: {"directory": str(project_dir), "branch": branch if branch not in ("", "HEAD") else None}}]
+
+
 def schedule(project_dir: Path, cron: str | None, timezone_name: str | None = None,
              params_file: str = "params.yaml", paused: bool = False) -> dict:
     """Create or update the deployment with a cron schedule (None: no schedule, runs on demand only)."""
@@ -171,6 +194,11 @@ def schedule(project_dir: Path, cron: str | None, timezone_name: str | None = No
         schedules = [CronSchedule(cron=cron, timezone=timezone_name or "UTC")] if cron else []
         with redirect_stdout(sys.stderr):  # Prefect prints a summary table; keep stdout for --json
             deployment_id = _deploy(loaded, config, schedules, paused, project_dir, params_file)
+        from prefect.client.schemas.actions import DeploymentUpdate
+
+        with get_client(sync_client=True) as client:  # Prefect's own step would pin the server's folder
+            client.update_deployment(deployment_id, DeploymentUpdate(
+                entrypoint=entrypoint(project_dir), pull_steps=pull_steps(project_dir)))
     return {"deployment": f"{FLOW_NAME}/{config.deployment}", "id": str(deployment_id), "cron": cron,
             "work_pool": config.work_pool, "work_pool_created": created_pool, "api_url": url}
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 import urllib.error
 import urllib.request
@@ -49,7 +50,10 @@ def _project_settings(parameters: dict) -> tuple[Path, dict]:
     """The project folder and its raw settings, read leniently (a broken params.yaml may be the failure)."""
     import yaml
 
-    root = Path(parameters.get("project_dir") or ".").resolve()
+    from flows.workspace_step import WORKSPACE_VARIABLE
+
+    # a worker's own workspace, where the run worked, before the deployment's folder (flows/retrain.py)
+    root = Path(os.environ.get(WORKSPACE_VARIABLE) or parameters.get("project_dir") or ".").resolve()
     try:
         raw = yaml.safe_load((root / (parameters.get("params_file") or "params.yaml")).read_text()) or {}
     except Exception:  # noqa: BLE001

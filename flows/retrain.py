@@ -7,6 +7,7 @@ and then records it with ``dvc commit``, so ``dvc status`` agrees with what the 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
@@ -18,6 +19,7 @@ from prefect.tasks import exponential_backoff
 from flows.approval import Answer, ApprovalTimeout, evidence_markdown, wait_for_approval
 from flows.notices import notify_failure, notify_no_champion
 from flows.runner import make_mapper
+from flows.workspace_step import WORKSPACE_VARIABLE
 from pipeline import distributed, launch, registry, release, stages, versioning
 from pipeline.config import Params, load_params
 from pipeline.credentials import install_log_redaction, redact
@@ -348,15 +350,24 @@ def key_task(paths: ProjectPaths, params: Params) -> dict[str, str]:
 
 
 @flow(name="retrain", log_prints=True, on_failure=[notify_failure], on_crashed=[notify_failure])
-def retrain(project_dir: str = ".", params_file: str = "params.yaml", force: bool = False) -> dict:
+def retrain(project_dir: str = ".", params_file: str = "params.yaml", force: bool = False,
+            revision: str | None = None) -> dict:
     """Validate, preprocess, train, evaluate, register and promote on the current data version.
 
     Stops early, training nothing, when data, subject split, settings, code and environment are those
     of a registered version (unless ``force``); otherwise the run records what changed. One run per
     workspace at a time: a second one fails at once, saying so.
+
+    A worker started with its own workspace (``nerveseg worker -C DIR`` sets ``NERVESEG_WORKSPACE``) runs
+    there instead of ``project_dir``, the deployment's folder; when that is a clone elsewhere, the
+    deployment's pull step has brought it to ``revision`` first (the commit ``data add`` made, or for a
+    scheduled run the tip of the branch the deployment was made from).
     """
-    root = Path(project_dir).resolve()
     install_log_redaction()  # a worker's flow run starts here, not in the `nerveseg` command
+    root = Path(os.environ.get(WORKSPACE_VARIABLE) or project_dir).resolve()
+    if root != Path(project_dir).resolve():
+        get_run_logger().info("running in the worker's workspace %s (the deployment's folder is %s)%s", root,
+                              project_dir, f", revision {revision}" if revision else "")
     with exclusive_run(root, f"flow run {flow_run.name or 'local'} ({flow_run.id or '-'})"):
         return _retrain(root, params_file, force)
 

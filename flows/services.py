@@ -485,6 +485,9 @@ def worker_env(root: Path, api_url: str, mlflow_uri: str | None = None) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in server_only}  # the servers' secrets stay theirs
     env.update(PREFECT_API_URL=api_url, PREFECT_SERVER_ANALYTICS_ENABLED="false", DO_NOT_TRACK="1")
     env.setdefault("PREFECT_HOME", str(Path(root).resolve() / ".prefect"))
+    from flows.workspace_step import WORKSPACE_VARIABLE
+
+    env[WORKSPACE_VARIABLE] = str(Path(root).resolve())  # where this worker's flow runs work
     if mlflow_uri:
         env["MLFLOW_TRACKING_URI"] = mlflow_uri
     return env

@@ -127,9 +127,16 @@ def worker(
     project: ProjectOpt = Path("."),
     api_url: Annotated[Optional[str], typer.Option(
         "--api-url", help="Prefect API of a server elsewhere (default: PREFECT_API_URL or this project's services).")] = None,
+    mlflow_uri: Annotated[Optional[str], typer.Option(
+        "--mlflow-uri", help="Tracking server the runs report to (default: MLFLOW_TRACKING_URI or this project's "
+                             "services); required with --api-url.")] = None,
     detach: Annotated[bool, typer.Option("--detach", help="Run in the background (pid and log in .services/).")] = False,
 ) -> None:
-    """Start a Prefect process worker for the retraining work pool (e.g. on a GPU machine)."""
+    """Start a Prefect process worker for the retraining work pool (e.g. on a GPU machine).
+
+    Its flow runs work in this project folder (-C): on another machine, a clone of the server's workspace,
+    brought to each run's revision and data version first (docs/operations.md, "A worker on another machine").
+    """
     configure_environment(project)
     from flows import deployment
     from flows.services import ServicesError, start_worker, worker_command, worker_env
@@ -144,6 +151,13 @@ def worker(
     url = api_url or deployment.api_url(project)
     if not url:
         _fail("no Prefect server: `nerveseg services up`, or pass --api-url http://HOST:4200/api", EXIT_USAGE)
+    from pipeline.service_state import mlflow_tracking_uri
+
+    tracking = mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI") or mlflow_tracking_uri(project.resolve())
+    if api_url and not tracking:
+        # otherwise its runs would register their models in a store of this folder that no one else reads
+        _fail("a worker for a Prefect server elsewhere reports to that deployment's tracking server: pass "
+              "--mlflow-uri http://HOST:5000 (or set MLFLOW_TRACKING_URI)", EXIT_USAGE)
     from prefect.client.orchestration import get_client
 
     try:
@@ -153,7 +167,7 @@ def worker(
         _fail(f"Prefect server at {url}: {exc}")
     command = worker_command(config)
     typer.echo(f"process worker for pool {config.work_pool} on {url} (Ctrl-C stops it)")
-    os.execvpe(command[0], command, worker_env(project, url))
+    os.execvpe(command[0], command, worker_env(project, url, tracking))
 
 
 def register(app: typer.Typer) -> None:

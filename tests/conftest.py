@@ -41,21 +41,6 @@ setup_logging()
 
 
 
-# The longest modules, longest first (`pytest --durations=0`, summed per module). Under `make test` each
-# module runs whole on one xdist worker in this order (`--no-loadscope-reorder`), so the long ones start at
-# once instead of last, when the other workers would sit idle waiting for them.
-LONGEST_MODULES = (
-    "test_shared_deployment", "test_lifecycle", "test_backup", "test_e2e_flow", "test_services",
-    "test_distributed_flow", "test_approval", "test_data_cli", "test_schedule", "test_faults",
-    "test_data_trigger", "test_notices", "test_failure_list", "test_validation_flow", "test_bench_scripts",
-)
-
-
-def pytest_collection_modifyitems(session, config, items):
-    rank = {name: i for i, name in enumerate(LONGEST_MODULES)}
-    items.sort(key=lambda item: rank.get(Path(str(item.fspath)).stem, len(rank)))  # stable: order within kept
-
-
 def pytest_sessionfinish(session, exitstatus):
     shutil.rmtree(_PREFECT_HOME, ignore_errors=True)
 
