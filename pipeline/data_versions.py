@@ -58,7 +58,7 @@ def unversioned_changes(root: Path, raw_dir: Path) -> str | None:
             return str(exc)
         if md5 not in _committed_hashes(root, rel):
             return f"{rel} holds a version ({md5}) that no git commit has"
-    status = json.loads(versioning.dvc(root, "status", "--json", rel).stdout or "{}")
+    status = versioning.dvc_status(root, rel)
     if status:
         return f"{raw_dir.relative_to(root)} differs from {rel}: {json.dumps(status)}"
     return None
@@ -324,7 +324,7 @@ def add_data(
         stats = stats_of(manifest, _count_test_frames(raw_dir))
         message = commit_message(src, result, stats, before)
         if not dvc_file.is_file():  # the first version: DVC writes the file, then the figures go in
-            versioning.dvc(root, "add", "-q", raw_dir.relative_to(root).as_posix())
+            versioning.dvc_add(root, raw_dir)
         write_meta(dvc_file, stats)  # DVC keeps `meta` when the next `dvc add` rewrites `outs`
         new_hash = versioning.dvc_add(root, raw_dir)
         # The profiles go into the version's commit, so that drift is judged in any clone.
@@ -357,7 +357,7 @@ def add_data(
     staged.finish()
     if push:
         try:
-            versioning.dvc(root, "push", "-q", rel_dvc)
+            versioning.dvc_push(root, rel_dvc)
         except versioning.CommandError as exc:
             raise DataAddError(f"the new version is committed ({version.git_revision[:12]}) but `dvc push` "
                                f"failed; run `dvc push {rel_dvc}` when the remote is reachable: {exc}") from exc

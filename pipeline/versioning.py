@@ -1,10 +1,10 @@
 """Data and code versions: DVC for ``data/raw`` and stage outputs, git for ``.dvc`` files and code.
 
 DVC and git are driven through their command lines (the stable interface), in the project
-folder, with the interpreter's own ``bin`` first on PATH so ``dvc repro`` finds ``nerveseg``. The two
-calls the flow makes around every stage, ``status`` and ``commit`` of one target, go through DVC's own
-``Repo`` API in-process instead (what its command line calls): a ``python -m dvc`` start costs about a
-second of CPU, some ten of them a run.
+folder, with the interpreter's own ``bin`` first on PATH so ``dvc repro`` finds ``nerveseg``. The calls
+made on every run and every new data version (``init``, the default remote, ``add``, ``push``, ``status``
+and ``commit`` of one target) go through DVC's own ``Repo`` API in-process instead (what its command line
+calls): a ``python -m dvc`` start costs about a second of CPU, some ten of them a run.
 """
 
 from __future__ import annotations
@@ -104,13 +104,17 @@ def ensure_dvc_repo(root: Path, remote_dir: Path) -> None:
         raise DataVersionError(f"{root}: not a git repository; clone the project or run `git init` first")
     changed = False
     if not (root / ".dvc").is_dir():
-        dvc(root, "init", "-q")
+        _import_dvc_repo().init(str(root)).close()  # `dvc init`
         changed = True
-    if dvc(root, "remote", "default", check=False).returncode != 0:  # exit 1: no default remote
-        remote_dir.mkdir(parents=True, exist_ok=True)
-        rel = os.path.relpath(remote_dir, root)  # DVC rewrites it relative to .dvc/config
-        dvc(root, "remote", "add", "-d", "local", rel)
-        changed = True
+    with _dvc_repo(root) as repo:
+        if not repo.config["core"].get("remote"):  # `dvc remote default` has none
+            remote_dir.mkdir(parents=True, exist_ok=True)
+            # `dvc remote add -d local DIR`: given relative to the project (the folder DVC works in here), DVC
+            # saves it relative to .dvc/config, so clones and copies of the project keep their own remote
+            with repo.config.edit() as config:
+                config["remote"]["local"] = {"url": os.path.relpath(remote_dir, root)}
+                config["core"]["remote"] = "local"
+            changed = True
     if changed:  # commit only what this function did, never an operator's own edits
         git_commit(root, [".dvc/config", ".dvc/.gitignore", ".dvcignore"], "dvc: initialise with a local remote")
 
@@ -173,8 +177,26 @@ def version_data(root: Path, raw_dir: Path, message: str, push: bool = True,
 
 def dvc_add(root: Path, raw_dir: Path) -> str:
     """``dvc add`` the data folder; returns its DVC hash (``meta`` in the ``.dvc`` file is kept)."""
-    dvc(root, "add", "-q", raw_dir.relative_to(root).as_posix())
+    from dvc.exceptions import DvcException
+
+    rel = Path(raw_dir).resolve().relative_to(Path(root).resolve()).as_posix()
+    try:
+        with _dvc_repo(root) as repo:
+            repo.add(rel)
+    except DvcException as exc:
+        raise CommandError(f"`dvc add {rel}` failed in {root}: {exc}") from exc
     return read_dvc_file(raw_dir.with_name(raw_dir.name + ".dvc"))["md5"]
+
+
+def dvc_push(root: Path, target: str) -> None:
+    """``dvc push TARGET`` (a path relative to ``root``) to the default remote."""
+    from dvc.exceptions import DvcException
+
+    try:
+        with _dvc_repo(root) as repo:
+            repo.push(targets=[target])
+    except DvcException as exc:
+        raise CommandError(f"`dvc push {target}` failed in {root}: {exc}") from exc
 
 
 def commit_data_version(root: Path, raw_dir: Path, message: str, also: tuple[str, ...] = (),
@@ -186,7 +208,7 @@ def commit_data_version(root: Path, raw_dir: Path, message: str, also: tuple[str
     gitignore = (raw_dir.parent / ".gitignore").relative_to(root).as_posix()
     git_commit(root, [f"{rel}.dvc", gitignore, *also], message)
     if push:
-        dvc(root, "push", "-q", f"{rel}.dvc")
+        dvc_push(root, f"{rel}.dvc")
     return current_data_version(root, raw_dir)
 
 

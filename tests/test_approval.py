@@ -116,7 +116,12 @@ def test_rejected_approval_does_not_promote(approval_project):
     assert (last["version"], last["action"], last["actor"], last["on_behalf_of"], last["reason"]) == (
         "1", "reject", getpass.getuser(), "bob", "holdout too small")
     assert last["identity"] == "os-user" and last["moved_by"] == getpass.getuser()
-    assert last["approval"]["answer"] == "reject" and "interval" in last and last["data_hash"]
+    from pipeline import versioning
+
+    assert last["approval"]["answer"] == "reject"
+    # the ledger keeps the gate's evidence and the data the version was trained on
+    assert last["data_hash"] == versioning.current_data_version(root, root / "data" / "raw").dvc_hash
+    assert last["interval"] == [None, None]  # the first model: no champion to compare with
 
     again = CliRunner().invoke(app, ["approve", str(run.id), "--reason", "late", "-C", str(root)])
     assert again.exit_code == 1 and "not waiting for approval" in again.output

@@ -48,7 +48,7 @@ def test_manifest_on_a_local_dask_cluster_equals_the_serial_one(dataset, prefect
 
 def test_preprocess_on_an_existing_dask_cluster_equals_the_serial_one(dataset, tmp_path, tiny_params, prefect_server):
     """``runner.dask_address`` pointing at a running scheduler (here a LocalCluster on loopback TCP)."""
-    from distributed import LocalCluster
+    from distributed import Client, LocalCluster, get_task_stream
 
     from flows.runner import make_mapper
     from pipeline.config import RunnerParams
@@ -59,7 +59,10 @@ def test_preprocess_on_an_existing_dask_cluster_equals_the_serial_one(dataset, t
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=False, protocol="tcp",
                       host="127.0.0.1", dashboard_address=None) as cluster:
         runner = RunnerParams(kind="dask", dask_address=cluster.scheduler_address, workers=2)
-        preprocess(clean, tmp_path / "dask", tiny_params, progress=False, mapper=make_mapper(runner, "preprocess"))
+        with Client(cluster) as client, get_task_stream(client=client) as stream:
+            preprocess(clean, tmp_path / "dask", tiny_params, progress=False, mapper=make_mapper(runner, "preprocess"))
+    # the work went through that scheduler, in chunks (not through the pipeline's own thread pool)
+    assert len(stream.data) >= runner.workers, stream.data
     serial, mapped = load_prepared(tmp_path / "serial"), load_prepared(tmp_path / "dask")
     assert np.array_equal(serial.images, mapped.images) and np.array_equal(serial.masks, mapped.masks)
     pd.testing.assert_frame_equal(serial.frames, mapped.frames)

@@ -127,7 +127,9 @@ def test_no_subject_changes_part_without_a_resplit(lifecycle):
     assert holdouts == sorted(holdouts) and holdouts[-1] > holdouts[0]
     # The resplit is recorded in the file with who, why and what moved.
     record = yaml.safe_load((root / "data" / "split.yaml").read_text())["resplits"][-1]
-    assert (record["reason"], record["on_behalf_of"]) == ("a bigger holdout", "ops") and record["moved"]
+    before, after = history[-2][2], history[-1][2]
+    assert (record["reason"], record["on_behalf_of"]) == ("a bigger holdout", "ops")
+    assert record["moved"] == {s: f"{before[s]} -> {after[s]}" for s in sorted(before) if before[s] != after[s]}
     assert "moved" in notes["resplit_output"]
 
 
@@ -183,7 +185,18 @@ def test_audit_and_ledger_show_the_split_and_the_comparison(lifecycle):
     actions = [e["action"] for e in ledger["events"]]
     assert "rollback" in actions
     listing = json.loads(_cli("models", "--json", "-C", str(root)).stdout)
-    assert all(v["split"]["digest"] and v["environment"]["digest"] for v in listing["versions"])
+    from pipeline import registry
+
+    # each version lists the split and environment it was trained with, as its run recorded them
+    import mlflow
+
+    uri = registry.tracking_uri(root / "mlflow")
+    client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+    for v in listing["versions"]:
+        tags = client.get_model_version(MODEL, v["version"]).tags
+        assert v["split"]["digest"] == tags[registry.TAG_SPLIT_DIGEST] != ""
+    assert all(v["environment"]["digest"] for v in listing["versions"])
+    assert len({v["split"]["digest"] for v in listing["versions"]}) > 1  # the split grew, and was changed
 
 
 def test_a_new_lock_file_retrains_once_and_says_why(lifecycle):

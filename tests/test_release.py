@@ -78,7 +78,8 @@ def test_better_challenger_is_promoted_and_recorded(store):
     assert champion() == better
     tags = registry.client().get_model_version(NAME, better).tags
     assert tags[release.PREVIOUS_CHAMPION] == worse
-    assert tags["promotion.champion_dice_same_frames"] and tags["promotion.reason"] == decision.reason
+    assert float(tags["promotion.champion_dice_same_frames"]) == pytest.approx(decision.champion_dice, abs=1e-6)
+    assert tags["promotion.champion_version"] == worse and tags["promotion.reason"] == decision.reason
     actions = [(e["version"], e["action"]) for e in release.history(NAME)]
     assert actions == [(worse, "promote"), (better, "promote")]
 
@@ -140,7 +141,7 @@ def test_failed_validation_blocks_promotion(store):
     paths, params, register = store
     release.promote(paths, params, register("worse"))
     decision = release.promote(paths, params, register("good", validation="false"))
-    assert not decision.promote and "validation" in decision.reason
+    assert not decision.promote and decision.reason == "the data validation of this data version did not pass"
 
 
 def test_a_version_that_cannot_load_never_becomes_champion(store):
