@@ -214,7 +214,7 @@ def _deploy(loaded, config, schedules, paused, project_dir, params_file):
         parameters={"project_dir": str(project_dir), "params_file": params_file},
         concurrency_limit=ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE),
         tags=["nerveseg"],
-        description=f"Retrain the nerve-segmentation model of {project_dir}",
+        description=f"Retrain the segmentation model of {project_dir} (the name in its params.yaml, registry.model_name)",
         build=False,
         push=False,
         print_next_steps=False,
