@@ -68,8 +68,9 @@ def _artifacts(run_id: str | None) -> dict[str, Path]:
 
     target = Path(tempfile.mkdtemp(prefix="nerveseg-card-"))
     try:
-        local = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="evaluation",
-                                                         dst_path=str(target)))
+        # the run's artifact root, read once: by run id, MLflow reads the whole run again for every file
+        root = mlflow.MlflowClient().get_run(run_id).info.artifact_uri.rstrip("/")
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"{root}/evaluation", dst_path=str(target)))
     except Exception:  # a run without evaluation artifacts still gets a card
         return {}
     return {p.name: p for p in local.iterdir()}
