@@ -27,7 +27,7 @@ browser:
 # Command 2: set up and run the whole test suite (what .ci/run runs). Test modules run in parallel
 # processes (pytest-xdist), a module's tests together so its fixtures are built once: most of the
 # suite's time is spent waiting on servers and subprocesses, so more workers than cores pays (6 were slower
-# than 4); the three longest modules start first (tests/conftest.py).
+# than 4); the longest modules start first (tests/conftest.py).
 TEST_WORKERS ?= 4
 test: setup browser
 	$(BIN)/python -m pip check
