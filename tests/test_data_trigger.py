@@ -55,7 +55,7 @@ def test_data_add_starts_a_deployment_run_only_when_the_services_and_deployment_
 
     with services(root) as (_, config):
         url = deployment.api_url(root)
-        assert url
+        assert url == f"http://127.0.0.1:{config.prefect_port}/api"  # this project's own server
         from flows.data_cli import _trigger_retraining  # server up, but no deployment yet
 
         assert _trigger_retraining(root, {"dvc_hash": "0" * 32}, "params.yaml") is None

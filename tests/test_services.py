@@ -30,7 +30,9 @@ def test_services_settings_precedence_and_never_in_the_training_digest(tmp_path,
     assert config.server_url("db2", "asyncpg") == "postgresql+asyncpg://postgres@127.0.0.1:5432/db2"
     # The services live outside params.yaml: a `services:` section there is rejected, so they can
     # never change Params.digest() (the "nothing changed" key).
-    with pytest.raises(Exception, match="services"):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match=r"services\s+Extra inputs are not permitted"):
         Params.model_validate({"services": {"profile": "postgres"}})
     (tmp_path / "services.yaml").write_text("profile: mysql\n")
     with pytest.raises(ServicesError, match="profile"):
