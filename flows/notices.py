@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 import urllib.error
 import urllib.request
@@ -50,10 +49,9 @@ def _project_settings(parameters: dict) -> tuple[Path, dict]:
     """The project folder and its raw settings, read leniently (a broken params.yaml may be the failure)."""
     import yaml
 
-    from flows.workspace_step import WORKSPACE_VARIABLE
+    from flows.workspace_step import run_workspace
 
-    # a worker's own workspace, where the run worked, before the deployment's folder (flows/retrain.py)
-    root = Path(os.environ.get(WORKSPACE_VARIABLE) or parameters.get("project_dir") or ".").resolve()
+    root = run_workspace(parameters.get("project_dir") or ".")  # where the run worked, as flows/retrain.py
     try:
         raw = yaml.safe_load((root / (parameters.get("params_file") or "params.yaml")).read_text()) or {}
     except Exception:  # noqa: BLE001

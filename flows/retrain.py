@@ -7,7 +7,6 @@ and then records it with ``dvc commit``, so ``dvc status`` agrees with what the 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
@@ -19,7 +18,7 @@ from prefect.tasks import exponential_backoff
 from flows.approval import Answer, ApprovalTimeout, evidence_markdown, wait_for_approval
 from flows.notices import notify_failure, notify_no_champion
 from flows.runner import make_mapper
-from flows.workspace_step import WORKSPACE_VARIABLE
+from flows.workspace_step import run_workspace
 from pipeline import distributed, launch, registry, release, stages, versioning
 from pipeline.config import Params, load_params
 from pipeline.credentials import install_log_redaction, redact
@@ -364,7 +363,7 @@ def retrain(project_dir: str = ".", params_file: str = "params.yaml", force: boo
     scheduled run the tip of the branch the deployment was made from).
     """
     install_log_redaction()  # a worker's flow run starts here, not in the `nerveseg` command
-    root = Path(os.environ.get(WORKSPACE_VARIABLE) or project_dir).resolve()
+    root = run_workspace(project_dir)
     if root != Path(project_dir).resolve():
         get_run_logger().info("running in the worker's workspace %s (the deployment's folder is %s)%s", root,
                               project_dir, f", revision {revision}" if revision else "")

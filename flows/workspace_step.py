@@ -30,6 +30,11 @@ class WorkspaceSyncError(RuntimeError):
     """The worker's workspace could not be brought to the run's revision."""
 
 
+def run_workspace(project_dir: str | os.PathLike) -> Path:
+    """Where a flow run works: its worker's own workspace when it has one, else ``project_dir``."""
+    return Path(os.environ.get(WORKSPACE_VARIABLE) or project_dir).resolve()
+
+
 def _run_parameters() -> dict:
     from prefect.runtime import flow_run
 
@@ -42,7 +47,7 @@ def _run_parameters() -> dict:
 def prepare_workspace(directory: str, branch: str | None = None) -> dict:
     """Change into the folder this flow run works in, synced to its revision when it is a worker's clone."""
     deployment_dir = Path(directory).resolve()
-    workspace = Path(os.environ.get(WORKSPACE_VARIABLE) or deployment_dir).resolve()
+    workspace = run_workspace(deployment_dir)
     if workspace != deployment_dir:
         parameters = _run_parameters()
         revision = parameters.get("revision") or (f"origin/{branch}" if branch else "origin/HEAD")
@@ -58,11 +63,8 @@ def prepare_workspace(directory: str, branch: str | None = None) -> dict:
 
         from prefect.logging import get_logger
 
-        reset = f"; put back {', '.join(synced['reset'])}" if synced["reset"] else ""
         # no run context yet: Prefect's flow-run logger with the run named, so the line reaches its log
         run_id = os.environ.get("PREFECT__FLOW_RUN_ID")
-        logging.LoggerAdapter(get_logger("flow_runs"), {"flow_run_id": run_id}).info(
-            "worker workspace %s at %s, data %s %s%s", workspace, synced["revision"][:12], synced["dvc_file"],
-            synced["data_hash"], reset)
+        logging.LoggerAdapter(get_logger("flow_runs"), {"flow_run_id": run_id}).info("%s", synced["line"])
     os.chdir(workspace)
     return {"directory": str(workspace)}

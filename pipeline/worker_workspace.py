@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     except (WorkspaceError, versioning.CommandError, versioning.DataVersionError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    print(json.dumps(asdict(synced)))
+    print(json.dumps({**asdict(synced), "line": synced.line()}))
     return 0
 
 

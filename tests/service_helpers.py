@@ -158,3 +158,19 @@ def wait_for(predicate, timeout: float, interval: float = 0.5, what: str = "cond
             return value
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def invoke_when_up(port: int, body: dict, server: subprocess.Popen, timeout: float = 120) -> dict:
+    """POST ``body`` to a starting `mlflow models serve` on ``port`` until it answers (or exits, or ``timeout``)."""
+    import urllib.request
+
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and server.poll() is None:
+        try:
+            with urllib.request.urlopen(request, timeout=60) as response:
+                return json.loads(response.read())
+        except OSError:
+            time.sleep(0.3)
+    raise AssertionError(f"the model server did not answer within {timeout:.0f} s (exit code {server.poll()})")

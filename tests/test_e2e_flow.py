@@ -200,10 +200,10 @@ def test_served_champion_answers_http_requests(flow_project):
     import socket
     import subprocess
     import sys
-    import time
-    import urllib.request
 
     import numpy as np
+
+    from tests.service_helpers import invoke_when_up
 
     root, _ = flow_project
     with socket.socket() as sock:
@@ -219,18 +219,7 @@ def test_served_champion_answers_http_requests(flow_project):
     )
     try:
         frame = np.random.default_rng(0).integers(0, 255, (1, 420, 580)).astype(np.uint8)
-        request = urllib.request.Request(
-            f"http://127.0.0.1:{port}/invocations", data=json.dumps({"inputs": frame.tolist()}).encode(),
-            headers={"Content-Type": "application/json"},
-        )
-        deadline, answer = time.monotonic() + 120, None
-        while answer is None and time.monotonic() < deadline and server.poll() is None:
-            try:
-                with urllib.request.urlopen(request, timeout=30) as response:
-                    answer = json.loads(response.read())
-            except OSError:
-                time.sleep(0.2)
-        assert answer is not None, "the model server did not answer within 120 s"
+        answer = invoke_when_up(port, {"inputs": frame.tolist()}, server)
         masks = np.asarray(answer["predictions"])
         assert masks.shape == (1, 420, 580) and set(np.unique(masks)) <= {0, 1}
     finally:

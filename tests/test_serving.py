@@ -7,14 +7,11 @@ through ``mlflow.pyfunc.load_model``, then once over HTTP with a real ``mlflow m
 from __future__ import annotations
 
 import base64
-import json
 import os
 import re
 import shutil
 import subprocess
 import sys
-import time
-import urllib.request
 
 import cv2
 import numpy as np
@@ -25,7 +22,7 @@ from pipeline.rle import rle_encode
 from pipeline.serving import decode_png_answer, encode_image
 
 from .conftest import REPO, tiny_model_config
-from .service_helpers import free_port
+from .service_helpers import free_port, invoke_when_up
 
 
 def _frames(n: int, size=(420, 580), seed: int = 0) -> np.ndarray:
@@ -131,16 +128,7 @@ def test_the_model_server_answers_the_compact_form_as_the_docs_show(served, tmp_
         # The JSON body the docs' `jq -Rs` builds from `base64 -w0 frame.tif`.
         body = {"inputs": {"image": [base64.b64encode((tmp_path / "frame.tif").read_bytes()).decode()]},
                 "params": {"output": "png"}}
-        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=json.dumps(body).encode(),
-                                         headers={"Content-Type": "application/json"})
-        deadline, answer = time.monotonic() + 120, None
-        while answer is None and time.monotonic() < deadline and server.poll() is None:
-            try:
-                with urllib.request.urlopen(request, timeout=60) as response:
-                    answer = json.loads(response.read())
-            except OSError:
-                time.sleep(0.5)
-        assert answer is not None, "the model server did not answer within 120 s"
+        answer = invoke_when_up(port, body, server)
         assert np.array_equal(decode_png_answer(answer["predictions"][0]), expected)
 
         if not (shutil.which("curl") and shutil.which("jq") and shutil.which("base64")):
